@@ -1,0 +1,181 @@
+"""The supervised process tree: start it, forward signals to it, reap it, stop all of it.
+
+What tini and dumb-init taught, and what this module keeps:
+- The child is exec'd directly (no shell) with our stdio and environment: its output never
+  passes through us, so nothing of it can be buffered or lost.
+- It runs in its own process group, so a stop can signal the group in one call; descendants
+  that call setsid leave the group, so a stop also walks the tree.
+- We reap every child ourselves with waitpid(-1) and keep the main child's status: as PID 1 or
+  a child subreaper, orphans are re-parented to us and would otherwise stay zombies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import signal
+from dataclasses import dataclass
+
+import psutil
+
+# Signals passed on to the child as they arrive (the set tini and dumb-init forward).
+FORWARDED = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGWINCH,
+)
+# Python starts with SIGPIPE and SIGXFSZ ignored; an ignored signal survives exec, so the child
+# gets them back at their default, like a child of any shell would.
+_RESET_TO_DEFAULT = (*FORWARDED, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, signal.SIGTTOU)
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+class SpawnError(Exception):
+    """The command could not be executed; `code` is what tini/dumb-init would exit with."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def become_subreaper() -> bool:
+    """As PID 1 orphans come to us anyway; elsewhere ask the kernel for the same, so that a
+    grandchild whose parent died is still ours to stop and reap."""
+    if os.getpid() == 1:
+        return True
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def spawn(argv: list[str], env: dict[str, str]) -> int:
+    """Start the command in a new process group with a clean signal mask and dispositions.
+
+    posix_spawn (not fork + preexec_fn) keeps this safe with threads running; glibc reports a
+    failed exec as an error here, in the parent, so 126/127 are known before anything runs.
+    """
+    try:
+        pid = os.posix_spawnp(
+            argv[0],
+            argv,
+            env,
+            setpgroup=0,
+            setsigmask=(),
+            setsigdef=_RESET_TO_DEFAULT,
+        )
+    except FileNotFoundError:
+        raise SpawnError(127, f"{argv[0]}: command not found") from None
+    except PermissionError:
+        raise SpawnError(126, f"{argv[0]}: permission denied (not executable?)") from None
+    except OSError as exc:
+        code = 127 if exc.errno in (errno.ENOENT, errno.ENOTDIR) else 126
+        raise SpawnError(code, f"{argv[0]}: cannot execute: {exc.strerror}") from None
+    _give_terminal(pid)
+    return pid
+
+
+def _give_terminal(pid: int) -> None:
+    """With a terminal on stdin (`docker run -it`), make the child's group the foreground one so
+    it can read input and gets ^C itself, as tini does."""
+    try:
+        if not os.isatty(0) or os.tcgetpgrp(0) != os.getpgrp():
+            return
+        old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+        try:
+            os.tcsetpgrp(0, pid)
+        finally:
+            signal.signal(signal.SIGTTOU, old)
+    except OSError:
+        pass
+
+
+def exit_code(status: int) -> int:
+    """The shell's convention, as tini and dumb-init: the code, or 128+N for death by signal N."""
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+def describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        return f"killed by {_signame(sig)} (exit code {128 + sig})"
+    return f"exited with code {os.WEXITSTATUS(status)}"
+
+
+def _signame(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+@dataclass
+class Reaped:
+    pid: int
+    status: int
+
+
+def reap() -> list[Reaped]:
+    """Collect every child that has exited, without blocking."""
+    out = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return out
+        if pid == 0:
+            return out
+        out.append(Reaped(pid, status))
+
+
+def has_children() -> bool:
+    """Whether any child (the agent or an orphan re-parented to us) is still to be reaped."""
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True
+
+
+def descendants() -> list[int]:
+    """Every live process below us. Walking from ourselves (not from the child) also finds
+    orphans that were re-parented to us after their parent died."""
+    try:
+        procs = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+    return [p.pid for p in procs]
+
+
+def signal_tree(pgid: int | None, sig: int) -> int:
+    """Send `sig` to the child's process group and to every descendant that left it.
+    Returns how many processes were signalled (zombies included: they ignore it)."""
+    if pgid is not None:
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+    count = 0
+    for pid in descendants():
+        try:
+            os.kill(pid, sig)
+            count += 1
+        except (ProcessLookupError, PermissionError):
+            pass
+    return count
+
+
+def send(pid: int, sig: int) -> bool:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return False
+    return True

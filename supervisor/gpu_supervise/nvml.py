@@ -1,0 +1,115 @@
+"""The NVML topology source: one full enumeration per probe, NVML open only while it runs.
+
+Why init and shut down around every probe: a process holding NVML open is a GPU client, and a
+MIG mode change needs a GPU reset that such a client blocks. Why re-enumerate every time: MIG
+handles become invalid when their instance is destroyed, so no handle outlives its probe.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .topology import Gpu, MigDevice, ProbeError, SourceUnavailable, Topology, profile_from_name
+
+# NVML return codes this module reasons about (nvml.h).
+NOT_SUPPORTED = 3
+NOT_FOUND = 6
+INVALID_ARGUMENT = 2
+DRIVER_NOT_LOADED = 9
+LIBRARY_NOT_FOUND = 12
+FUNCTION_NOT_FOUND = 13
+
+# "The node has no usable NVML": a state the watcher treats as "no GPUs", never as a failure.
+UNUSABLE = {DRIVER_NOT_LOADED, LIBRARY_NOT_FOUND}
+# A MIG device index with nothing behind it: indices are sparse.
+EMPTY_SLOT = {NOT_FOUND, INVALID_ARGUMENT}
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+class NvmlSource:
+    """Reads the topology through nvidia-ml-py (which dlopens `libnvidia-ml.so.1`)."""
+
+    description = "nvml"
+
+    def probe(self) -> Topology:
+        import pynvml  # imported on first probe: `--no-watch` never pays for it
+
+        try:
+            pynvml.nvmlInit()
+        except pynvml.NVMLError as exc:
+            if exc.value in UNUSABLE:
+                raise SourceUnavailable(f"NVML is not usable: {exc}") from None
+            raise ProbeError(f"nvmlInit: {exc} (NVML error {exc.value})") from None
+        try:
+            return self._enumerate(pynvml)
+        except pynvml.NVMLError as exc:
+            raise ProbeError(f"{exc} (NVML error {exc.value}) during enumeration") from None
+        finally:
+            try:
+                pynvml.nvmlShutdown()
+            except pynvml.NVMLError:
+                pass  # nothing is held; the next probe inits again
+
+    def _enumerate(self, nv: Any) -> Topology:
+        driver = _text(nv.nvmlSystemGetDriverVersion())
+        gpus = []
+        for index in range(nv.nvmlDeviceGetCount()):
+            handle = nv.nvmlDeviceGetHandleByIndex(index)
+            uuid = _text(nv.nvmlDeviceGetUUID(handle))
+            current, pending = _mig_mode(nv, handle)
+            migs: tuple[MigDevice, ...] = ()
+            if current:
+                migs = tuple(_mig_devices(nv, handle, uuid))
+            gpus.append(
+                Gpu(
+                    index=index,
+                    uuid=uuid,
+                    name=_text(nv.nvmlDeviceGetName(handle)),
+                    pci_bus_id=_text(nv.nvmlDeviceGetPciInfo(handle).busId),
+                    mig_current=current,
+                    mig_pending=pending,
+                    mig_devices=migs,
+                )
+            )
+        return Topology(gpus=tuple(gpus), driver_version=driver, nvml=True)
+
+
+def _mig_mode(nv: Any, handle: Any) -> tuple[bool | None, bool | None]:
+    """Decide on the current mode; a GPU answering NOT_SUPPORTED simply has no MIG."""
+    try:
+        current, pending = nv.nvmlDeviceGetMigMode(handle)
+    except nv.NVMLError as exc:
+        if exc.value in (NOT_SUPPORTED, FUNCTION_NOT_FOUND):
+            return None, None
+        raise
+    return bool(current), bool(pending)
+
+
+def _mig_devices(nv: Any, handle: Any, parent_uuid: str) -> list[MigDevice]:
+    out = []
+    for index in range(nv.nvmlDeviceGetMaxMigDeviceCount(handle)):
+        try:
+            mig = nv.nvmlDeviceGetMigDeviceHandleByIndex(handle, index)
+        except nv.NVMLError as exc:
+            if exc.value in EMPTY_SLOT:
+                continue
+            raise
+        attrs = nv.nvmlDeviceGetAttributes(mig)
+        name = _text(nv.nvmlDeviceGetName(mig))
+        out.append(
+            MigDevice(
+                index=index,
+                uuid=_text(nv.nvmlDeviceGetUUID(mig)),
+                parent_uuid=parent_uuid,
+                gpu_instance_id=int(nv.nvmlDeviceGetGpuInstanceId(mig)),
+                compute_instance_id=int(nv.nvmlDeviceGetComputeInstanceId(mig)),
+                slices=int(attrs.gpuInstanceSliceCount),
+                memory_mb=int(attrs.memorySizeMB),
+                profile=profile_from_name(name),
+                name=name,
+            )
+        )
+    return out

@@ -1,0 +1,50 @@
+"""Telling the world around us what happened: the Kubernetes termination message and the
+systemd notify protocol. Both are best effort: they must never stop a restart from happening."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+TERMINATION_LOG_LIMIT = 4096  # kubelet reads at most this many bytes
+
+
+def write_termination_message(path: str, text: str) -> bool:
+    """Write the restart reason where `kubectl describe pod` shows it, only if the file exists
+    (the kubelet creates it; we never create files on a host)."""
+    if not path:
+        return False
+    target = Path(path)
+    if not target.exists():
+        return False
+    data = text.encode("utf-8", errors="replace")
+    if len(data) > TERMINATION_LOG_LIMIT:
+        marker = b"\n[truncated]"
+        data = data[: TERMINATION_LOG_LIMIT - len(marker)]
+        data = data.decode("utf-8", errors="ignore").encode() + marker
+    try:
+        with open(target, "wb") as fh:
+            fh.write(data)
+    except OSError:
+        return False
+    return True
+
+
+def take_notify_socket(environ: dict[str, str]) -> str | None:
+    """Remove NOTIFY_SOCKET from the child's environment and return it: the unit's main process
+    (us) speaks the protocol; an agent that also sent READY=1 would confuse systemd."""
+    return environ.pop("NOTIFY_SOCKET", None) or None
+
+
+def sd_notify(address: str | None, message: str) -> bool:
+    """Send one datagram per the sd_notify protocol (`@` = abstract socket); no libsystemd."""
+    if not address:
+        return False
+    target = "\0" + address[1:] if address.startswith("@") else address
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(target)
+            sock.sendall(message.encode())
+    except OSError:
+        return False
+    return True

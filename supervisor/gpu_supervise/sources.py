@@ -1,0 +1,57 @@
+"""Where topology readings come from: one interface, two implementations.
+
+`nvml` (the default) reads the real driver. `file:PATH` re-reads a JSON document (what
+`gpu-supervise snapshot --json` writes) at every probe: it drives the demo and lets operators
+dry-run their configuration and log alerts on a machine without GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol
+
+from .topology import ProbeError, SourceUnavailable, Topology
+
+
+class Source(Protocol):
+    description: str
+
+    def probe(self) -> Topology:
+        """One full reading. Raises SourceUnavailable (no usable NVML) or ProbeError."""
+        ...
+
+
+class FileSource:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.description = f"file:{path}"
+
+    def probe(self) -> Topology:
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            raise SourceUnavailable(f"{self.path} does not exist") from None
+        except OSError as exc:
+            raise ProbeError(f"cannot read {self.path}: {exc.strerror}") from None
+        try:
+            return Topology.from_json(json.loads(text))
+        except ValueError as exc:  # json.JSONDecodeError is a ValueError
+            raise ProbeError(f"{self.path}: {exc}") from None
+
+
+def parse_source(spec: str) -> str:
+    """Validate a source spec; returns it normalised. Raises ValueError with the reason."""
+    if spec == "nvml":
+        return spec
+    if spec.startswith("file:") and len(spec) > len("file:"):
+        return spec
+    raise ValueError(f"unknown source {spec!r} (expected 'nvml' or 'file:PATH')")
+
+
+def open_source(spec: str) -> Source:
+    if spec.startswith("file:"):
+        return FileSource(Path(spec[len("file:") :]))
+    from .nvml import NvmlSource
+
+    return NvmlSource()

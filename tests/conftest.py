@@ -1,0 +1,154 @@
+"""Shared fixtures: the fake NVML library, node files, and running the installed binary."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from fakenvml import Node, build_library
+
+TESTS = Path(__file__).parent
+AGENT = [sys.executable, str(TESTS / "agents" / "agent.py")]
+
+
+def gpu_supervise_cmd() -> list[str]:
+    """The installed console script: tests exercise what users run."""
+    exe = os.environ.get("GPU_SUPERVISE_BIN") or shutil.which("gpu-supervise")
+    if exe is None:
+        pytest.fail("gpu-supervise is not installed (pip install -e '.[test]')")
+    return [exe]
+
+
+@pytest.fixture(scope="session")
+def fake_lib_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_library(tmp_path_factory.mktemp("fakenvml")).parent
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_SUPERVISE_")}
+    env.pop("NOTIFY_SOCKET", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+@dataclass
+class FakeNode:
+    """A node file plus the environment that points NVML at it."""
+
+    path: Path
+    lib_dir: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def write(self, node: Node) -> None:
+        node.write(self.path)
+
+
+@pytest.fixture
+def fake_node(tmp_path: Path, fake_lib_dir: Path) -> FakeNode:
+    path = tmp_path / "node.txt"
+    path.write_text("")
+    env = clean_env(
+        LD_LIBRARY_PATH=str(fake_lib_dir),
+        FAKE_NVML_NODE=str(path),
+        GPU_SUPERVISE_REPORT_TERMINATION_LOG="",
+    )
+    return FakeNode(path, fake_lib_dir, env)
+
+
+class Proc:
+    """A running gpu-supervise whose combined output is collected line by line."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path | None = None) -> None:
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"gs-{os.getpid()}-{id(self)}.log"
+        self._log = open(self.log_path, "w+b")  # noqa: SIM115 - closed in close()
+        self.popen = subprocess.Popen(
+            args,
+            env=env,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self.pid = self.popen.pid
+
+    @property
+    def output(self) -> str:
+        return self.log_path.read_bytes().decode(errors="replace")
+
+    def wait_for(self, text: str, timeout: float = 30.0, count: int = 1) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = self.output
+            if out.count(text) >= count:
+                return out
+            if self.popen.poll() is not None:
+                out = self.output
+                if out.count(text) >= count:
+                    return out
+                raise AssertionError(f"exited {self.popen.returncode} before {text!r}:\n{out}")
+            time.sleep(0.05)
+        raise AssertionError(f"no {text!r} within {timeout} s:\n{self.output}")
+
+    def wait(self, timeout: float = 60.0) -> int:
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running after {timeout} s:\n{self.output}") from None
+
+    def signal(self, sig: int) -> None:
+        self.popen.send_signal(sig)
+
+    def close(self) -> None:
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            self.popen.kill()
+            self.popen.wait()
+        self._log.close()
+        self.log_path.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def start() -> Iterator[Callable[..., Proc]]:
+    procs: list[Proc] = []
+
+    def _start(args: list[str], env: dict[str, str], cwd: Path | None = None) -> Proc:
+        proc = Proc(gpu_supervise_cmd() + args, env, cwd)
+        procs.append(proc)
+        return proc
+
+    yield _start
+    for proc in procs:
+        proc.close()
+
+
+def run(
+    args: list[str], env: dict[str, str], timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        gpu_supervise_cmd() + args,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False

@@ -1,0 +1,236 @@
+"""Test builders for the fake libnvidia-ml.so.1: describe a node in Python, write it to the file
+the library reads at every nvmlInit, and build the library itself from fake_nvml.c.
+
+In the spirit of k8s-device-plugin's test builders: tests say `dgx_a100(["1g.5gb"] * 7)` and
+never spell out NVML return codes or structs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid as uuidlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("fake_nvml.c")
+
+# NVML return codes tests inject.
+UNKNOWN = 999
+GPU_IS_LOST = 15
+TIMEOUT = 10
+LIB_RM_VERSION_MISMATCH = 18
+DRIVER_NOT_LOADED = 9
+NOT_SUPPORTED = 3
+
+# Profile name -> (GPU-instance slices, memory MiB, GPU-instance ids available in placement
+# order). Memory sizes are close to what the drivers report; ids follow NVIDIA's placements.
+A100_40GB = {
+    "1g.5gb": (1, 4864, list(range(7, 15))),
+    "2g.10gb": (2, 9856, [3, 4, 5, 6]),
+    "3g.20gb": (3, 19968, [1, 2]),
+    "4g.20gb": (4, 19968, [5]),
+    "7g.40gb": (7, 40192, [0]),
+}
+H100_80GB = {
+    "1g.10gb": (1, 9984, list(range(7, 15))),
+    "1g.20gb": (1, 19968, [11, 12, 13, 14]),
+    "2g.20gb": (2, 20096, [3, 4, 5, 6]),
+    "3g.40gb": (3, 40320, [1, 2]),
+    "4g.40gb": (4, 40320, [5]),
+    "7g.80gb": (7, 80896, [0]),
+}
+H200 = {
+    "1g.18gb": (1, 16384, list(range(7, 15))),
+    "1g.35gb": (1, 32768, [11, 12, 13, 14]),
+    "2g.35gb": (2, 32768, [3, 4, 5, 6]),
+    "3g.71gb": (3, 71424, [1, 2]),
+    "4g.71gb": (4, 71424, [5]),
+    "7g.141gb": (7, 143360, [0]),
+}
+MODELS = {
+    "NVIDIA A100-SXM4-40GB": A100_40GB,
+    "NVIDIA H100 80GB HBM3": H100_80GB,
+    "NVIDIA H200": H200,
+}
+
+
+def det_uuid(*parts: object) -> str:
+    return str(uuidlib.uuid5(uuidlib.NAMESPACE_OID, "/".join(map(str, parts))))
+
+
+@dataclass
+class Mig:
+    index: int
+    uuid: str
+    gi: int
+    ci: int
+    slices: int
+    mem: int
+    name: str
+
+
+@dataclass
+class FakeGpu:
+    index: int
+    uuid: str
+    name: str
+    bus: str
+    mig: int = 0  # -1: MIG not supported, 0 off, 1 on
+    pending: int | None = None
+    maxmig: int = 7
+    temp: int = 35
+    pstate: int = 0
+    events: int = 0x100 | 0x8  # MIG config change, Xid critical error
+    migs: list[Mig] = field(default_factory=list)
+
+    @property
+    def mig_uuids(self) -> list[str]:
+        return [m.uuid for m in sorted(self.migs, key=lambda m: m.index)]
+
+    def set_layout(self, profiles: list[str] | None, salt: str = "", sparse: bool = True) -> None:
+        """MIG on with these profiles (None: MIG off). New instances get fresh UUIDs unless
+        the same salt is given again (same-profile re-creation keeping the UUID)."""
+        if profiles is None:
+            self.mig, self.pending, self.migs = 0, None, []
+            return
+        table = MODELS[self.name]
+        used: set[int] = set()
+        migs = []
+        n = len(profiles)
+        step = max(1, self.maxmig // n) if sparse and n else 1
+        for pos, profile in enumerate(profiles):
+            slices, mem, gis = table[profile]
+            gi = next(g for g in gis if g not in used)
+            used.add(gi)
+            migs.append(
+                Mig(
+                    index=pos * step if pos * step < self.maxmig else pos,
+                    uuid="MIG-" + det_uuid(self.uuid, gi, 0, profile, salt),
+                    gi=gi,
+                    ci=0,
+                    slices=slices,
+                    mem=mem,
+                    name=f"{self.name} MIG {profile}",
+                )
+            )
+        self.mig, self.pending, self.migs = 1, None, migs
+
+
+@dataclass
+class Node:
+    gpus: list[FakeGpu]
+    driver: str = "550.54.15"
+    rules: list[str] = field(default_factory=list)
+
+    def gpu(self, index: int) -> FakeGpu:
+        return next(g for g in self.gpus if g.index == index)
+
+    def uuids(self) -> list[str]:
+        out = []
+        for g in sorted(self.gpus, key=lambda g: g.index):
+            out.append(g.uuid)
+            if g.mig == 1:
+                out.extend(g.mig_uuids)
+        return out
+
+    # fault injection: each returns self so a test reads as one sentence
+    def fail(self, fn: str = "*", code: int = UNKNOWN, count: int = -1) -> Node:
+        self.rules.append(f"fail fn={fn} code={code} count={count}")
+        return self
+
+    def delay(self, ms: int, fn: str = "*") -> Node:
+        self.rules.append(f"delay fn={fn} ms={ms}")
+        return self
+
+    def hang(self, fn: str) -> Node:
+        self.rules.append(f"hang fn={fn}")
+        return self
+
+    def healthy(self) -> Node:
+        self.rules = []
+        return self
+
+    def render(self) -> str:
+        lines = [f"driver {self.driver}", f"nvml 12.{self.driver}"]
+        for g in self.gpus:
+            pending = g.mig if g.pending is None else g.pending
+            lines.append(
+                f'gpu index={g.index} uuid={g.uuid} name="{g.name}" bus={g.bus} mig={g.mig} '
+                f"pending={pending} maxmig={g.maxmig} temp={g.temp} pstate={g.pstate} "
+                f"events={g.events:#x}"
+            )
+            for m in g.migs:
+                lines.append(
+                    f"mig gpu={g.index} index={m.index} uuid={m.uuid} gi={m.gi} ci={m.ci} "
+                    f'slices={m.slices} mem={m.mem} name="{m.name}"'
+                )
+        lines.extend(self.rules)
+        return "\n".join(lines) + "\n"
+
+    def write(self, path: Path) -> None:
+        """Atomic rewrite, so a probe never reads half a file."""
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.render())
+        os.replace(tmp, path)
+
+    def copy(self) -> Node:
+        return Node(
+            gpus=[replace(g, migs=list(g.migs)) for g in self.gpus],
+            driver=self.driver,
+            rules=list(self.rules),
+        )
+
+
+def _node(name: str, count: int, layouts: list[list[str] | None] | None, tag: str) -> Node:
+    gpus = []
+    layouts = layouts if layouts is not None else [None] * count
+    for i in range(count):
+        gpu = FakeGpu(
+            index=i,
+            uuid="GPU-" + det_uuid(tag, i),
+            name=name,
+            bus=f"00000000:{0x07 + i * 0x10:02X}:00.0",
+        )
+        gpu.set_layout(layouts[i] if i < len(layouts) else None)
+        gpus.append(gpu)
+    return Node(gpus)
+
+
+def dgx_a100(*layouts: list[str] | None, count: int = 8) -> Node:
+    """8x A100-SXM4-40GB; layouts[i] is GPU i's MIG profiles (None or missing: MIG off)."""
+    return _node("NVIDIA A100-SXM4-40GB", count, list(layouts), "dgx-a100")
+
+
+def h100_node(*layouts: list[str] | None, count: int = 8) -> Node:
+    return _node("NVIDIA H100 80GB HBM3", count, list(layouts), "hgx-h100")
+
+
+def h200_node(*layouts: list[str] | None, count: int = 1) -> Node:
+    return _node("NVIDIA H200", count, list(layouts), "h200")
+
+
+def build_library(out_dir: Path) -> Path:
+    """Compile fake_nvml.c into out_dir/libnvidia-ml.so.1 (the loader's name for NVML)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lib = out_dir / "libnvidia-ml.so.1"
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        raise RuntimeError("no C compiler (gcc) to build the fake NVML; .ci/run installs it")
+    subprocess.run(
+        [
+            cc,
+            "-shared",
+            "-fPIC",
+            "-O2",
+            "-Wall",
+            "-Wno-format-truncation",
+            "-pthread",
+            "-o",
+            str(lib),
+            str(SOURCE),
+        ],
+        check=True,
+    )
+    return lib

@@ -1,0 +1,549 @@
+/*
+ * fake_nvml.c - a stand-in libnvidia-ml.so.1 for tests on machines without a GPU.
+ *
+ * The real nvidia-ml-py loads this library through the dynamic loader (LD_LIBRARY_PATH),
+ * exactly as it loads the driver's. It implements the NVML entry points gpu-supervise and
+ * its test agents call, with the real signatures and structs, and answers from a node
+ * description in the text file named by $FAKE_NVML_NODE. The file is re-read at every
+ * nvmlInit, so a test can rewrite it while a process runs (a MIG reconfiguration, a GPU lost).
+ *
+ * Node file, one directive a line ('#' starts a comment, values may be "quoted"):
+ *   driver 550.54.15
+ *   nvml 12.550.54.15
+ *   gpu index=0 uuid=GPU-... name="NVIDIA A100-SXM4-40GB" bus=00000000:07:00.0
+ *       mig=1 pending=1 maxmig=7 temp=33 pstate=0 events=0x...   (mig=-1: MIG not supported)
+ *   mig gpu=0 index=3 uuid=MIG-... gi=7 ci=0 slices=1 mem=4864 name="... MIG 1g.5gb"
+ *   fail fn=NAME code=N count=K     next K calls of NAME fail with N (K=-1: always; fn=*: any)
+ *   delay fn=NAME ms=N              every call of NAME sleeps N ms first (fn=*: any)
+ *   hang fn=NAME                    calls of NAME never return
+ * Failure counters live in this process and restart whenever the file's content changes.
+ */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+typedef int nvmlReturn_t;
+typedef struct nvmlDevice_st *nvmlDevice_t;
+
+enum {
+    NVML_SUCCESS = 0,
+    NVML_ERROR_UNINITIALIZED = 1,
+    NVML_ERROR_INVALID_ARGUMENT = 2,
+    NVML_ERROR_NOT_SUPPORTED = 3,
+    NVML_ERROR_NOT_FOUND = 6,
+    NVML_ERROR_INSUFFICIENT_SIZE = 7,
+    NVML_ERROR_DRIVER_NOT_LOADED = 9,
+    NVML_ERROR_UNKNOWN = 999,
+};
+
+/* nvml.h: nvmlPciInfo_t as filled by nvmlDeviceGetPciInfo_v3 */
+typedef struct {
+    char busIdLegacy[16];
+    unsigned int domain;
+    unsigned int bus;
+    unsigned int device;
+    unsigned int pciDeviceId;
+    unsigned int pciSubSystemId;
+    char busId[32];
+} nvmlPciInfo_t;
+
+/* nvml.h: nvmlDeviceAttributes_t (nvmlDeviceGetAttributes_v2) */
+typedef struct {
+    unsigned int multiprocessorCount;
+    unsigned int sharedCopyEngineCount;
+    unsigned int sharedDecoderCount;
+    unsigned int sharedEncoderCount;
+    unsigned int sharedJpegCount;
+    unsigned int sharedOfaCount;
+    unsigned int gpuInstanceSliceCount;
+    unsigned int computeInstanceSliceCount;
+    unsigned long long memorySizeMB;
+} nvmlDeviceAttributes_t;
+
+#define MAX_GPUS 64
+#define MAX_MIGS 16
+#define MAX_RULES 64
+#define TEXT 128
+
+struct mig {
+    int present, gi, ci, slices;
+    unsigned long long mem;
+    char uuid[TEXT], name[TEXT];
+};
+
+struct gpu {
+    int present, mig, pending, maxmig, temp, pstate;
+    unsigned long long events;
+    char uuid[TEXT], name[TEXT], bus[TEXT];
+    struct mig migs[MAX_MIGS];
+};
+
+enum rule_kind { RULE_FAIL, RULE_DELAY, RULE_HANG };
+struct rule {
+    enum rule_kind kind;
+    char fn[TEXT];
+    int code, count, ms;
+};
+
+static struct {
+    char driver[TEXT], nvml[TEXT];
+    struct gpu gpus[MAX_GPUS];
+    int ngpus; /* highest index + 1 */
+    struct rule rules[MAX_RULES];
+    int nrules;
+} node;
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static int initialized;     /* nvmlInit refcount */
+static unsigned generation; /* bumped whenever the node file's content changes */
+static char *last_content;
+
+/* ---- node file parsing --------------------------------------------------------------- */
+
+/* Next token of `*p` into `out`; handles "quoted values" after '='. Returns 0 at line end. */
+static int next_token(char **p, char *out, size_t size) {
+    char *s = *p;
+    size_t n = 0;
+    while (*s == ' ' || *s == '\t') s++;
+    if (!*s || *s == '#') return 0;
+    while (*s && *s != ' ' && *s != '\t') {
+        if (*s == '"') {
+            s++;
+            while (*s && *s != '"') {
+                if (n + 1 < size) out[n++] = *s;
+                s++;
+            }
+            if (*s == '"') s++;
+            continue;
+        }
+        if (n + 1 < size) out[n++] = *s;
+        s++;
+    }
+    out[n] = 0;
+    *p = s;
+    return 1;
+}
+
+static const char *value_of(const char *tok, const char *key) {
+    size_t len = strlen(key);
+    return strncmp(tok, key, len) == 0 && tok[len] == '=' ? tok + len + 1 : NULL;
+}
+
+static void copy(char *dst, const char *src) {
+    snprintf(dst, TEXT, "%s", src);
+}
+
+static void parse_line(char *line) {
+    char tok[TEXT * 2], kind[TEXT];
+    const char *v;
+    char *p = line;
+    if (!next_token(&p, kind, sizeof kind)) return;
+    if (!strcmp(kind, "driver") || !strcmp(kind, "nvml")) {
+        if (next_token(&p, tok, sizeof tok)) copy(!strcmp(kind, "driver") ? node.driver : node.nvml, tok);
+        return;
+    }
+    if (!strcmp(kind, "gpu")) {
+        struct gpu g = {.present = 1, .mig = -1, .pending = -1, .maxmig = 7};
+        int index = -1;
+        while (next_token(&p, tok, sizeof tok)) {
+            if ((v = value_of(tok, "index"))) index = atoi(v);
+            else if ((v = value_of(tok, "uuid"))) copy(g.uuid, v);
+            else if ((v = value_of(tok, "name"))) copy(g.name, v);
+            else if ((v = value_of(tok, "bus"))) copy(g.bus, v);
+            else if ((v = value_of(tok, "mig"))) g.mig = atoi(v);
+            else if ((v = value_of(tok, "pending"))) g.pending = atoi(v);
+            else if ((v = value_of(tok, "maxmig"))) g.maxmig = atoi(v);
+            else if ((v = value_of(tok, "temp"))) g.temp = atoi(v);
+            else if ((v = value_of(tok, "pstate"))) g.pstate = atoi(v);
+            else if ((v = value_of(tok, "events"))) g.events = strtoull(v, NULL, 0);
+        }
+        if (g.pending < 0) g.pending = g.mig;
+        if (index >= 0 && index < MAX_GPUS) {
+            node.gpus[index] = g;
+            if (index + 1 > node.ngpus) node.ngpus = index + 1;
+        }
+        return;
+    }
+    if (!strcmp(kind, "mig")) {
+        struct mig m = {.present = 1};
+        int gpu = -1, index = -1;
+        while (next_token(&p, tok, sizeof tok)) {
+            if ((v = value_of(tok, "gpu"))) gpu = atoi(v);
+            else if ((v = value_of(tok, "index"))) index = atoi(v);
+            else if ((v = value_of(tok, "uuid"))) copy(m.uuid, v);
+            else if ((v = value_of(tok, "name"))) copy(m.name, v);
+            else if ((v = value_of(tok, "gi"))) m.gi = atoi(v);
+            else if ((v = value_of(tok, "ci"))) m.ci = atoi(v);
+            else if ((v = value_of(tok, "slices"))) m.slices = atoi(v);
+            else if ((v = value_of(tok, "mem"))) m.mem = strtoull(v, NULL, 10);
+        }
+        if (gpu >= 0 && gpu < MAX_GPUS && index >= 0 && index < MAX_MIGS) node.gpus[gpu].migs[index] = m;
+        return;
+    }
+    if (!strcmp(kind, "fail") || !strcmp(kind, "delay") || !strcmp(kind, "hang")) {
+        struct rule r = {.count = -1, .code = NVML_ERROR_UNKNOWN};
+        r.kind = kind[0] == 'f' ? RULE_FAIL : kind[0] == 'd' ? RULE_DELAY : RULE_HANG;
+        copy(r.fn, "*");
+        while (next_token(&p, tok, sizeof tok)) {
+            if ((v = value_of(tok, "fn"))) copy(r.fn, v);
+            else if ((v = value_of(tok, "code"))) r.code = atoi(v);
+            else if ((v = value_of(tok, "count"))) r.count = atoi(v);
+            else if ((v = value_of(tok, "ms"))) r.ms = atoi(v);
+        }
+        if (node.nrules < MAX_RULES) node.rules[node.nrules++] = r;
+    }
+}
+
+static char *read_file(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    size_t cap = 4096, len = 0;
+    char *buf = malloc(cap);
+    size_t n;
+    while (buf && (n = fread(buf + len, 1, cap - len - 1, f)) > 0) {
+        len += n;
+        if (len + 1 >= cap) buf = realloc(buf, cap *= 2);
+    }
+    fclose(f);
+    if (buf) buf[len] = 0;
+    return buf;
+}
+
+/* Re-read the node file; keep state (failure counters, handle generation) when unchanged. */
+static void load_node(void) {
+    const char *path = getenv("FAKE_NVML_NODE");
+    char *content = path ? read_file(path) : NULL;
+    if (!content) content = strdup("");
+    if (last_content && !strcmp(last_content, content)) {
+        free(content);
+        return;
+    }
+    free(last_content);
+    last_content = content;
+    generation++;
+    memset(&node, 0, sizeof node);
+    copy(node.driver, "550.54.15");
+    copy(node.nvml, "12.550.54.15");
+    char *copy_buf = strdup(content), *save = NULL;
+    for (char *line = strtok_r(copy_buf, "\n", &save); line; line = strtok_r(NULL, "\n", &save))
+        parse_line(line);
+    free(copy_buf);
+}
+
+/* ---- injected faults ----------------------------------------------------------------- */
+
+static void sleep_ms(int ms) {
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) != 0) {
+    }
+}
+
+/* Apply the rules for `fn`: hang, delay, or return an injected error (0 when none). */
+static nvmlReturn_t inject(const char *fn) {
+    int delay = 0, hang = 0;
+    nvmlReturn_t ret = NVML_SUCCESS;
+    pthread_mutex_lock(&lock);
+    for (int i = 0; i < node.nrules; i++) {
+        struct rule *r = &node.rules[i];
+        if (strcmp(r->fn, "*") && strcmp(r->fn, fn)) continue;
+        if (r->kind == RULE_HANG) hang = 1;
+        else if (r->kind == RULE_DELAY) delay += r->ms;
+        else if (ret == NVML_SUCCESS && r->count != 0) {
+            ret = r->code;
+            if (r->count > 0) r->count--;
+        }
+    }
+    pthread_mutex_unlock(&lock);
+    if (hang)
+        for (;;) sleep(3600);
+    if (delay) sleep_ms(delay);
+    return ret;
+}
+
+#define ENTER(fn)                                   \
+    do {                                            \
+        nvmlReturn_t injected_ = inject(fn);        \
+        if (injected_) return injected_;            \
+        if (!initialized) return NVML_ERROR_UNINITIALIZED; \
+    } while (0)
+
+/* ---- handles ------------------------------------------------------------------------- *
+ * A handle is an opaque pointer-sized value: [generation:32][gpu:16][mig+1:16]. GPU handles
+ * stay valid across reconfigurations; a MIG handle is valid only in the generation (node
+ * file content) it came from, as real MIG handles die with their instance.               */
+
+static nvmlDevice_t make_handle(int gpu, int mig) {
+    uintptr_t gen = mig >= 0 ? generation : 0;
+    return (nvmlDevice_t)(uintptr_t)((gen << 32) | ((uintptr_t)gpu << 16) | (uintptr_t)(mig + 1) | 0x1000000000000000ULL);
+}
+
+/* Resolve a handle; returns 0 and sets gpu/mig (mig = -1 for a physical GPU) when valid. */
+static int resolve(nvmlDevice_t handle, struct gpu **gpu, struct mig **mig) {
+    uintptr_t h = (uintptr_t)handle;
+    if (!(h & 0x1000000000000000ULL)) return -1;
+    h &= ~0x1000000000000000ULL;
+    int g = (int)((h >> 16) & 0xffff), m = (int)(h & 0xffff) - 1;
+    unsigned gen = (unsigned)(h >> 32);
+    if (g >= node.ngpus || !node.gpus[g].present) return -1;
+    *gpu = &node.gpus[g];
+    *mig = NULL;
+    if (m >= 0) {
+        if (gen != generation || m >= MAX_MIGS || !node.gpus[g].migs[m].present) return -1;
+        if (node.gpus[g].mig != 1) return -1;
+        *mig = &node.gpus[g].migs[m];
+    }
+    return 0;
+}
+
+#define RESOLVE(handle, gpu, mig) \
+    if (resolve(handle, &gpu, &mig)) return NVML_ERROR_INVALID_ARGUMENT
+
+static nvmlReturn_t put_string(char *dst, unsigned int size, const char *src) {
+    if (!dst) return NVML_ERROR_INVALID_ARGUMENT;
+    if (strlen(src) + 1 > size) return NVML_ERROR_INSUFFICIENT_SIZE;
+    strcpy(dst, src);
+    return NVML_SUCCESS;
+}
+
+/* ---- the API ------------------------------------------------------------------------- */
+
+nvmlReturn_t nvmlInitWithFlags(unsigned int flags) {
+    (void)flags;
+    pthread_mutex_lock(&lock);
+    load_node();
+    pthread_mutex_unlock(&lock);
+    nvmlReturn_t ret = inject("nvmlInit"); /* after the re-read: a rule just written applies */
+    if (ret) return ret;
+    initialized++;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlInit_v2(void) { return nvmlInitWithFlags(0); }
+nvmlReturn_t nvmlInit(void) { return nvmlInitWithFlags(0); }
+
+nvmlReturn_t nvmlShutdown(void) {
+    if (!initialized) return NVML_ERROR_UNINITIALIZED;
+    initialized--;
+    return NVML_SUCCESS;
+}
+
+const char *nvmlErrorString(nvmlReturn_t result) {
+    switch (result) {
+    case 0: return "Success";
+    case 1: return "Uninitialized";
+    case 2: return "Invalid Argument";
+    case 3: return "Not Supported";
+    case 6: return "Not Found";
+    case 7: return "Insufficient Size";
+    case 9: return "Driver Not Loaded";
+    case 10: return "Timeout";
+    case 15: return "GPU is lost";
+    case 18: return "RM has detected an NVML/RM version mismatch.";
+    case 999: return "Unknown Error";
+    default: return "Unknown Error";
+    }
+}
+
+nvmlReturn_t nvmlSystemGetDriverVersion(char *version, unsigned int length) {
+    ENTER("nvmlSystemGetDriverVersion");
+    return put_string(version, length, node.driver);
+}
+
+nvmlReturn_t nvmlSystemGetNVMLVersion(char *version, unsigned int length) {
+    ENTER("nvmlSystemGetNVMLVersion");
+    return put_string(version, length, node.nvml);
+}
+
+nvmlReturn_t nvmlDeviceGetCount_v2(unsigned int *count) {
+    ENTER("nvmlDeviceGetCount");
+    if (!count) return NVML_ERROR_INVALID_ARGUMENT;
+    *count = (unsigned)node.ngpus;
+    return NVML_SUCCESS;
+}
+nvmlReturn_t nvmlDeviceGetCount(unsigned int *count) { return nvmlDeviceGetCount_v2(count); }
+
+nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, nvmlDevice_t *device) {
+    ENTER("nvmlDeviceGetHandleByIndex");
+    if (!device || index >= (unsigned)node.ngpus || !node.gpus[index].present)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    *device = make_handle((int)index, -1);
+    return NVML_SUCCESS;
+}
+nvmlReturn_t nvmlDeviceGetHandleByIndex(unsigned int index, nvmlDevice_t *device) {
+    return nvmlDeviceGetHandleByIndex_v2(index, device);
+}
+
+nvmlReturn_t nvmlDeviceGetIndex(nvmlDevice_t device, unsigned int *index) {
+    struct gpu *g;
+    struct mig *m;
+    ENTER("nvmlDeviceGetIndex");
+    RESOLVE(device, g, m);
+    if (m || !index) return NVML_ERROR_INVALID_ARGUMENT;
+    *index = (unsigned)(g - node.gpus);
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t device, char *uuid, unsigned int length) {
+    struct gpu *g;
+    struct mig *m;
+    ENTER("nvmlDeviceGetUUID");
+    RESOLVE(device, g, m);
+    return put_string(uuid, length, m ? m->uuid : g->uuid);
+}
+
+nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t device, char *name, unsigned int length) {
+    struct gpu *g;
+    struct mig *m;
+    ENTER("nvmlDeviceGetName");
+    RESOLVE(device, g, m);
+    return put_string(name, length, m ? m->name : g->name);
+}
+
+nvmlReturn_t nvmlDeviceGetPciInfo_v3(nvmlDevice_t device, nvmlPciInfo_t *pci) {
+    struct gpu *g;
+    struct mig *m;
+    unsigned domain = 0, bus = 0, dev = 0;
+    ENTER("nvmlDeviceGetPciInfo");
+    RESOLVE(device, g, m);
+    if (!pci) return NVML_ERROR_INVALID_ARGUMENT;
+    memset(pci, 0, sizeof *pci);
+    sscanf(g->bus, "%x:%x:%x", &domain, &bus, &dev);
+    pci->domain = domain;
+    pci->bus = bus;
+    pci->device = dev;
+    pci->pciDeviceId = 0x20b010de;
+    snprintf(pci->busId, sizeof pci->busId, "%s", g->bus);
+    snprintf(pci->busIdLegacy, sizeof pci->busIdLegacy, "%s", g->bus + (strlen(g->bus) > 12 ? 4 : 0));
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetMigMode(nvmlDevice_t device, unsigned int *current, unsigned int *pending) {
+    struct gpu *g;
+    struct mig *m;
+    ENTER("nvmlDeviceGetMigMode");
+    RESOLVE(device, g, m);
+    if (m || !current || !pending) return NVML_ERROR_INVALID_ARGUMENT;
+    if (g->mig < 0) return NVML_ERROR_NOT_SUPPORTED;
+    *current = (unsigned)g->mig;
+    *pending = (unsigned)g->pending;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetMaxMigDeviceCount(nvmlDevice_t device, unsigned int *count) {
+    struct gpu *g;
+    struct mig *m;
+    ENTER("nvmlDeviceGetMaxMigDeviceCount");
+    RESOLVE(device, g, m);
+    if (m || !count) return NVML_ERROR_INVALID_ARGUMENT;
+    if (g->mig < 0) return NVML_ERROR_NOT_SUPPORTED;
+    *count = g->mig == 1 ? (unsigned)g->maxmig : 0;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetMigDeviceHandleByIndex(nvmlDevice_t device, unsigned int index, nvmlDevice_t *mig) {
+    struct gpu *g;
+    struct mig *m;
+    ENTER("nvmlDeviceGetMigDeviceHandleByIndex");
+    RESOLVE(device, g, m);
+    if (m || !mig) return NVML_ERROR_INVALID_ARGUMENT;
+    if (g->mig < 0) return NVML_ERROR_NOT_SUPPORTED;
+    if (g->mig != 1 || index >= (unsigned)g->maxmig) return NVML_ERROR_INVALID_ARGUMENT;
+    if (index >= MAX_MIGS || !g->migs[index].present) return NVML_ERROR_NOT_FOUND;
+    *mig = make_handle((int)(g - node.gpus), (int)index);
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceIsMigDeviceHandle(nvmlDevice_t device, unsigned int *isMig) {
+    struct gpu *g;
+    struct mig *m;
+    ENTER("nvmlDeviceIsMigDeviceHandle");
+    RESOLVE(device, g, m);
+    if (!isMig) return NVML_ERROR_INVALID_ARGUMENT;
+    *isMig = m != NULL;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetDeviceHandleFromMigDeviceHandle(nvmlDevice_t migDevice, nvmlDevice_t *device) {
+    struct gpu *g;
+    struct mig *m;
+    ENTER("nvmlDeviceGetDeviceHandleFromMigDeviceHandle");
+    RESOLVE(migDevice, g, m);
+    if (!m || !device) return NVML_ERROR_INVALID_ARGUMENT;
+    *device = make_handle((int)(g - node.gpus), -1);
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetGpuInstanceId(nvmlDevice_t device, unsigned int *id) {
+    struct gpu *g;
+    struct mig *m;
+    ENTER("nvmlDeviceGetGpuInstanceId");
+    RESOLVE(device, g, m);
+    if (!m) return NVML_ERROR_NOT_SUPPORTED;
+    if (!id) return NVML_ERROR_INVALID_ARGUMENT;
+    *id = (unsigned)m->gi;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetComputeInstanceId(nvmlDevice_t device, unsigned int *id) {
+    struct gpu *g;
+    struct mig *m;
+    ENTER("nvmlDeviceGetComputeInstanceId");
+    RESOLVE(device, g, m);
+    if (!m) return NVML_ERROR_NOT_SUPPORTED;
+    if (!id) return NVML_ERROR_INVALID_ARGUMENT;
+    *id = (unsigned)m->ci;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetAttributes_v2(nvmlDevice_t device, nvmlDeviceAttributes_t *attrs) {
+    struct gpu *g;
+    struct mig *m;
+    ENTER("nvmlDeviceGetAttributes");
+    RESOLVE(device, g, m);
+    if (!m) return NVML_ERROR_NOT_SUPPORTED; /* as on real drivers for a full GPU in MIG mode */
+    if (!attrs) return NVML_ERROR_INVALID_ARGUMENT;
+    memset(attrs, 0, sizeof *attrs);
+    attrs->gpuInstanceSliceCount = (unsigned)m->slices;
+    attrs->computeInstanceSliceCount = (unsigned)m->slices;
+    attrs->multiprocessorCount = (unsigned)m->slices * 14;
+    attrs->memorySizeMB = m->mem;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetTemperature(nvmlDevice_t device, int sensor, unsigned int *temp) {
+    struct gpu *g;
+    struct mig *m;
+    (void)sensor;
+    ENTER("nvmlDeviceGetTemperature");
+    RESOLVE(device, g, m);
+    if (m) return NVML_ERROR_NOT_SUPPORTED;
+    if (!temp) return NVML_ERROR_INVALID_ARGUMENT;
+    *temp = (unsigned)g->temp;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetPerformanceState(nvmlDevice_t device, int *pstate) {
+    struct gpu *g;
+    struct mig *m;
+    ENTER("nvmlDeviceGetPerformanceState");
+    RESOLVE(device, g, m);
+    if (m) return NVML_ERROR_NOT_SUPPORTED;
+    if (!pstate) return NVML_ERROR_INVALID_ARGUMENT;
+    *pstate = g->pstate;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetSupportedEventTypes(nvmlDevice_t device, unsigned long long *types) {
+    struct gpu *g;
+    struct mig *m;
+    ENTER("nvmlDeviceGetSupportedEventTypes");
+    RESOLVE(device, g, m);
+    if (!types) return NVML_ERROR_INVALID_ARGUMENT;
+    *types = g->events;
+    return NVML_SUCCESS;
+}
