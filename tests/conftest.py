@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
 from fakenvml import Node, build_library
 
 TESTS = Path(__file__).parent
