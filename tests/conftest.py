@@ -13,8 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from fakenvml import Node, build_library
+
+# Behaviour, not speed: a loaded CI machine must not turn a slow example into a failure.
+settings.register_profile("gpu-supervise", deadline=None, print_blob=True)
+settings.load_profile("gpu-supervise")
 
 TESTS = Path(__file__).parent
 AGENT = [sys.executable, str(TESTS / "agents" / "agent.py")]
@@ -98,6 +103,10 @@ class Proc:
                 raise AssertionError(f"exited {self.popen.returncode} before {text!r}:\n{out}")
             time.sleep(0.05)
         raise AssertionError(f"no {text!r} within {timeout} s:\n{self.output}")
+
+    def wait_for_new(self, text: str, timeout: float = 30.0) -> str:
+        """Wait for one more occurrence of `text` than the output holds now."""
+        return self.wait_for(text, timeout, count=self.output.count(text) + 1)
 
     def wait(self, timeout: float = 60.0) -> int:
         try:

@@ -15,23 +15,17 @@ import sys
 from typing import Any, NoReturn
 
 from . import __version__
-from .config import SCHEMA, ConfigError, Settings, load
+from .config import SCHEMA, ConfigError, Settings, flag_name, load
 
 EXIT_USAGE = 2
 PROG = "gpu-supervise"
 
-# Flags that set a configuration key; everything else about them comes from SCHEMA.
+# Flags that set a configuration key (all but watch.enabled, which is --no-watch).
 FLAGS: dict[str, tuple[str, str]] = {
-    "--interval": ("watch", "interval"),
-    "--cooldown": ("watch", "cooldown"),
-    "--settle": ("watch", "settle"),
-    "--failure-threshold": ("watch", "failure_threshold"),
-    "--probe-timeout": ("watch", "probe_timeout"),
-    "--source": ("watch", "source"),
-    "--stop-timeout": ("child", "stop_timeout"),
-    "--log-level": ("log", "level"),
-    "--log-format": ("log", "format"),
-    "--termination-log": ("report", "termination_log"),
+    flag_name(section, key): (section, key)
+    for section, keys in SCHEMA.items()
+    for key in keys
+    if (section, key) != ("watch", "enabled")
 }
 SNAPSHOT_FLAGS = ("--source", "--probe-timeout", "--log-level", "--log-format")
 

@@ -182,6 +182,12 @@ class Settings:
         )
 
 
+def flag_name(section: str, key: str) -> str:
+    """`--interval`, `--stop-timeout`; the [log] keys read better as `--log-level`."""
+    name = f"{section}_{key}" if section == "log" else key
+    return "--" + name.replace("_", "-")
+
+
 def env_name(section: str, key: str) -> str:
     return f"{ENV_PREFIX}{section}_{key}".upper()
 
@@ -203,7 +209,7 @@ def load(
         values.update(_from_file(path, explicit))
     values.update(_from_env(environ))
     for (section, key), raw in flags.items():
-        values[section, key] = _check(section, key, raw, f"--{key.replace('_', '-')}")
+        values[section, key] = _check(section, key, raw, flag_name(section, key))
     return Settings.from_values(values, str(path) if path else None)
 
 

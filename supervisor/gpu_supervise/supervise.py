@@ -274,8 +274,8 @@ def log_decision(
         assert topo is not None
         if result.unavailable:
             logger.bind(event="baseline", reason=result.unavailable).warning(
-                f"{TAG} {result.unavailable}; running the agent anyway with 'no GPUs' as the "
-                "baseline (NVML appearing later counts as a topology change)"
+                f"{TAG} baseline: no GPUs ({result.unavailable}); running the agent anyway, "
+                "NVML appearing later counts as a topology change"
             )
         else:
             migs = sum(len(g.mig_devices) for g in topo.gpus)

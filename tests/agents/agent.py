@@ -67,12 +67,15 @@ def main() -> int:
     pids = [os.getpid()]
     if args.grandchild:
         # A daemon that leaves our process group and session: only a tree walk finds it.
+        ready_r, ready_w = os.pipe()
         pid = os.fork()
         if pid == 0:
             os.setsid()
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            os.write(ready_w, b"x")
             while True:
                 time.sleep(1)
+        os.read(ready_r, 1)  # the pid file is written once the grandchild has left our session
         pids.append(pid)
     if args.pidfile:
         with open(args.pidfile + ".tmp", "w") as fh:

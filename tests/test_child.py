@@ -1,0 +1,213 @@
+"""The child: exec, exit statuses, signal forwarding, stopping the whole tree, reaping.
+Real processes and real signals, in the shape of dumb-init's own tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from conftest import AGENT, FakeNode, Proc, clean_env, gpu_supervise_cmd, pid_alive, run
+from fakenvml import dgx_a100
+
+Start = Callable[..., Proc]
+PLAIN = ["--no-watch"]
+
+
+@pytest.mark.parametrize(
+    ("script", "code"),
+    [
+        ("exit 0", 0),
+        ("exit 1", 1),
+        ("exit 7", 7),
+        ("exit 255", 255),
+        ("kill -TERM $$", 143),
+        ("kill -KILL $$", 137),
+        ("kill -SEGV $$", 139),
+    ],
+)
+def test_child_exit_status_comes_back(script: str, code: int):
+    out = run([*PLAIN, "--", "sh", "-c", script], clean_env())
+    assert out.returncode == code, out.stderr
+
+
+def test_command_not_found_is_127_and_not_executable_is_126(tmp_path: Path):
+    out = run([*PLAIN, "--", "no-such-agent-xyz"], clean_env())
+    assert out.returncode == 127
+    assert "no-such-agent-xyz: command not found" in out.stderr
+    script = tmp_path / "agent.sh"
+    script.write_text("#!/bin/sh\necho hi\n")
+    script.chmod(0o644)
+    out = run([*PLAIN, "--", str(script)], clean_env())
+    assert out.returncode == 126
+    assert "permission denied" in out.stderr
+    out = run([*PLAIN, "--", str(tmp_path)], clean_env())
+    assert out.returncode == 126
+
+
+def test_output_passes_straight_through_and_arguments_arrive_verbatim(tmp_path: Path):
+    """No shell, no pipe: the child writes to our own stdout file; odd arguments are data."""
+    target = tmp_path / "out.txt"
+    args = ["a b", "'q'", '"dq"', "$(touch pwned)", "; rm -rf x", "*", "$HOME"]
+    with open(target, "wb") as fh:
+        code = subprocess.run(
+            gpu_supervise_cmd()
+            + [
+                *PLAIN,
+                "--",
+                sys.executable,
+                "-c",
+                "import os,sys; print(os.readlink('/proc/self/fd/1')); print(sys.argv[1:])",
+                *args,
+            ],
+            stdout=fh,
+            stderr=subprocess.DEVNULL,
+            env=clean_env(),
+            cwd=tmp_path,
+            timeout=60,
+        ).returncode
+    assert code == 0
+    fd_target, argv = target.read_text().splitlines()
+    assert fd_target == str(target)
+    assert argv == repr(args)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_environment_is_inherited_and_never_logged():
+    env = clean_env(AGENT_SECRET="hunter2-token")
+    out = run(["--log-level", "DEBUG", *PLAIN, "--", "sh", "-c", 'echo "seen=$AGENT_SECRET"'], env)
+    assert "seen=hunter2-token" in out.stdout
+    assert "hunter2" not in out.stderr
+
+
+@pytest.mark.parametrize("sig", ["SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGWINCH"])
+def test_signals_are_forwarded_to_the_child(start: Start, sig: str):
+    proc = start([*PLAIN, "--", *AGENT, "--no-nvml"], clean_env())
+    proc.wait_for("ready")
+    proc.signal(getattr(signal, sig))
+    proc.wait_for(f"got {sig}")
+    proc.signal(signal.SIGTERM)
+    assert proc.wait() == 143
+
+
+def test_sigterm_to_us_stops_the_child_and_returns_its_code(start: Start):
+    proc = start([*PLAIN, "--", *AGENT, "--no-nvml", "--exit-on-term", "0"], clean_env())
+    proc.wait_for("ready")
+    proc.signal(signal.SIGTERM)
+    assert proc.wait() == 0  # a clean stop whose child exited 0
+    proc = start([*PLAIN, "--", *AGENT, "--no-nvml"], clean_env())
+    proc.wait_for("ready")
+    proc.signal(signal.SIGTERM)
+    assert proc.wait() == 143
+
+
+def test_sigint_to_us_is_forwarded_and_escalates_after_stop_timeout(start: Start):
+    proc = start([*PLAIN, "--stop-timeout", "0.5", "--", *AGENT, "--no-nvml"], clean_env())
+    proc.wait_for("ready")
+    proc.signal(signal.SIGINT)
+    proc.wait_for("got SIGINT")  # the agent handles SIGINT and carries on...
+    assert proc.wait() == 137  # ...so SIGKILL follows after stop_timeout
+    assert "sent SIGKILL" in proc.output
+
+
+def test_stubborn_child_and_setsid_grandchild_are_killed(start: Start, tmp_path: Path):
+    pidfile = tmp_path / "pids"
+    proc = start(
+        [
+            *PLAIN,
+            "--stop-timeout",
+            "1",
+            "--",
+            *AGENT,
+            "--no-nvml",
+            "--ignore-term",
+            "--grandchild",
+            "--pidfile",
+            str(pidfile),
+        ],
+        clean_env(),
+    )
+    proc.wait_for("ready")
+    pids = [int(p) for p in pidfile.read_text().split()]
+    assert os.getsid(pids[1]) != os.getsid(pids[0])  # the grandchild left the session
+    proc.signal(signal.SIGTERM)
+    assert proc.wait() == 137
+    deadline = time.monotonic() + 30
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(pid_alive(p) for p in pids)
+
+
+def test_topology_change_kills_a_stubborn_tree(start: Start, fake_node: FakeNode, tmp_path: Path):
+    node = dgx_a100(["1g.5gb"] * 7)
+    fake_node.write(node)
+    pidfile = tmp_path / "pids"
+    proc = start(
+        [
+            "--interval",
+            "0.2",
+            "--cooldown",
+            "0",
+            "--settle",
+            "0",
+            "--stop-timeout",
+            "1",
+            "--",
+            *AGENT,
+            "--ignore-term",
+            "--grandchild",
+            "--pidfile",
+            str(pidfile),
+        ],
+        fake_node.env,
+    )
+    proc.wait_for("[GPU-Watcher] baseline")
+    proc.wait_for("ready")
+    pids = [int(p) for p in pidfile.read_text().split()]
+    node.gpu(0).set_layout(["7g.40gb"])
+    fake_node.write(node)
+    assert proc.wait() == 1
+    assert "sent SIGKILL" in proc.output
+    assert not any(pid_alive(p) for p in pids)
+
+
+def test_leftover_daemons_are_stopped_when_the_child_exits(start: Start, tmp_path: Path):
+    pidfile = tmp_path / "pids"
+    proc = start(
+        [
+            *PLAIN,
+            "--stop-timeout",
+            "1",
+            "--",
+            *AGENT,
+            "--no-nvml",
+            "--grandchild",
+            "--run",
+            "0.5",
+            "--exit",
+            "5",
+            "--pidfile",
+            str(pidfile),
+        ],
+        clean_env(),
+    )
+    assert proc.wait() == 5
+    assert not any(pid_alive(int(p)) for p in pidfile.read_text().split())
+
+
+def test_orphans_are_reaped_as_subreaper(start: Start, tmp_path: Path):
+    """Grandchildren whose parent died come to us (PR_SET_CHILD_SUBREAPER); none stays a zombie."""
+    script = "for i in $(seq 20); do (sleep 0.2 &) ; done; sleep 1; echo done"
+    proc = start([*PLAIN, "--", "sh", "-c", script], clean_env())
+    proc.wait_for("done")
+    assert proc.wait() == 0
+    assert "reaped orphan" not in proc.output  # INFO level: reaping is quiet
+    proc = start(["--log-level", "DEBUG", *PLAIN, "--", "sh", "-c", script], clean_env())
+    assert proc.wait() == 0
+    assert proc.output.count("reaped orphan") == 20

@@ -1,0 +1,219 @@
+"""Configuration: precedence, and every bad input as one line, exit 2, no child started."""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import clean_env, run
+from gpu_supervise.config import SCHEMA, ConfigError, env_name, load
+
+GOOD = """
+[watch]
+enabled = true
+interval = 15
+cooldown = 2.5
+settle = 0
+failure_threshold = 5
+probe_timeout = 3
+source = "nvml"
+
+[child]
+stop_timeout = 20
+
+[log]
+level = "debug"
+format = "json"
+
+[report]
+termination_log = ""
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_the_prds():
+    s = load({}, environ={})
+    p = s.policy
+    assert (p.interval, p.cooldown, p.settle, p.failure_threshold) == (30.0, 60.0, 5.0, 3)
+    assert (s.watch_enabled, s.probe_timeout, s.stop_timeout) == (True, 10.0, 10.0)
+    assert (s.log_level, s.log_format, s.source) == ("INFO", "text", "nvml")
+
+
+def test_file_then_environment_then_flags(tmp_path: Path):
+    path = write(tmp_path, GOOD)
+    s = load({}, str(path), environ={})
+    assert (s.policy.interval, s.policy.cooldown, s.policy.failure_threshold) == (15.0, 2.5, 5)
+    assert (s.log_level, s.log_format, s.stop_timeout) == ("DEBUG", "json", 20.0)
+    env = {"GPU_SUPERVISE_WATCH_INTERVAL": "7", "GPU_SUPERVISE_CHILD_STOP_TIMEOUT": "4"}
+    s = load({}, str(path), environ=env)
+    assert (s.policy.interval, s.stop_timeout) == (7.0, 4.0)
+    s = load({("watch", "interval"): "2"}, str(path), environ=env)
+    assert (s.policy.interval, s.stop_timeout, s.policy.cooldown) == (2.0, 4.0, 2.5)
+
+
+def test_config_path_from_environment(tmp_path: Path):
+    path = write(tmp_path, "[watch]\ninterval = 9\n")
+    assert load({}, environ={"GPU_SUPERVISE_CONFIG": str(path)}).policy.interval == 9.0
+
+
+def test_every_key_has_an_environment_variable():
+    for section, keys in SCHEMA.items():
+        for key in keys:
+            assert env_name(section, key).startswith("GPU_SUPERVISE_")
+    env = {"GPU_SUPERVISE_WATCH_ENABLED": "off", "GPU_SUPERVISE_LOG_FORMAT": "JSON"}
+    s = load({}, environ=env)
+    assert (s.watch_enabled, s.log_format) == (False, "json")
+
+
+BAD_FILES = [
+    ("[watch]\ninterval = -1\n", "[watch] interval: must be greater than 0, got -1"),
+    ("[watch]\ninterval = 0\n", "[watch] interval: must be greater than 0, got 0"),
+    ('[watch]\ninterval = "30s"\n', "[watch] interval: must be a number of seconds, got '30s'"),
+    ("[watch]\nfailure_threshold = 0\n", "[watch] failure_threshold: must be at least 1, got 0"),
+    ("[watch]\nfailure_threshold = 2.5\n", "failure_threshold: must be a whole number"),
+    ('[watch]\nenabled = "maybe"\n', "[watch] enabled: must be true or false"),
+    ("[watch]\nintervall = 3\n", "unknown key 'intervall' in [watch]"),
+    ("[wacth]\ninterval = 3\n", "unknown section [wacth]"),
+    ('[watch]\nsource = "dcgm"\n', "unknown source 'dcgm'"),
+    ('[log]\nlevel = "loud"\n', "[log] level: must be one of TRACE"),
+    ("[watch]\ninterval = 3\ninterval = 4\n", "TOML syntax error"),
+    ("watch = 3\n", "watch must be a table"),
+    ("[watch\n", "TOML syntax error"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), BAD_FILES)
+def test_bad_config_file_is_one_line_exit_2_and_no_child(tmp_path: Path, text: str, message: str):
+    path = write(tmp_path, text)
+    marker = tmp_path / "started"
+    out = run(["--config", str(path), "--", "touch", str(marker)], clean_env())
+    assert out.returncode == 2
+    assert out.stderr.startswith(f"gpu-supervise: config file {path}: ")
+    assert message in out.stderr
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--config", "/nonexistent/gs.toml"], {}, "config file /nonexistent/gs.toml: not found"),
+        ([], {"GPU_SUPERVISE_CONFIG": "/nonexistent/x.toml"}, "config file /nonexistent/x.toml"),
+        (["--interval", "0"], {}, "--interval: must be greater than 0, got '0'"),
+        (["--settle", "-2"], {}, "--settle: must be 0 or more, got '-2'"),
+        (["--failure-threshold", "0"], {}, "--failure-threshold: must be at least 1"),
+        (["--cooldown", "soon"], {}, "--cooldown: must be a number of seconds, got 'soon'"),
+        (["--log-format", "xml"], {}, "--log-format: must be one of text, json"),
+        (["--interval", "nan"], {}, "--interval: must be a finite number"),
+        (["--bogus"], {}, "unrecognized arguments: --bogus"),
+        (["--interval"], {}, "argument --interval: expected one argument"),
+        (
+            [],
+            {"GPU_SUPERVISE_WATCH_INTERVAL": "-5"},
+            "environment GPU_SUPERVISE_WATCH_INTERVAL: must",
+        ),
+        (
+            [],
+            {"GPU_SUPERVISE_WATCH_INTERVALL": "5"},
+            "environment GPU_SUPERVISE_WATCH_INTERVALL: unknown",
+        ),
+    ],
+)
+def test_bad_flags_and_environment(tmp_path: Path, args: list[str], env: dict, message: str):
+    marker = tmp_path / "started"
+    out = run([*args, "--", "touch", str(marker)], clean_env(**env))
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr
+    assert out.stderr.startswith("gpu-supervise: ") and out.stderr.count("\n") == 1
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("argv", [[], ["--"], ["--no-watch"], ["--no-watch", "--"]])
+def test_no_command_is_exit_2(argv: list[str]):
+    out = run(argv, clean_env())
+    assert out.returncode == 2
+    assert out.stderr == (
+        "gpu-supervise: no command to run: usage: gpu-supervise [OPTIONS] -- COMMAND [ARGS...]\n"
+    )
+
+
+def test_help_and_version():
+    out = run(["--help"], clean_env())
+    assert out.returncode == 0 and "--failure-threshold" in out.stdout
+    out = run(["--version"], clean_env())
+    assert out.returncode == 0 and out.stdout.startswith("gpu-supervise ")
+
+
+def test_example_config_is_valid_and_holds_every_key():
+    example = Path(__file__).parent.parent / "examples" / "config.toml"
+    s = load({}, str(example), environ={})
+    assert s.policy.interval == 30.0
+    text = example.read_text()
+    for section, keys in SCHEMA.items():
+        assert f"[{section}]" in text
+        for key in keys:
+            assert f"\n{key} = " in text or f"\n# {key} = " in text, key
+
+
+# -- fuzz: any document or value is a configuration or one ConfigError, never a traceback ------
+
+toml_values = st.one_of(
+    st.integers(-10, 10**6),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.text(max_size=12),
+    st.lists(st.integers(), max_size=3),
+)
+keys = st.sampled_from([k for keys in SCHEMA.values() for k in keys] + ["bogus"])
+sections = st.sampled_from([*SCHEMA, "other"])
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return {"nan": "nan", "inf": "inf", "-inf": "-inf"}.get(str(v), repr(v))
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(map(str, v)) + "]"
+    return str(v)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    doc=st.dictionaries(sections, st.dictionaries(keys, toml_values, max_size=4), max_size=3),
+    junk=st.text(string.printable, max_size=20),
+)
+def test_fuzz_config_documents(tmp_path: Path, doc, junk: str):
+    body = "".join(
+        f"[{s}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in table.items())
+        for s, table in doc.items()
+    )
+    for text in (body, body + junk):
+        path = write(tmp_path, text)
+        try:
+            load({}, str(path), environ={})
+        except ConfigError as exc:
+            assert "\n" not in str(exc)
+
+
+@settings(max_examples=300)
+@given(
+    name=st.sampled_from([env_name(s, k) for s, ks in SCHEMA.items() for k in ks]),
+    value=st.text(max_size=20),
+)
+def test_fuzz_environment_values(name: str, value: str):
+    try:
+        load({}, environ={name: value})
+    except ConfigError as exc:
+        assert str(exc).startswith(f"environment {name}: ")
