@@ -1,0 +1,31 @@
+"""The code stays ruff-clean: part of the test command, so CI runs exactly what the README says."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_ruff_clean():
+    ruff = shutil.which("ruff")
+    assert ruff, "ruff is a test dependency: pip install -e '.[test]'"
+    out = subprocess.run([ruff, "check", "--no-cache", str(ROOT)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_not_importable_as_supervisor():
+    """`supervisor` is supervisord's package on many DGX hosts: never shadow it."""
+    probe = (
+        "import importlib.util as u; s = u.find_spec('supervisor'); "
+        "print(s and (s.origin, list(s.submodule_search_locations or [])))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd="/", capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert str(ROOT / "supervisor") not in out.stdout
+    import gpu_supervise
+
+    assert Path(gpu_supervise.__file__).parent == ROOT / "supervisor" / "gpu_supervise"
