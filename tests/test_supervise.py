@@ -3,6 +3,7 @@ node file rewritten while it runs."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from datetime import datetime
@@ -257,3 +258,36 @@ def test_no_watch_never_touches_nvml(start: Start, fake_node: FakeNode, disabled
     proc = start([*disabled, "--", *AGENT, "--no-nvml", "--run", "1", "--exit", "3"], env)
     assert proc.wait(60) == 3
     assert "GPU-Watcher" not in proc.output
+
+
+def test_json_logs_carry_the_event_fields(start: Start, fake_node: FakeNode):
+    old = dgx_a100(["1g.5gb"] * 7, count=2)
+    fake_node.write(old)
+    proc = start(
+        [
+            "--interval",
+            "0.2",
+            "--cooldown",
+            "0",
+            "--settle",
+            "0",
+            "--log-format",
+            "json",
+            "--",
+            *AGENT,
+            "--no-nvml",
+        ],
+        fake_node.env,
+    )
+    proc.wait_for('"event": "baseline"')
+    new = old.copy()
+    new.gpu(0).set_layout(["3g.20gb"] * 2)
+    fake_node.write(new)
+    assert proc.wait() == 1
+    events = [json.loads(line) for line in proc.output.splitlines() if line.startswith("{")]
+    assert all({"time", "level", "message"} <= set(e) for e in events)
+    (changed,) = [e for e in events if e.get("event") == "topology_changed"]
+    assert changed["level"] == "INFO"
+    assert changed["old_uuids"] == old.uuids() and changed["new_uuids"] == new.uuids()
+    assert PRD_MIG.search(changed["message"])
+    assert changed["diff"][0].startswith("GPU 0 ")
