@@ -15,6 +15,8 @@ import ctypes
 import errno
 import os
 import signal
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import psutil
@@ -54,6 +56,25 @@ def become_subreaper() -> bool:
         return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
+
+
+def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment the agent gets: the one we were started with.
+
+    PyInstaller's bootloader (the shipped binary) prepends its own library folder to
+    LD_LIBRARY_PATH and adds _PYI_* variables; an agent inheriting them could load our bundled
+    libraries instead of its own, and a frozen child would take itself for a sub-process.
+    """
+    env = dict(environ)
+    if getattr(sys, "frozen", False):
+        original = env.pop("LD_LIBRARY_PATH_ORIG", None)
+        if original is None:
+            env.pop("LD_LIBRARY_PATH", None)
+        else:
+            env["LD_LIBRARY_PATH"] = original
+        for name in [n for n in env if n.startswith("_PYI_") or n == "_MEIPASS2"]:
+            del env[name]
+    return env
 
 
 def spawn(argv: list[str], env: dict[str, str]) -> int:

@@ -99,10 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     from . import logs
+    from .child import child_environment
     from .supervise import Supervisor
 
     logs.setup(settings.log_level, settings.log_format)
-    return Supervisor(settings, command, dict(os.environ)).run()
+    return Supervisor(settings, command, child_environment(os.environ)).run()
 
 
 def _snapshot(argv: list[str]) -> int:

@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .child import child_environment
 from .topology import Gpu, MigDevice, Topology
 
 GPU_UUID = "GPU-5d1f8e3a-0c1e-4b7a-9a51-3f0b8f2c6e01"
@@ -101,8 +102,9 @@ def main(argv: list[str]) -> int:
             "--termination-log", "",
             "--", *self_command(), "demo", "--agent", str(node),
         ]  # fmt: skip
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = child_environment(os.environ)
         env = {k: v for k, v in env.items() if not k.startswith("GPU_SUPERVISE_")}
+        env["PYTHONUNBUFFERED"] = "1"
         say("starting: gpu-supervise --interval 1 --cooldown 1 --settle 1 -- <example agent>")
         first = subprocess.Popen(supervise, env=env)
         time.sleep(args.change_after)
