@@ -116,6 +116,16 @@ def test_sigint_to_us_is_forwarded_and_escalates_after_stop_timeout(start: Start
     assert "sent SIGKILL" in proc.output
 
 
+def test_each_process_gets_exactly_one_sigterm(start: Start):
+    """Many agents take a second SIGTERM as "quit now": the stop sends one, to every process."""
+    script = "trap 'echo TERM' TERM; echo up; while :; do sleep 0.1; done"
+    proc = start([*PLAIN, "--stop-timeout", "1.5", "--", "sh", "-c", script], clean_env())
+    proc.wait_for("up")
+    proc.signal(signal.SIGTERM)
+    assert proc.wait() == 137
+    assert proc.output.count("TERM\n") == 1
+
+
 def test_stubborn_child_and_setsid_grandchild_are_killed(start: Start, tmp_path: Path):
     pidfile = tmp_path / "pids"
     proc = start(

@@ -19,8 +19,6 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import psutil
-
 # Signals passed on to the child as they arrive (the set tini and dumb-init forward).
 FORWARDED = (
     signal.SIGTERM,
@@ -56,6 +54,17 @@ def become_subreaper() -> bool:
         return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
+
+
+def block_signals() -> None:
+    """Hold every signal we handle until the handlers are in place: the child starts before the
+    rest of gpu-supervise is loaded, and a SIGTERM in that window must not kill us (and orphan
+    the child). Signals arriving meanwhile stay pending; spawn() gives the child a clean mask."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {*FORWARDED, signal.SIGCHLD})
+
+
+def unblock_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {*FORWARDED, signal.SIGCHLD})
 
 
 def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
@@ -169,6 +178,8 @@ def has_children() -> bool:
 def descendants() -> list[int]:
     """Every live process below us. Walking from ourselves (not from the child) also finds
     orphans that were re-parented to us after their parent died."""
+    import psutil  # only needed to stop a tree: not on the way to starting the child
+
     try:
         procs = psutil.Process().children(recursive=True)
     except psutil.Error:
@@ -176,22 +187,24 @@ def descendants() -> list[int]:
     return [p.pid for p in procs]
 
 
-def signal_tree(pgid: int | None, sig: int) -> int:
-    """Send `sig` to the child's process group and to every descendant that left it.
-    Returns how many processes were signalled (zombies included: they ignore it)."""
+def signal_tree(pgid: int | None, sig: int) -> None:
+    """Send `sig` once to every process of the tree: the child's process group in one call, then
+    each descendant that left the group (setsid daemons, orphans re-parented to us).
+
+    Exactly once matters: many agents take a second SIGTERM or SIGINT as "quit now, skip the
+    clean shutdown"."""
     if pgid is not None:
         try:
             os.killpg(pgid, sig)
         except (ProcessLookupError, PermissionError):
             pass
-    count = 0
     for pid in descendants():
         try:
+            if pgid is not None and os.getpgid(pid) == pgid:
+                continue  # already signalled through its group
             os.kill(pid, sig)
-            count += 1
         except (ProcessLookupError, PermissionError):
             pass
-    return count
 
 
 def send(pid: int, sig: int) -> bool:

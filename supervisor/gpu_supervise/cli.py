@@ -98,12 +98,31 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    return _supervise(settings, command)
+
+
+def _supervise(settings: Settings, command: list[str]) -> int:
+    """Start the child first, then load the rest: the agent never waits for our imports.
+
+    Signals are held from before the spawn until the supervisor's handlers are in place, and we
+    are a subreaper before the child can fork anything.
+    """
+    from . import child, report
+
+    env = child.child_environment(os.environ)
+    notify_socket = report.take_notify_socket(env)
+    child.block_signals()
+    child.become_subreaper()
+    try:
+        pid = child.spawn(command, env)
+    except child.SpawnError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return exc.code
     from . import logs
-    from .child import child_environment
     from .supervise import Supervisor
 
     logs.setup(settings.log_level, settings.log_format)
-    return Supervisor(settings, command, child_environment(os.environ)).run()
+    return Supervisor(settings, command, pid, notify_socket).run()
 
 
 def _snapshot(argv: list[str]) -> int:

@@ -14,15 +14,10 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .sources import parse_source
-from .watch import WatchPolicy
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
+if TYPE_CHECKING:
+    from .watch import WatchPolicy
 
 DEFAULT_CONFIG = Path("/etc/gpu-supervise/config.toml")
 ENV_PREFIX = "GPU_SUPERVISE_"
@@ -110,7 +105,10 @@ def _string(value: Any) -> str:
 
 
 def _source(value: Any) -> str:
-    return parse_source(_string(value).strip())
+    spec = _string(value).strip()
+    if spec == "nvml" or (spec.startswith("file:") and len(spec) > len("file:")):
+        return spec
+    raise ValueError(f"unknown source {spec!r} (expected 'nvml' or 'file:PATH')")
 
 
 @dataclass(frozen=True)
@@ -150,7 +148,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
 @dataclass(frozen=True)
 class Settings:
     watch_enabled: bool = True
-    policy: WatchPolicy = WatchPolicy()
+    interval: float = 30.0
+    cooldown: float = 60.0
+    settle: float = 5.0
+    failure_threshold: int = 3
     probe_timeout: float = 10.0
     source: str = "nvml"
     stop_timeout: float = 10.0
@@ -159,6 +160,12 @@ class Settings:
     termination_log: str = "/dev/termination-log"
     config_file: str | None = None
 
+    @property
+    def policy(self) -> WatchPolicy:
+        from .watch import WatchPolicy  # the policy module is not needed to start the child
+
+        return WatchPolicy(self.interval, self.cooldown, self.settle, self.failure_threshold)
+
     @classmethod
     def from_values(
         cls, values: Mapping[tuple[str, str], Any], config_file: str | None
@@ -166,12 +173,10 @@ class Settings:
         v = values
         return cls(
             watch_enabled=v["watch", "enabled"],
-            policy=WatchPolicy(
-                interval=v["watch", "interval"],
-                cooldown=v["watch", "cooldown"],
-                settle=v["watch", "settle"],
-                failure_threshold=v["watch", "failure_threshold"],
-            ),
+            interval=v["watch", "interval"],
+            cooldown=v["watch", "cooldown"],
+            settle=v["watch", "settle"],
+            failure_threshold=v["watch", "failure_threshold"],
             probe_timeout=v["watch", "probe_timeout"],
             source=v["watch", "source"],
             stop_timeout=v["child", "stop_timeout"],
@@ -239,6 +244,10 @@ def _from_file(path: Path, explicit: bool) -> dict[tuple[str, str], Any]:
         raise ConfigError(f"config file {path}: not found") from None
     except OSError as exc:
         raise ConfigError(f"config file {path}: cannot read ({exc.strerror})") from None
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
     try:
         doc = tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError:

@@ -40,15 +40,6 @@ class FileSource:
             raise ProbeError(f"{self.path}: {exc}") from None
 
 
-def parse_source(spec: str) -> str:
-    """Validate a source spec; returns it normalised. Raises ValueError with the reason."""
-    if spec == "nvml":
-        return spec
-    if spec.startswith("file:") and len(spec) > len("file:"):
-        return spec
-    raise ValueError(f"unknown source {spec!r} (expected 'nvml' or 'file:PATH')")
-
-
 def open_source(spec: str) -> Source:
     if spec.startswith("file:"):
         return FileSource(Path(spec[len("file:") :]))

@@ -39,15 +39,16 @@ class Stop:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, argv: list[str], env: dict[str, str]) -> None:
+    def __init__(
+        self, settings: Settings, argv: list[str], pid: int, notify_socket: str | None = None
+    ) -> None:
         self.settings = settings
         self.argv = argv
-        self.env = env
         self.signals: deque[int] = deque()
-        self.pid: int | None = None
-        self.status: int | None = None  # the main child's wait status, once reaped
+        self.pid = pid  # the child, already started (see cli): its status, once reaped, below
+        self.status: int | None = None
         self.stop: Stop | None = None
-        self.notify_socket = report.take_notify_socket(self.env)
+        self.notify_socket = notify_socket
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -77,17 +78,12 @@ class Supervisor:
 
     def run(self) -> int:
         self._install_signals()
-        child.become_subreaper()
+        child.unblock_signals()  # anything that arrived since the spawn is handled now
+        logger.info(f"started {self.argv[0]} as pid {self.pid}")
         if self.settings.watch_enabled:
             self.watcher = Watcher(self.settings.policy, time.monotonic())
             self.prober = Prober(open_source(self.settings.source), notify=self._wake)
-            self._start_probe(time.monotonic())  # the baseline, taken while the agent starts
-        try:
-            self.pid = child.spawn(self.argv, self.env)
-        except child.SpawnError as exc:
-            logger.error(str(exc))
-            return exc.code
-        logger.info(f"started {self.argv[0]} as pid {self.pid}")
+            self._start_probe(time.monotonic())  # the baseline, while the agent starts
         report.sd_notify(self.notify_socket, f"READY=1\nMAINPID={os.getpid()}")
         return self._loop()
 
@@ -175,7 +171,8 @@ class Supervisor:
         if not child.has_children():
             return self._exit_code(stop)
         if now >= stop.kill_at and not stop.killed:
-            left = child.signal_tree(self.pid, signal.SIGKILL)
+            left = len(child.descendants())
+            child.signal_tree(self.pid, signal.SIGKILL)
             stop.killed = True
             logger.warning(
                 f"{left} process(es) still running {self.settings.stop_timeout:g} s after "
@@ -287,13 +284,13 @@ def log_decision(
     elif v is Verdict.SETTLING:
         assert decision.change is not None
         logger.bind(event="settling", diff=list(decision.change.lines)).info(
-            f"{TAG} topology differs from the baseline; confirming in {settings.policy.settle:g} s "
+            f"{TAG} topology differs from the baseline; confirming in {settings.settle:g} s "
             f"(now: {decision.change.new.summary()})"
         )
     elif v is Verdict.REVERTED:
         logger.info(f"{TAG} topology is back to the baseline; no restart")
     elif v is Verdict.TOLERATED:
-        n, limit = len(decision.errors), settings.policy.failure_threshold
+        n, limit = len(decision.errors), settings.failure_threshold
         logger.bind(event="probe_failed", error=decision.errors[-1], failures=n).warning(
             f"{TAG} topology probe failed ({n}/{limit} consecutive): {decision.errors[-1]}"
         )

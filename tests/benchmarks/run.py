@@ -1,0 +1,336 @@
+"""Benchmarks: what gpu-supervise costs next to tini, dumb-init and nothing at all.
+
+    python tests/benchmarks/run.py [--quick] [--binary DIST/gpu-supervise/gpu-supervise]
+
+Writes tests/benchmarks/results.json and the Markdown table between the benchmark markers of
+README.md. Measures; asserts nothing (the test suite asserts behaviour). Needs gcc, tini and
+dumb-init (Debian packages) and an installed gpu-supervise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent.parent
+sys.path.insert(0, str(HERE.parent))
+
+from fakenvml import build_library, dgx_a100  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+FAST = ["--cooldown", "0", "--termination-log", ""]
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    values = sorted(values)
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return {
+        "n": len(values),
+        "median": statistics.median(values),
+        "p25": q[0],
+        "p75": q[2],
+        "min": values[0],
+        "max": values[-1],
+    }
+
+
+class Bench:
+    def __init__(self, quick: bool, binary: str | None) -> None:
+        self.quick = quick
+        self.tmp = Path(tempfile.mkdtemp(prefix="gs-bench-"))
+        self.lib_dir = build_library(self.tmp / "nvml").parent
+        self.stamp = self.tmp / "stamp"
+        subprocess.run(["gcc", "-O2", "-o", str(self.stamp), str(HERE / "stamp.c")], check=True)
+        self.node = self.tmp / "node.txt"
+        dgx_a100(*[["1g.5gb"] * 7] * 8).write(self.node)  # 8 GPUs x 7 MIG devices
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("GPU_SUPERVISE_")},
+            "LD_LIBRARY_PATH": str(self.lib_dir),
+            "FAKE_NVML_NODE": str(self.node),
+        }
+        gs = shutil.which("gpu-supervise")
+        assert gs, "install gpu-supervise first: pip install -e ."
+        self.wrappers: dict[str, list[str]] = {
+            "bare": [],
+            "tini -s --": ["tini", "-s", "--"],
+            "dumb-init": ["dumb-init"],
+            "gpu-supervise --no-watch --": [gs, "--no-watch", *FAST, "--"],
+            "gpu-supervise -- (8x7 MIG, NVML)": [gs, *FAST, "--"],
+        }
+        if binary:
+            self.wrappers["binary --no-watch --"] = [binary, "--no-watch", *FAST, "--"]
+            self.wrappers["binary -- (8x7 MIG, NVML)"] = [binary, *FAST, "--"]
+        for name in ("tini", "dumb-init"):
+            if shutil.which(name) is None:
+                self.wrappers = {k: v for k, v in self.wrappers.items() if not k.startswith(name)}
+        self.results: dict[str, object] = {}
+
+    def reps(self, full: int) -> int:
+        return max(5, full // 5) if self.quick else full
+
+    # -- start ---------------------------------------------------------------------------------
+
+    def start_overhead(self) -> None:
+        wall: dict[str, dict] = {}
+        first: dict[str, dict] = {}
+        for name, wrap in self.wrappers.items():
+            times, firsts = [], []
+            for _ in range(self.reps(40)):
+                t0 = time.time_ns()
+                out = subprocess.run(
+                    [*wrap, str(self.stamp), "now"], env=self.env, capture_output=True, text=True
+                )
+                t1 = time.time_ns()
+                assert out.returncode == 0, out.stderr
+                times.append((t1 - t0) / 1e6)
+                firsts.append((int(out.stdout.split()[0]) - t0) / 1e6)
+            wall[name] = stats(times)
+            first[name] = stats(firsts)
+        self.results["start_wall_ms"] = wall
+        self.results["start_to_child_ms"] = first
+
+    # -- memory --------------------------------------------------------------------------------
+
+    def memory(self) -> None:
+        peak: dict[str, dict] = {}
+        for name, wrap in self.wrappers.items():
+            if name == "bare":
+                continue
+            extra = ["--interval", "0.2"] if "NVML" in name else []
+            cmd = [*wrap[:1], *extra, *wrap[1:]] if extra else wrap
+            values = []
+            for _ in range(3):
+                proc = subprocess.Popen(
+                    [*cmd, "sleep", "3"], env=self.env,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )  # fmt: skip
+                time.sleep(2.5)  # a dozen probes at 0.2 s have run
+                values.append(_status_kb(proc.pid, "VmHWM") / 1024)
+                proc.wait()
+            peak[name] = stats(values)
+        self.results["peak_rss_mib"] = peak
+
+    # -- idle ------------------------------------------------------------------------------------
+
+    def idle(self) -> None:
+        window = 20.0 if self.quick else 60.0
+        gs = self.wrappers["gpu-supervise -- (8x7 MIG, NVML)"][0]
+        procs = {
+            f"interval {iv} s": subprocess.Popen(
+                [gs, "--interval", iv, *FAST, "--", "sleep", str(window + 30)],
+                env=self.env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            for iv in ("1", "30")
+        }
+        time.sleep(3)
+        before = {k: _cpu_seconds(p.pid) for k, p in procs.items()}
+        time.sleep(window)
+        after = {k: _cpu_seconds(p.pid) for k, p in procs.items()}
+        for p in procs.values():
+            p.send_signal(signal.SIGTERM)
+            p.wait()
+        self.results["idle_cpu_s"] = {
+            "window_s": window,
+            **{k: round(after[k] - before[k], 3) for k in procs},
+        }
+
+    # -- probe -----------------------------------------------------------------------------------
+
+    def probe_cost(self) -> None:
+        os.environ["FAKE_NVML_NODE"] = str(self.node)
+        import pynvml
+
+        from gpu_supervise.nvml import NvmlSource
+
+        pynvml.nvmlLib = ctypes.CDLL(str(self.lib_dir / "libnvidia-ml.so.1"))
+        source = NvmlSource()
+        n = self.reps(200)
+        full = _timed(source.probe, n)
+        init = _timed(lambda: (pynvml.nvmlInit(), pynvml.nvmlShutdown()), n)
+        topo = source.probe()
+        self.results["probe_ms"] = {
+            "node": f"{len(topo.gpus)} GPUs, {sum(len(g.mig_devices) for g in topo.gpus)} MIG",
+            "probe": stats(full),
+            "init_shutdown": stats(init),
+        }
+
+    # -- detection -------------------------------------------------------------------------------
+
+    def detection(self) -> None:
+        trials = self.reps(30)
+        interval, settle = 1.0, 0.5
+
+        def trial(i: int) -> float:
+            node_path = self.tmp / f"detect-{i}.txt"
+            node = dgx_a100(["1g.5gb"] * 7)
+            node.write(node_path)
+            env = {**self.env, "FAKE_NVML_NODE": str(node_path)}
+            proc = subprocess.Popen(
+                [self.wrappers["gpu-supervise -- (8x7 MIG, NVML)"][0], "--interval", str(interval),
+                 "--settle", str(settle), *FAST, "--", str(self.stamp), "term"],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            )  # fmt: skip
+            assert proc.stdout is not None
+            proc.stdout.readline()  # "ready": the agent runs, the baseline is under way
+            time.sleep(1.2 + (i % 10) / 10)  # land anywhere inside the probe cycle
+            node.gpu(0).set_layout(["3g.20gb"] * 2)
+            t0 = time.monotonic()
+            node.write(node_path)
+            code = proc.wait(60)
+            elapsed = time.monotonic() - t0
+            assert code == 1, code
+            return elapsed * 1000
+
+        with ThreadPoolExecutor(2) as pool:
+            values = list(pool.map(trial, range(trials)))
+        probe = self.results.get("probe_ms", {}).get("probe", {}).get("max", 0.0)  # type: ignore[union-attr]
+        self.results["detection_ms"] = {
+            **stats(values),
+            "interval_s": interval,
+            "settle_s": settle,
+            "bound_ms": round(interval * 1000 + settle * 1000 + 2 * probe, 1),
+        }
+
+    # -- signals ---------------------------------------------------------------------------------
+
+    def forwarding(self) -> None:
+        out: dict[str, dict] = {}
+        for name, wrap in self.wrappers.items():
+            if name == "bare":
+                continue
+            values = []
+            for _ in range(self.reps(20)):
+                proc = subprocess.Popen(
+                    [*wrap, str(self.stamp), "term"], env=self.env,
+                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                )  # fmt: skip
+                assert proc.stdout is not None
+                proc.stdout.readline()
+                time.sleep(0.05)
+                t0 = time.time_ns()
+                proc.send_signal(signal.SIGTERM)
+                handled = int(proc.stdout.readline())
+                proc.wait(30)
+                values.append((handled - t0) / 1e6)
+            out[name] = stats(values)
+        self.results["sigterm_to_child_ms"] = out
+
+
+def _timed(fn: Callable[[], object], n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def _status_kb(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+def _fmt(s: dict) -> str:
+    return f"{s['median']:.2f} ({s['p25']:.2f}–{s['p75']:.2f})"
+
+
+def markdown(r: dict) -> str:
+    names = list(r["start_wall_ms"])
+
+    def row(label: str, key: str) -> str:
+        cells = [_fmt(r[key][n]) if n in r[key] else "–" for n in names]
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    probe, idle, d = r["probe_ms"], r["idle_cpu_s"], r["detection_ms"]
+    lines = [
+        f"Measured {r['date']} on {r['machine']}; median (p25–p75) over repeated runs.",
+        "",
+        "| | " + " | ".join(f"`{n}`" for n in names) + " |",
+        "| --- |" + " --- |" * len(names),
+        row("start to exit of `true`, ms", "start_wall_ms"),
+        row("start to child's first instruction, ms", "start_to_child_ms"),
+        row("peak RSS while supervising, MiB", "peak_rss_mib"),
+        row("SIGTERM to the child's handler, ms", "sigterm_to_child_ms"),
+        "",
+        "| gpu-supervise | figure |",
+        "| --- | --- |",
+        f"| one probe of {probe['node']} (fake NVML), ms | {_fmt(probe['probe'])} |",
+        f"| … of which nvmlInit + nvmlShutdown, ms | {_fmt(probe['init_shutdown'])} |",
+    ]
+    for key in ("interval 1 s", "interval 30 s"):
+        lines.append(f"| CPU seconds over {idle['window_s']:g} s idle, {key} | {idle[key]:.3f} |")
+    lines.append(
+        f"| detection: node file rewritten → exit 1, ms (interval {d['interval_s']:g} s, "
+        f"settle {d['settle_s']:g} s, {d['n']} trials) | {_fmt(d)}, max {d['max']:.0f}; "
+        f"bound {d['bound_ms']:.0f} + stop |"
+    )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
+    parser.add_argument("--binary", help="also measure this PyInstaller build")
+    parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md")
+    args = parser.parse_args()
+    bench = Bench(args.quick, args.binary)
+    steps = [bench.start_overhead, bench.memory, bench.probe_cost, bench.forwarding]
+    for step in steps:
+        print(f"... {step.__name__}", flush=True)
+        step()
+    print("... idle and detection (in parallel)", flush=True)
+    idle = threading.Thread(target=bench.idle)
+    idle.start()
+    bench.detection()
+    idle.join()
+    results = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": (
+            f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}"
+        ),
+        **bench.results,
+    }
+    (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown(results)
+    print(table)
+    if not args.no_readme:
+        readme = ROOT / "README.md"
+        text = readme.read_text()
+        start, end = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
+        head, rest = text.split(start, 1)
+        readme.write_text(head + start + "\n" + table + "\n" + end + rest.split(end, 1)[1])
+    shutil.rmtree(bench.tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
