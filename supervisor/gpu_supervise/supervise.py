@@ -102,7 +102,6 @@ class Supervisor:
                     return done
             elif self.status is not None:
                 # The agent exited by itself: clear what it left behind, exit with its code.
-                logger.info(f"child {self.pid} {child.describe_status(self.status)}")
                 self._begin_stop(now, "the child exited", exit_code=child.exit_code(self.status))
                 continue
             self._sleep(self._next_wake(now) - time.monotonic())
@@ -151,6 +150,7 @@ class Supervisor:
         for reaped in child.reap():
             if reaped.pid == self.pid:
                 self.status = reaped.status
+                logger.info(f"child {self.pid} {child.describe_status(reaped.status)}")
             else:
                 logger.debug(f"reaped orphan {reaped.pid} ({child.describe_status(reaped.status)})")
 
@@ -185,7 +185,6 @@ class Supervisor:
             return stop.exit_code
         if self.status is None:  # cannot happen once every child is reaped; be explicit anyway
             return EXIT_RESTART
-        logger.info(f"child {self.pid} {child.describe_status(self.status)}")
         return child.exit_code(self.status)
 
     # -- watching ------------------------------------------------------------------------------

@@ -223,7 +223,7 @@ class Bench:
                 )  # fmt: skip
                 assert proc.stdout is not None
                 proc.stdout.readline()
-                time.sleep(0.05)
+                time.sleep(0.5)  # steady state: gpu-supervise finished loading after the spawn
                 t0 = time.time_ns()
                 proc.send_signal(signal.SIGTERM)
                 handled = int(proc.stdout.readline())

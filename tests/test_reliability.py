@@ -1,0 +1,254 @@
+"""Reliability: PID 1 for real, every exit status, faults, a signal storm, a soak, and security
+basics. Real processes and signals; deadlines are generous and only guard against hangs."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import AGENT, FakeNode, Proc, clean_env, gpu_supervise_cmd, pid_alive, run
+from fakenvml import UNKNOWN, dgx_a100, h100_node
+
+Start = Callable[..., Proc]
+PLAIN = ["--no-watch"]
+FAST = ["--interval", "0.2", "--cooldown", "0", "--settle", "0.2"]
+
+
+# -- PID 1 of a new PID namespace ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def unshare() -> list[str]:
+    exe = shutil.which("unshare")
+    cmd = [exe or "unshare", "--pid", "--fork", "--mount-proc"]
+    if exe is None:
+        pytest.skip("unshare (util-linux) is not installed")
+    probe = subprocess.run([*cmd, "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot create a PID namespace here (needs root): {probe.stderr.strip()}")
+    return cmd
+
+
+def test_pid1_reaps_200_orphans_and_returns_the_exit_code(unshare: list[str]):
+    script = (
+        "for i in $(seq 200); do (sleep 0.3 &); done; sleep 2; "
+        'echo "zombies=$(grep -l "^State:.*Z" /proc/[0-9]*/status 2>/dev/null | wc -l)"; exit 7'
+    )
+    out = subprocess.run(
+        [*unshare, *gpu_supervise_cmd(), "--log-level", "DEBUG", *PLAIN, "--", "sh", "-c", script],
+        capture_output=True, text=True, timeout=120, env=clean_env(),
+    )  # fmt: skip
+    assert out.returncode == 7, out.stderr
+    assert "gpu-supervise[1] INFO    started sh" in out.stderr  # we really were PID 1
+    assert "zombies=0" in out.stdout
+    assert out.stderr.count("reaped orphan") == 200
+
+
+@pytest.mark.parametrize(("agent_args", "code"), [(["--exit-on-term", "0"], 0), ([], 143)])
+def test_sigterm_to_pid1_is_forwarded_and_handled(unshare: list[str], agent_args, code: int):
+    proc = subprocess.Popen(
+        [*unshare, *gpu_supervise_cmd(), *PLAIN, "--", *AGENT, "--no-nvml", *agent_args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=clean_env(),
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "ready" in line:
+                break
+        pid1 = psutil.Process(proc.pid).children()[0]  # gpu-supervise, PID 1 inside
+        pid1.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    assert "got SIGTERM" in rest
+    assert proc.returncode == code
+
+
+# -- exit statuses, the shape of dumb-init's tests ------------------------------------------------
+
+
+def test_every_exit_code_comes_back():
+    def code_of(n: int) -> int:
+        return run([*PLAIN, "--", "sh", "-c", f"exit {n}"], clean_env()).returncode
+
+    with ThreadPoolExecutor(4) as pool:
+        codes = list(pool.map(code_of, range(256)))
+    assert codes == list(range(256))
+
+
+@pytest.mark.parametrize(
+    "sig", ["SIGHUP", "SIGINT", "SIGQUIT", "SIGABRT", "SIGKILL", "SIGSEGV", "SIGPIPE", "SIGALRM",
+            "SIGTERM", "SIGUSR1", "SIGUSR2"],
+)  # fmt: skip
+def test_death_by_signal_is_128_plus_n(sig: str):
+    number = getattr(signal, sig)
+    out = run([*PLAIN, "--", "sh", "-c", f"kill -{sig[3:]} $$"], clean_env())
+    assert out.returncode == 128 + number
+
+
+# -- faults ------------------------------------------------------------------------------------
+
+
+def test_hanging_nvml_never_delays_a_sigterm(start: Start, fake_node: FakeNode):
+    fake_node.write(dgx_a100().hang("nvmlDeviceGetCount"))  # the baseline probe hangs for good
+    proc = start(
+        ["--probe-timeout", "60", "--stop-timeout", "3", "--", *AGENT, "--no-nvml",
+         "--exit-on-term", "0"],
+        fake_node.env,
+    )  # fmt: skip
+    proc.wait_for("ready")
+    time.sleep(0.5)  # the probe thread is stuck inside NVML by now
+    sent = time.monotonic()
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    assert time.monotonic() - sent < 3 + 1  # within stop_timeout + 1 s, hang or not
+
+
+def test_hanging_nvml_and_a_stubborn_child_still_stop_in_time(start: Start, fake_node: FakeNode):
+    fake_node.write(dgx_a100().hang("nvmlInit"))
+    proc = start(["--stop-timeout", "1", "--", *AGENT, "--no-nvml", "--ignore-term"], fake_node.env)
+    proc.wait_for("ready")
+    sent = time.monotonic()
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(60) == 137
+    assert time.monotonic() - sent < 1 + 1
+
+
+def test_nvml_failing_at_init_never_gives_a_baseline_and_restarts(start: Start, fake_node):
+    fake_node.write(dgx_a100().fail("nvmlInit", UNKNOWN))
+    proc = start([*FAST, "--", *AGENT, "--no-nvml"], fake_node.env)
+    assert proc.wait(60) == 1
+    out = proc.output
+    assert "baseline" not in out
+    assert "NVML failed 3 consecutive probes (errors: nvmlInit: Unknown Error" in out
+
+
+def test_nvml_disappearing_is_a_topology_change(start: Start, fake_node: FakeNode):
+    node = dgx_a100(["1g.5gb"] * 7)
+    fake_node.write(node)
+    proc = start([*FAST, "--", *AGENT, "--no-nvml"], fake_node.env)
+    proc.wait_for("[GPU-Watcher] baseline")
+    fake_node.write(node.copy().fail("nvmlInit", 9))  # the driver was unloaded
+    assert proc.wait(60) == 1
+    assert "GPU topology change detected" in proc.output
+    assert "NVML is no longer usable" in proc.output
+
+
+def test_child_exiting_while_the_change_is_handled_still_exits_1(start: Start, fake_node):
+    node = dgx_a100(["1g.5gb"] * 7)
+    fake_node.write(node)
+    proc = start([*FAST, "--", *AGENT, "--no-nvml", "--exit-on-term", "3"], fake_node.env)
+    proc.wait_for("[GPU-Watcher] baseline")
+    proc.wait_for("ready")
+    node.gpu(0).set_layout(None)
+    fake_node.write(node)
+    assert proc.wait(60) == 1  # the restart is what matters, not the child's own 3
+    assert "child" in proc.output and "exited with code 3" in proc.output
+
+
+def test_double_forked_setsid_daemons_are_stopped(start: Start, tmp_path: Path):
+    token = f"gs-daemon-{random.getrandbits(32):x}"
+    script = (
+        f"(setsid sh -c \"trap '' TERM; exec -a {token} sleep 300\" &); "
+        f"(setsid sh -c \"trap '' TERM; while :; do sleep 1; done; : {token}\" &); "
+        "echo up; exec sleep 300"
+    )
+    proc = start([*PLAIN, "--stop-timeout", "1", "--", "sh", "-c", script], clean_env())
+    proc.wait_for("up")
+    time.sleep(0.3)
+    assert _with_token(token)
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(60) == 143
+    assert not _with_token(token)
+
+
+def _with_token(token: str) -> list[int]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        if any(token in part for part in p.info["cmdline"] or []) and pid_alive(p.pid):
+            found.append(p.pid)
+    return found
+
+
+def test_signal_storm(start: Start):
+    proc = start([*PLAIN, "--", *AGENT, "--no-nvml"], clean_env())
+    proc.wait_for("ready")
+    for i in range(600):
+        proc.signal(signal.SIGHUP if i % 2 else signal.SIGUSR1)
+    time.sleep(0.5)
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(60) == 143
+    out = proc.output
+    assert "got SIGHUP" in out and "got SIGUSR1" in out and "got SIGTERM" in out
+    assert "Traceback" not in out
+
+
+# -- soak ----------------------------------------------------------------------------------------
+
+
+def test_soak_20000_probes_of_a_noisy_stable_node_never_restart(start: Start, fake_node: FakeNode):
+    """State noise, isolated single errors and latency spikes, compressed into ~a minute."""
+    node = h100_node(["1g.10gb"] * 7, count=1)
+    fake_node.write(node)
+    proc = start(
+        ["--interval", "0.001", "--cooldown", "0", "--settle", "0.01", "--log-level", "DEBUG",
+         "--", *AGENT, "--no-nvml"],
+        fake_node.env,
+    )  # fmt: skip
+    proc.wait_for("[GPU-Watcher] baseline")
+    stop = threading.Event()
+    rnd = random.Random(7)
+
+    def noise() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            noisy = node.copy()
+            for gpu in noisy.gpus:
+                gpu.temp, gpu.pstate = rnd.randint(30, 90), rnd.randint(0, 12)
+            if n % 7 == 0:
+                noisy.fail("nvmlDeviceGetCount", UNKNOWN, count=1)  # one isolated error
+            if n % 11 == 0:
+                noisy.delay(5, fn="nvmlDeviceGetUUID")  # a latency spike
+            fake_node.write(noisy)
+            stop.wait(0.05)
+
+    thread = threading.Thread(target=noise, daemon=True)
+    thread.start()
+    try:
+        proc.wait_for("topology unchanged", timeout=300, count=20_000)
+    finally:
+        stop.set()
+        thread.join()
+    out = proc.output
+    assert proc.popen.poll() is None
+    assert "Initiating self-restart" not in out
+    assert "(1/3 consecutive)" in out  # the injected errors happened and were tolerated
+    assert "(3/3" not in out
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(60) == 143
+
+
+# -- security basics -------------------------------------------------------------------------------
+
+
+def test_nothing_listens_on_a_network_port(start: Start, fake_node: FakeNode):
+    fake_node.write(dgx_a100())
+    proc = start([*FAST, "--", *AGENT, "--no-nvml"], fake_node.env)
+    proc.wait_for("[GPU-Watcher] baseline")
+    proc.wait_for("ready")
+    supervisor = psutil.Process(proc.pid)
+    assert supervisor.net_connections(kind="inet") == []
+    assert supervisor.net_connections(kind="unix") == []
