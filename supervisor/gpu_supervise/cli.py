@@ -27,16 +27,21 @@ FLAGS: dict[str, tuple[str, str]] = {
     for key in keys
     if (section, key) != ("watch", "enabled")
 }
-SNAPSHOT_FLAGS = ("--source", "--probe-timeout", "--log-level", "--log-format")
+SNAPSHOT_FLAGS = ("--source", "--probe-timeout")
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (exit 2 in main), never a usage dump."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(allow_abbrev=False, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         raise ConfigError(message)
 
 
-def _parser(prog: str, flags: tuple[str, ...], description: str) -> _Parser:
-    parser = _Parser(prog=prog, description=description, allow_abbrev=False)
+def _parser(prog: str, flags: tuple[str, ...], description: str) -> Parser:
+    parser = Parser(prog=prog, description=description)
     parser.add_argument("--config", metavar="PATH", help="TOML configuration file")
     for flag in flags:
         section, key = FLAGS[flag]
@@ -50,7 +55,7 @@ def _parser(prog: str, flags: tuple[str, ...], description: str) -> _Parser:
     return parser
 
 
-def supervise_parser() -> _Parser:
+def supervise_parser() -> Parser:
     parser = _parser(
         f"{PROG} [OPTIONS] --",
         tuple(FLAGS),

@@ -13,13 +13,12 @@ import os
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .watch import WatchPolicy
 
-DEFAULT_CONFIG = Path("/etc/gpu-supervise/config.toml")
+DEFAULT_CONFIG = "/etc/gpu-supervise/config.toml"  # a plain str: pathlib costs start time
 ENV_PREFIX = "GPU_SUPERVISE_"
 ENV_CONFIG = "GPU_SUPERVISE_CONFIG"
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
@@ -215,7 +214,7 @@ def load(
     values.update(_from_env(environ))
     for (section, key), raw in flags.items():
         values[section, key] = _check(section, key, raw, flag_name(section, key))
-    return Settings.from_values(values, str(path) if path else None)
+    return Settings.from_values(values, path)
 
 
 def _check(section: str, key: str, raw: Any, where: str) -> Any:
@@ -225,19 +224,20 @@ def _check(section: str, key: str, raw: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def _config_path(flag: str | None, environ: Mapping[str, str]) -> tuple[Path | None, bool]:
+def _config_path(flag: str | None, environ: Mapping[str, str]) -> tuple[str | None, bool]:
     if flag is not None:
-        return Path(flag), True
+        return flag, True
     if environ.get(ENV_CONFIG):
-        return Path(environ[ENV_CONFIG]), True
-    if DEFAULT_CONFIG.exists():
+        return environ[ENV_CONFIG], True
+    if os.path.exists(DEFAULT_CONFIG):
         return DEFAULT_CONFIG, False
     return None, False
 
 
-def _from_file(path: Path, explicit: bool) -> dict[tuple[str, str], Any]:
+def _from_file(path: str, explicit: bool) -> dict[tuple[str, str], Any]:
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as fh:
+            data = fh.read()
     except FileNotFoundError:
         if not explicit:
             return {}

@@ -81,7 +81,9 @@ def agent(node_file: Path) -> int:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="gpu-supervise demo", description=__doc__)
+    from .cli import Parser  # usage errors as one line, like every other command
+
+    parser = Parser(prog="gpu-supervise demo", description=__doc__)
     parser.add_argument("--agent", metavar="NODE_FILE", help=argparse.SUPPRESS)
     parser.add_argument(
         "--change-after", type=float, default=4.0, help="seconds before the MIG change"

@@ -3,8 +3,7 @@ systemd notify protocol. Both are best effort: they must never stop a restart fr
 
 from __future__ import annotations
 
-import socket
-from pathlib import Path
+import os
 
 TERMINATION_LOG_LIMIT = 4096  # kubelet reads at most this many bytes
 
@@ -14,8 +13,7 @@ def write_termination_message(path: str, text: str) -> bool:
     (the kubelet creates it; we never create files on a host)."""
     if not path:
         return False
-    target = Path(path)
-    if not target.exists():
+    if not os.path.exists(path):
         return False
     data = text.encode("utf-8", errors="replace")
     if len(data) > TERMINATION_LOG_LIMIT:
@@ -23,7 +21,7 @@ def write_termination_message(path: str, text: str) -> bool:
         data = data[: TERMINATION_LOG_LIMIT - len(marker)]
         data = data.decode("utf-8", errors="ignore").encode() + marker
     try:
-        with open(target, "wb") as fh:
+        with open(path, "wb") as fh:
             fh.write(data)
     except OSError:
         return False
@@ -40,6 +38,9 @@ def sd_notify(address: str | None, message: str) -> bool:
     """Send one datagram per the sd_notify protocol (`@` = abstract socket); no libsystemd."""
     if not address:
         return False
+
+    import socket  # only when systemd asked for it: not on the way to starting the child
+
     target = "\0" + address[1:] if address.startswith("@") else address
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:

@@ -30,9 +30,8 @@ EXIT_RESTART = 1
 
 @dataclass
 class Stop:
-    """A stop in progress: why, what we will exit with, and when SIGKILL follows SIGTERM."""
+    """A stop in progress: what we will exit with, and when SIGKILL follows SIGTERM."""
 
-    reason: str
     exit_code: int | None  # None: exit with the child's own code
     kill_at: float
     killed: bool = False
@@ -102,7 +101,7 @@ class Supervisor:
                     return done
             elif self.status is not None:
                 # The agent exited by itself: clear what it left behind, exit with its code.
-                self._begin_stop(now, "the child exited", exit_code=child.exit_code(self.status))
+                self._begin_stop(now, exit_code=child.exit_code(self.status))
                 continue
             self._sleep(self._next_wake(now) - time.monotonic())
 
@@ -139,10 +138,10 @@ class Supervisor:
             if sig in (signal.SIGTERM, signal.SIGINT):
                 if self.stop is None:
                     logger.info(f"received {name}: stopping the child")
-                    self._begin_stop(time.monotonic(), f"received {name}", None, sig=sig)
+                    self._begin_stop(time.monotonic(), exit_code=None, sig=sig)
                 else:
                     child.signal_tree(self.pid, sig)
-            elif self.pid is not None and self.status is None:
+            elif self.status is None:
                 logger.debug(f"forwarding {name} to pid {self.pid}")
                 child.send(self.pid, sig)
 
@@ -156,10 +155,8 @@ class Supervisor:
 
     # -- stopping ------------------------------------------------------------------------------
 
-    def _begin_stop(
-        self, now: float, reason: str, exit_code: int | None, sig: int = signal.SIGTERM
-    ) -> None:
-        self.stop = Stop(reason, exit_code, kill_at=now + self.settings.stop_timeout)
+    def _begin_stop(self, now: float, exit_code: int | None, sig: int = signal.SIGTERM) -> None:
+        self.stop = Stop(exit_code, kill_at=now + self.settings.stop_timeout)
         report.sd_notify(self.notify_socket, "STOPPING=1")
         child.signal_tree(self.pid, sig)
 
@@ -221,7 +218,7 @@ class Supervisor:
         if decision.act:
             reason = termination_message(decision)
             report.write_termination_message(self.settings.termination_log, reason)
-            self._begin_stop(now, decision.verdict.value, exit_code=EXIT_RESTART)
+            self._begin_stop(now, exit_code=EXIT_RESTART)
 
 
 # -- what the watcher's decisions look like in the log ---------------------------------------

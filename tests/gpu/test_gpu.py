@@ -1,0 +1,101 @@
+"""The real-GPU check (check.py) as tests: against a real driver where GPU_SUPERVISE_REAL_GPU=1,
+else against the fake NVML and a fake nvidia-smi, so the check itself is tested in CI."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import check  # noqa: E402
+
+from conftest import clean_env  # noqa: E402
+from fakenvml import h200_node  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+HERE = Path(__file__).parent
+
+
+@dataclass
+class Target:
+    env: dict[str, str]
+    real: bool
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Target:
+    if os.environ.get("GPU_SUPERVISE_REAL_GPU") == "1":
+        env = dict(os.environ)
+        probe = check._run([*check.gpu_supervise(), "snapshot"], env)
+        if probe.returncode != 0:
+            pytest.skip(f"no usable NVML on this machine: {probe.stderr.strip()}")
+        return Target(env, real=True)
+    fake_lib_dir = request.getfixturevalue("fake_lib_dir")  # no compiler needed on a real GPU
+    tmp = tmp_path_factory.mktemp("gpu")
+    (tmp / "bin").mkdir()
+    (tmp / "bin" / "nvidia-smi").symlink_to(HERE / "fake-nvidia-smi")
+    node = h200_node(["1g.18gb", "1g.18gb", "2g.35gb", "3g.71gb"], None, count=2)
+    node.write(tmp / "node.txt")
+    env = clean_env(
+        LD_LIBRARY_PATH=str(fake_lib_dir),
+        FAKE_NVML_NODE=str(tmp / "node.txt"),
+        PATH=f"{tmp / 'bin'}:{os.environ['PATH']}",
+    )
+    return Target(env, real=False)
+
+
+def test_parity_with_nvidia_smi(target: Target):
+    result = check.parity(target.env)
+    assert result["ok"], result.get("differences") or result.get("error")
+    if not target.real:
+        assert (result["gpus"], result["mig_devices"]) == (2, 4)
+
+
+def test_parity_catches_a_difference(target: Target, tmp_path: Path):
+    """The comparison can fail: a nvidia-smi that reports another UUID is caught."""
+    if target.real:
+        pytest.skip("needs the fake node")
+    liar = tmp_path / "nvidia-smi"
+    liar.write_text(f'#!/bin/sh\n{HERE / "fake-nvidia-smi"} "$@" | sed "s/GPU-/GPU-0/"\n')
+    liar.chmod(0o755)
+    env = {**target.env, "PATH": f"{tmp_path}:{target.env['PATH']}"}
+    result = check.parity(env)
+    assert not result["ok"] and result["differences"]
+
+
+def test_no_false_positives_on_a_quiet_gpu(target: Target):
+    seconds = float(os.environ.get("GPU_CHECK_SECONDS", 120)) if target.real else 6
+    result = check.no_false_positives(target.env, seconds)
+    assert result["ok"], result
+    assert result["restarts"] == 0 and result["probes"] >= seconds / 2
+    assert result["exit_code_after_sigterm"] == 143  # `sleep` killed by our SIGTERM
+
+
+def test_probe_cost_and_driver_support_are_reported(target: Target):
+    cost = check.inner("probe", target.env, 200 if target.real else 20)
+    assert cost["ok"], cost
+    for key in ("probe_ms", "init_shutdown_ms", "enumeration_ms"):
+        assert 0 <= cost[key]["min"] <= cost[key]["median"] <= cost[key]["max"]
+    driver = check.inner("driver", target.env)
+    assert driver["ok"], driver
+    assert driver["driver_version"] and driver["gpus"]
+    if not target.real:
+        assert all(g["mig_config_change_event"] for g in driver["gpus"])
+        assert [g["mig_mode_current"] for g in driver["gpus"]] == [1, 0]
+
+
+def test_report_renders(target: Target):
+    results = {
+        "date": "today", "machine": "test", "parity": check.parity(target.env),
+        "driver": check.inner("driver", target.env),
+        "probe": check.inner("probe", target.env, 5),
+        "watch": check.no_false_positives(target.env, 2),
+    }  # fmt: skip
+    text = check.report(results)
+    assert "| 1. parity with nvidia-smi" in text and "PASS" in text
+    assert "MIG config change event supported" in text or target.real
