@@ -18,6 +18,12 @@ from fakenvml import dgx_a100
 
 Start = Callable[..., Proc]
 PLAIN = ["--no-watch"]
+STOP_1S = ["--stop-timeout", "1"]
+
+
+def tree_agent(pidfile: Path, *args: str) -> list[str]:
+    """The test agent leaving a grandchild in a session of its own; both pids in `pidfile`."""
+    return [*AGENT, "--grandchild", "--pidfile", str(pidfile), *args]
 
 
 @pytest.mark.parametrize(
@@ -128,21 +134,8 @@ def test_each_process_gets_exactly_one_sigterm(start: Start):
 
 def test_stubborn_child_and_setsid_grandchild_are_killed(start: Start, tmp_path: Path):
     pidfile = tmp_path / "pids"
-    proc = start(
-        [
-            *PLAIN,
-            "--stop-timeout",
-            "1",
-            "--",
-            *AGENT,
-            "--no-nvml",
-            "--ignore-term",
-            "--grandchild",
-            "--pidfile",
-            str(pidfile),
-        ],
-        clean_env(),
-    )
+    agent = tree_agent(pidfile, "--no-nvml", "--ignore-term")
+    proc = start([*PLAIN, *STOP_1S, "--", *agent], clean_env())
     proc.wait_for("ready")
     pids = [int(p) for p in pidfile.read_text().split()]
     assert os.getsid(pids[1]) != os.getsid(pids[0])  # the grandchild left the session
@@ -158,25 +151,8 @@ def test_topology_change_kills_a_stubborn_tree(start: Start, fake_node: FakeNode
     node = dgx_a100(["1g.5gb"] * 7)
     fake_node.write(node)
     pidfile = tmp_path / "pids"
-    proc = start(
-        [
-            "--interval",
-            "0.2",
-            "--cooldown",
-            "0",
-            "--settle",
-            "0",
-            "--stop-timeout",
-            "1",
-            "--",
-            *AGENT,
-            "--ignore-term",
-            "--grandchild",
-            "--pidfile",
-            str(pidfile),
-        ],
-        fake_node.env,
-    )
+    watch = ["--interval", "0.2", "--cooldown", "0", "--settle", "0"]
+    proc = start([*watch, *STOP_1S, "--", *tree_agent(pidfile, "--ignore-term")], fake_node.env)
     proc.wait_for("[GPU-Watcher] baseline")
     proc.wait_for("ready")
     pids = [int(p) for p in pidfile.read_text().split()]
@@ -189,24 +165,8 @@ def test_topology_change_kills_a_stubborn_tree(start: Start, fake_node: FakeNode
 
 def test_leftover_daemons_are_stopped_when_the_child_exits(start: Start, tmp_path: Path):
     pidfile = tmp_path / "pids"
-    proc = start(
-        [
-            *PLAIN,
-            "--stop-timeout",
-            "1",
-            "--",
-            *AGENT,
-            "--no-nvml",
-            "--grandchild",
-            "--run",
-            "0.5",
-            "--exit",
-            "5",
-            "--pidfile",
-            str(pidfile),
-        ],
-        clean_env(),
-    )
+    agent = tree_agent(pidfile, "--no-nvml", "--run", "0.5", "--exit", "5")
+    proc = start([*PLAIN, *STOP_1S, "--", *agent], clean_env())
     assert proc.wait() == 5
     assert not any(pid_alive(int(p)) for p in pidfile.read_text().split())
 
