@@ -1,6 +1,6 @@
 """The GPU topology model: what a node's GPUs and MIG devices are, and when two readings differ.
 
-A `Topology` is what one probe saw. Its `identity()` is the part that matters to an agent
+A `Topology` is what one probe saw. Its `identity` is the part that matters to an agent
 holding NVML handles: which GPUs exist, whether MIG is on for each, and which MIG devices exist
 with which ids and profile. Everything else a probe may carry (names, bus ids, the pending MIG
 mode, the driver version) is description, and mere state (temperature, clocks, P-state) is never
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 SCHEMA_VERSION = 1
@@ -96,7 +97,9 @@ class Topology:
         """No usable NVML: the same topology as a node with no GPUs."""
         return cls(gpus=(), driver_version="", nvml=False)
 
+    @cached_property
     def identity(self) -> frozenset[tuple[Any, ...]]:
+        """Computed once per reading: the baseline is compared against every probe."""
         ident: set[tuple[Any, ...]] = set()
         for gpu in self.gpus:
             ident.add(("gpu", gpu.uuid, gpu.mig_enabled))
@@ -105,7 +108,7 @@ class Topology:
         return frozenset(ident)
 
     def same_as(self, other: Topology) -> bool:
-        return self.identity() == other.identity()
+        return self.identity == other.identity
 
     def uuids(self) -> list[str]:
         """Every GPU UUID, each followed by its MIG devices' UUIDs, in a stable order."""
