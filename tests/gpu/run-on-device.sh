@@ -20,11 +20,11 @@ export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
 gpu-supervise --version
 gpu-supervise snapshot | tee "$out/snapshot.txt"
 gpu-supervise snapshot --json > "$out/snapshot.json"
-python3 tests/gpu/check.py --seconds 125 --probes 200 \
+python3 tests/gpu/check.py --seconds "${GPU_CHECK_WATCH_SECONDS:-125}" --probes 200 \
     --report "$out/report.md" --json "$out/results.json"
 check=$?
 # The same checks as tests; the 120 s watch above is the long one, so the test's is shorter.
-GPU_SUPERVISE_REAL_GPU=1 GPU_CHECK_SECONDS=20 python3 -m pytest -p no:cacheprovider -q \
+GPU_CHECK_REAL=1 GPU_CHECK_SECONDS=20 python3 -m pytest -p no:cacheprovider -q \
     -o addopts="" tests/gpu 2>&1 | tee "$out/pytest.txt"
 tests=${PIPESTATUS[0]}
 echo "check.py exit $check, pytest exit $tests"

@@ -1,4 +1,4 @@
-"""The real-GPU check (check.py) as tests: against a real driver where GPU_SUPERVISE_REAL_GPU=1,
+"""The real-GPU check (check.py) as tests: against a real driver where GPU_CHECK_REAL=1,
 else against the fake NVML and a fake nvidia-smi, so the check itself is tested in CI."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class Target:
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Target:
-    if os.environ.get("GPU_SUPERVISE_REAL_GPU") == "1":
+    if os.environ.get("GPU_CHECK_REAL") == "1":
         env = dict(os.environ)
         probe = check._run([*check.gpu_supervise(), "snapshot"], env)
         if probe.returncode != 0:
