@@ -32,7 +32,7 @@ def _json_sink(message: Any) -> None:
     sys.stderr.flush()
 
 
-TEXT_FORMAT = "{time:YYYY-MM-DDTHH:mm:ss.SSSZZ} " + PROGRAM + "[{process}] {level: <7} {message}"
+TEXT_FORMAT = "{time:YYYY-MM-DDTHH:mm:ss.SSSZ} " + PROGRAM + "[{process}] {level: <7} {message}"
 
 
 def setup(level: str = "INFO", fmt: str = "text") -> None:
