@@ -3,10 +3,14 @@ Real processes and real signals, in the shape of dumb-init's own tests."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
+import select
 import signal
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -181,3 +185,44 @@ def test_orphans_are_reaped_as_subreaper(start: Start, tmp_path: Path):
     proc = start(["--log-level", "DEBUG", *PLAIN, "--", "sh", "-c", script], clean_env())
     assert proc.wait() == 0
     assert proc.output.count("reaped orphan") == 20
+
+
+def test_child_owns_the_terminal_like_docker_run_it():
+    """With a terminal on stdin, the child's group becomes the foreground one: it can read the
+    terminal (a background group would be stopped by SIGTTIN) and gets ^C from it directly."""
+    master, slave = pty.openpty()
+
+    def controlling_terminal() -> None:  # the test plays the terminal emulator's part
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    script = "echo ready; read line; echo got:$line; trap 'echo INT; exit 9' INT; sleep 30 & wait"
+    proc = subprocess.Popen(
+        [*gpu_supervise_cmd(), *PLAIN, "--", "sh", "-c", script],
+        stdin=slave, stdout=slave, stderr=slave, env=clean_env(),
+        start_new_session=True, preexec_fn=controlling_terminal,
+    )  # fmt: skip
+    os.close(slave)
+    seen = b""
+    try:
+        seen = _read_until(master, b"ready", seen)
+        os.write(master, b"hello\n")
+        seen = _read_until(master, b"got:hello", seen)
+        os.write(master, b"\x03")  # ^C: the terminal signals its foreground group, the child's
+        seen = _read_until(master, b"INT", seen)
+        assert proc.wait(60) == 9
+    finally:
+        proc.kill()
+        os.close(master)
+
+
+def _read_until(fd: int, marker: bytes, seen: bytes, timeout: float = 30.0) -> bytes:
+    deadline = time.monotonic() + timeout
+    while marker not in seen and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if ready:
+            try:
+                seen += os.read(fd, 4096)
+            except OSError:
+                break
+    assert marker in seen, seen.decode(errors="replace")
+    return seen
