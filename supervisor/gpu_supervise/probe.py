@@ -71,10 +71,6 @@ class Prober:
         self._thread = threading.Thread(target=self._work, name="gpu-probe", daemon=True)
         self._thread.start()
 
-    @property
-    def busy(self) -> bool:
-        return self._busy.is_set()
-
     def request(self, seq: int) -> bool:
         """Start probe `seq`; False when the worker is still stuck in an earlier one."""
         if self._busy.is_set():
