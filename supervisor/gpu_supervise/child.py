@@ -89,11 +89,14 @@ def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
 def spawn(argv: list[str], env: dict[str, str]) -> int:
     """Start the command in a new process group with a clean signal mask and dispositions.
 
-    posix_spawn (not fork + preexec_fn) keeps this safe with threads running; glibc reports a
-    failed exec as an error here, in the parent, so 126/127 are known before anything runs.
+    A failed exec is known here, in the parent, before anything runs: 127 or 126 with the
+    reason. With a terminal on stdin the child takes it over before its exec (below); otherwise
+    posix_spawn, which stays safe whatever threads are running.
     """
     try:
-        pid = os.posix_spawnp(
+        if _owns_terminal():
+            return _spawn_in_foreground(argv, env)
+        return os.posix_spawnp(
             argv[0],
             argv,
             env,
@@ -101,30 +104,56 @@ def spawn(argv: list[str], env: dict[str, str]) -> int:
             setsigmask=(),
             setsigdef=_RESET_TO_DEFAULT,
         )
-    except FileNotFoundError:
-        raise SpawnError(127, f"{argv[0]}: command not found") from None
-    except PermissionError:
-        raise SpawnError(126, f"{argv[0]}: permission denied (not executable?)") from None
     except OSError as exc:
-        code = 127 if exc.errno in (errno.ENOENT, errno.ENOTDIR) else 126
-        raise SpawnError(code, f"{argv[0]}: cannot execute: {exc.strerror}") from None
-    _give_terminal(pid)
-    return pid
+        raise _spawn_error(argv[0], exc) from None
 
 
-def _give_terminal(pid: int) -> None:
-    """With a terminal on stdin (`docker run -it`), make the child's group the foreground one so
-    it can read input and gets ^C itself, as tini does."""
+def _spawn_error(command: str, exc: OSError) -> SpawnError:
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return SpawnError(127, f"{command}: command not found")
+    if exc.errno == errno.EACCES:
+        return SpawnError(126, f"{command}: permission denied (not executable?)")
+    return SpawnError(126, f"{command}: cannot execute: {exc.strerror}")
+
+
+def _owns_terminal() -> bool:
+    """Whether stdin is a terminal whose foreground group is ours (`docker run -it`, a shell)."""
     try:
-        if not os.isatty(0) or os.tcgetpgrp(0) != os.getpgrp():
-            return
-        old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-        try:
-            os.tcsetpgrp(0, pid)
-        finally:
-            signal.signal(signal.SIGTTOU, old)
+        return os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp()
     except OSError:
-        pass
+        return False
+
+
+def _spawn_in_foreground(argv: list[str], env: dict[str, str]) -> int:
+    """Start the command as the terminal's foreground group, so it reads input and gets ^C
+    itself, as tini does. The child takes the terminal *before* its exec: handed over from
+    here afterwards, an agent that reads at once would find itself in a background group and be
+    stopped by SIGTTIN for good. Called before any thread starts, so fork is safe; the exec's
+    errno comes back through a close-on-exec pipe, so a failed exec is known here as well."""
+    rfd, wfd = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # the child: only system calls from here to the exec
+        try:
+            os.close(rfd)
+            os.setpgid(0, 0)
+            signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # a background group may take it
+            os.tcsetpgrp(0, os.getpgrp())
+            for sig in _RESET_TO_DEFAULT:
+                signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, ())
+            os.execvpe(argv[0], argv, env)
+        except OSError as exc:
+            os.write(wfd, str(exc.errno or errno.ENOEXEC).encode())
+        finally:
+            os._exit(127)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as pipe:
+        reported = pipe.read()
+    if reported:  # the exec failed: collect the child and say why
+        os.waitpid(pid, 0)
+        code = int(reported)
+        raise OSError(code, os.strerror(code))
+    return pid
 
 
 def exit_code(status: int) -> int:
