@@ -137,7 +137,10 @@ def _spawn_in_foreground(argv: list[str], env: dict[str, str]) -> int:
             os.close(rfd)
             os.setpgid(0, 0)
             signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # a background group may take it
-            os.tcsetpgrp(0, os.getpgrp())
+            try:
+                os.tcsetpgrp(0, os.getpgrp())
+            except OSError:
+                pass  # best effort: without it the agent still runs, in the background
             for sig in _RESET_TO_DEFAULT:
                 signal.signal(sig, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, ())
