@@ -145,6 +145,7 @@ def test_stubborn_child_and_setsid_grandchild_are_killed(start: Start, tmp_path:
     assert os.getsid(pids[1]) != os.getsid(pids[0])  # the grandchild left the session
     proc.signal(signal.SIGTERM)
     assert proc.wait() == 137
+    assert "2 process(es) still running 1 s after SIGTERM: sent SIGKILL" in proc.output
     deadline = time.monotonic() + 30
     while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -219,9 +219,10 @@ def descendants() -> list[int]:
     return [p.pid for p in procs]
 
 
-def signal_tree(pgid: int | None, sig: int) -> None:
+def signal_tree(pgid: int | None, sig: int) -> int:
     """Send `sig` once to every process of the tree: the child's process group in one call, then
-    each descendant that left the group (setsid daemons, orphans re-parented to us).
+    each descendant that left the group (setsid daemons, orphans re-parented to us). Returns
+    how many processes the tree had below us, the group's included.
 
     Exactly once matters: many agents take a second SIGTERM or SIGINT as "quit now, skip the
     clean shutdown"."""
@@ -230,13 +231,15 @@ def signal_tree(pgid: int | None, sig: int) -> None:
             os.killpg(pgid, sig)
         except (ProcessLookupError, PermissionError):
             pass
-    for pid in descendants():
+    tree = descendants()
+    for pid in tree:
         try:
             if pgid is not None and os.getpgid(pid) == pgid:
                 continue  # already signalled through its group
             os.kill(pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
+    return len(tree)
 
 
 def send(pid: int, sig: int) -> bool:

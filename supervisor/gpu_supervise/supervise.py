@@ -168,8 +168,7 @@ class Supervisor:
         if not child.has_children():
             return self._exit_code(stop)
         if now >= stop.kill_at and not stop.killed:
-            left = len(child.descendants())
-            child.signal_tree(self.pid, signal.SIGKILL)
+            left = child.signal_tree(self.pid, signal.SIGKILL)
             stop.killed = True
             logger.warning(
                 f"{left} process(es) still running {self.settings.stop_timeout:g} s after "
