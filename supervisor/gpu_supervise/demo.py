@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from .child import child_environment
+from .sources import FileSource
 from .topology import Gpu, MigDevice, Topology
 
 GPU_UUID = "GPU-5d1f8e3a-0c1e-4b7a-9a51-3f0b8f2c6e01"
@@ -65,8 +66,7 @@ def say(text: str) -> None:
 
 def agent(node_file: Path) -> int:
     """The example agent: caches the UUIDs it sees at start, as real agents cache NVML handles."""
-    topo = Topology.from_json(__import__("json").loads(node_file.read_text()))
-    uuids = topo.uuids()
+    uuids = FileSource(node_file).probe().uuids()
     print(f"[agent {os.getpid()}] started; monitoring {len(uuids)} devices: {' '.join(uuids)}")
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
