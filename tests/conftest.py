@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from fakenvml import Node, build_library
+from procfs import stat_fields
 
 try:
     from hypothesis import settings
@@ -162,7 +163,6 @@ def run(
 
 def pid_alive(pid: int) -> bool:
     try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+        return stat_fields(pid)[0] != "Z"
     except (FileNotFoundError, ProcessLookupError):
         return False

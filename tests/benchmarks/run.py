@@ -31,8 +31,8 @@ ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE.parent))
 
 from fakenvml import build_library, dgx_a100  # noqa: E402
+from procfs import cpu_seconds, status_mib  # noqa: E402
 
-TICK = os.sysconf("SC_CLK_TCK")
 FAST = ["--cooldown", "0", "--termination-log", ""]
 
 
@@ -120,7 +120,7 @@ class Bench:
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 )  # fmt: skip
                 time.sleep(2.5)  # a dozen probes at 0.2 s have run
-                values.append(_status_kb(proc.pid, "VmHWM") / 1024)
+                values.append(status_mib(proc.pid, "VmHWM"))
                 proc.wait()
             peak[name] = stats(values)
         self.results["peak_rss_mib"] = peak
@@ -140,9 +140,9 @@ class Bench:
             for iv in ("1", "30")
         }
         time.sleep(3)
-        before = {k: _cpu_seconds(p.pid) for k, p in procs.items()}
+        before = {k: cpu_seconds(p.pid) for k, p in procs.items()}
         time.sleep(window)
-        after = {k: _cpu_seconds(p.pid) for k, p in procs.items()}
+        after = {k: cpu_seconds(p.pid) for k, p in procs.items()}
         for p in procs.values():
             p.send_signal(signal.SIGTERM)
             p.wait()
@@ -240,18 +240,6 @@ def _timed(fn: Callable[[], object], n: int) -> list[float]:
         fn()
         out.append((time.perf_counter() - t0) * 1000)
     return out
-
-
-def _status_kb(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 # -- report ------------------------------------------------------------------------------------

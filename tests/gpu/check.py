@@ -32,8 +32,12 @@ import sys
 import time
 from pathlib import Path
 
-MIG_CONFIG_CHANGE = 0x100  # nvmlEventMigConfigChange
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parent))
+
+from procfs import cpu_seconds, status_mib  # noqa: E402
+
+MIG_CONFIG_CHANGE = 0x100  # nvmlEventMigConfigChange
 
 
 def gpu_supervise() -> list[str]:
@@ -123,13 +127,13 @@ def no_false_positives(env: dict[str, str], seconds: float) -> dict:
         proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
     try:
         time.sleep(min(3.0, seconds))
-        cpu0, t0 = _cpu(proc.pid), time.monotonic()
+        cpu0, t0 = cpu_seconds(proc.pid), time.monotonic()
         rss = []
         while time.monotonic() - t0 < seconds - min(3.0, seconds) and proc.poll() is None:
-            rss.append(_rss_mib(proc.pid))
+            rss.append(status_mib(proc.pid, "VmRSS"))
             time.sleep(1)
         elapsed = time.monotonic() - t0
-        cpu = _cpu(proc.pid) - cpu0 if proc.poll() is None else float("nan")
+        cpu = cpu_seconds(proc.pid) - cpu0 if proc.poll() is None else float("nan")
         running = proc.poll() is None
     finally:
         if proc.poll() is None:
@@ -149,18 +153,6 @@ def no_false_positives(env: dict[str, str], seconds: float) -> dict:
         "cpu_percent": round(100 * cpu / elapsed, 3) if elapsed else None,
         "baseline": next((line for line in out.splitlines() if "baseline" in line), ""),
     }
-
-
-def _cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 # -- 3 and 4: in a child Python that loads NVML the way gpu-supervise does -------------------------
