@@ -47,14 +47,19 @@ def test_child_exit_status_comes_back(script: str, code: int):
     assert out.returncode == code, out.stderr
 
 
+def not_executable(tmp_path: Path) -> Path:
+    """A script without its execute bit."""
+    script = tmp_path / "agent.sh"
+    script.write_text("#!/bin/sh\necho hi\n")
+    script.chmod(0o644)
+    return script
+
+
 def test_command_not_found_is_127_and_not_executable_is_126(tmp_path: Path):
     out = run([*PLAIN, "--", "no-such-agent-xyz"], clean_env())
     assert out.returncode == 127
     assert "no-such-agent-xyz: command not found" in out.stderr
-    script = tmp_path / "agent.sh"
-    script.write_text("#!/bin/sh\necho hi\n")
-    script.chmod(0o644)
-    out = run([*PLAIN, "--", str(script)], clean_env())
+    out = run([*PLAIN, "--", str(not_executable(tmp_path))], clean_env())
     assert out.returncode == 126
     assert "permission denied" in out.stderr
     out = run([*PLAIN, "--", str(tmp_path)], clean_env())
@@ -206,16 +211,28 @@ class Terminal:
         os.close(slave)
         self.seen = b""
 
+    def __enter__(self) -> Terminal:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        os.close(self.master)
+
     def type(self, data: bytes) -> None:
         os.write(self.master, data)
 
     def expect(self, marker: bytes, timeout: float = 30.0) -> None:
-        self.seen = _read_until(self.master, marker, self.seen, timeout)
-
-    def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-        os.close(self.master)
+        """Read what the terminal shows until `marker` appears."""
+        deadline = time.monotonic() + timeout
+        while marker not in self.seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([self.master], [], [], 0.1)
+            if ready:
+                try:
+                    self.seen += os.read(self.master, 4096)
+                except OSError:  # every writer is gone and all was read
+                    break
+        assert marker in self.seen, self.seen.decode(errors="replace")
 
 
 def test_child_owns_the_terminal_like_docker_run_it():
@@ -223,15 +240,12 @@ def test_child_owns_the_terminal_like_docker_run_it():
     terminal (a background group would be stopped by SIGTTIN) and gets ^C from it directly."""
     # The trap is set before the read, so ^C, sent once the line is echoed back, is caught.
     script = "trap 'echo trapped-sigint; exit 9' INT; read line; echo got:$line; sleep 30 & wait"
-    term = Terminal([*PLAIN, "--", "sh", "-c", script])
-    try:
+    with Terminal([*PLAIN, "--", "sh", "-c", script]) as term:
         term.type(b"hello\n")
         term.expect(b"got:hello")
         term.type(b"\x03")  # ^C: the terminal signals its foreground group, the child's
         term.expect(b"trapped-sigint")
         assert term.proc.wait(60) == 9
-    finally:
-        term.close()
 
 
 def test_the_terminal_is_the_childs_before_its_first_instruction():
@@ -241,13 +255,10 @@ def test_the_terminal_is_the_childs_before_its_first_instruction():
     hogs = [subprocess.Popen(["sh", "-c", "while :; do :; done"]) for _ in range(4)]
     try:
         for attempt in range(10):
-            term = Terminal([*PLAIN, "--", "sh", "-c", "read line; echo got:$line"])
-            try:
+            with Terminal([*PLAIN, "--", "sh", "-c", "read line; echo got:$line"]) as term:
                 term.type(f"line{attempt}\n".encode())
                 term.expect(f"got:line{attempt}".encode(), timeout=15)
                 assert term.proc.wait(60) == 0
-            finally:
-                term.close()
     finally:
         for hog in hogs:
             hog.kill()
@@ -256,29 +267,10 @@ def test_the_terminal_is_the_childs_before_its_first_instruction():
 
 def test_exec_failures_on_a_terminal_are_127_and_126(tmp_path: Path):
     """The terminal path starts the child its own way; a failed exec still says why."""
-    script = tmp_path / "agent.sh"
-    script.write_text("#!/bin/sh\necho hi\n")
-    script.chmod(0o644)
     for command, code, reason in [
         ("no-such-agent-xyz", 127, b"no-such-agent-xyz: command not found"),
-        (str(script), 126, b"permission denied"),
+        (str(not_executable(tmp_path)), 126, b"permission denied"),
     ]:
-        term = Terminal([*PLAIN, "--", command])
-        try:
+        with Terminal([*PLAIN, "--", command]) as term:
             assert term.proc.wait(60) == code
             term.expect(reason)
-        finally:
-            term.close()
-
-
-def _read_until(fd: int, marker: bytes, seen: bytes, timeout: float = 30.0) -> bytes:
-    deadline = time.monotonic() + timeout
-    while marker not in seen and time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.1)
-        if ready:
-            try:
-                seen += os.read(fd, 4096)
-            except OSError:
-                break
-    assert marker in seen, seen.decode(errors="replace")
-    return seen
