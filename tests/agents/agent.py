@@ -1,7 +1,8 @@
 """A small stand-in monitoring agent for the end-to-end tests (run under gpu-supervise).
 
 It reads the GPU/MIG UUIDs it sees through nvidia-ml-py once at start (as a real agent caches
-its handles), prints them, then idles; it logs every forwarded signal it receives to stdout.
+its handles), prints them, then idles; with --hold-nvml it keeps NVML open all the while, as a
+real agent does. It logs every signal it receives to stdout.
 """
 
 from __future__ import annotations
@@ -12,10 +13,24 @@ import signal
 import sys
 import time
 
-SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGWINCH")
+# Every signal it can catch, but for faults of its own and those a terminal or its own I/O
+# raise: it reports each one it gets.
+NOT_RECORDED = {
+    signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGSEGV, signal.SIGBUS,
+    signal.SIGFPE, signal.SIGILL, signal.SIGTRAP, signal.SIGSYS, signal.SIGABRT,
+    signal.SIGPIPE, signal.SIGTTIN, signal.SIGTTOU,
+}  # fmt: skip
+SIGNALS = sorted(signal.valid_signals() - NOT_RECORDED)
 
 
-def uuids() -> list[str]:
+def name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"SIGRTMIN+{sig - signal.SIGRTMIN}"
+
+
+def uuids(hold: bool = False) -> list[str]:
     import pynvml
 
     try:
@@ -40,12 +55,14 @@ def uuids() -> list[str]:
                     out.append(pynvml.nvmlDeviceGetUUID(mig))
         return out
     finally:
-        pynvml.nvmlShutdown()
+        if not hold:
+            pynvml.nvmlShutdown()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--no-nvml", action="store_true", help="do not read UUIDs")
+    parser.add_argument("--hold-nvml", action="store_true", help="keep NVML open until exit")
     parser.add_argument("--ignore-term", action="store_true", help="ignore SIGTERM")
     parser.add_argument("--exit-on-term", type=int, default=None, help="exit N on SIGTERM")
     parser.add_argument("--grandchild", action="store_true", help="leave a setsid grandchild")
@@ -59,8 +76,8 @@ def main() -> int:
     def record(signum: int, _frame: object) -> None:
         got.append(signum)
 
-    for name in SIGNALS:
-        signal.signal(getattr(signal, name), record)
+    for sig in SIGNALS:
+        signal.signal(sig, record)
     if args.ignore_term:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
@@ -83,14 +100,14 @@ def main() -> int:
         os.replace(args.pidfile + ".tmp", args.pidfile)
 
     if not args.no_nvml:
-        print(f"agent {os.getpid()}: UUIDs {' '.join(uuids())}", flush=True)
+        print(f"agent {os.getpid()}: UUIDs {' '.join(uuids(args.hold_nvml))}", flush=True)
     print(f"agent {os.getpid()}: ready", flush=True)
     deadline = time.monotonic() + args.run
     while time.monotonic() < deadline:
         time.sleep(0.02)
         while got:
             sig = got.pop(0)
-            print(f"agent {os.getpid()}: got {signal.Signals(sig).name}", flush=True)
+            print(f"agent {os.getpid()}: got {name(sig)}", flush=True)
             if sig == signal.SIGTERM and args.exit_on_term is not None:
                 return args.exit_on_term
             if sig == signal.SIGTERM:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 import uuid as uuidlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -117,6 +118,16 @@ class FakeGpu:
             )
         self.mig, self.pending, self.migs = 1, None, migs
 
+    def request_mig(self, on: bool) -> None:
+        """`nvidia-smi -i N -mig 1|0` on an Ampere GPU: the new mode waits for a GPU reset."""
+        self.pending = int(on)
+
+    def reset(self) -> None:
+        """What a successful GPU reset does: the pending mode becomes current, with no MIG
+        instances (an operator or mig-parted creates them next)."""
+        if self.pending is not None:
+            self.mig, self.pending, self.migs = self.pending, None, []
+
 
 @dataclass
 class Node:
@@ -153,18 +164,18 @@ class Node:
         return self
 
     def render(self) -> str:
-        lines = [f"driver {self.driver}", f"nvml 12.{self.driver}"]
+        lines = [f"driver {_q(self.driver)}", f"nvml 12.{self.driver}"]
         for g in self.gpus:
             pending = g.mig if g.pending is None else g.pending
             lines.append(
-                f'gpu index={g.index} uuid={g.uuid} name="{g.name}" bus={g.bus} mig={g.mig} '
-                f"pending={pending} maxmig={g.maxmig} temp={g.temp} pstate={g.pstate} "
-                f"events={g.events:#x}"
+                f"gpu index={g.index} uuid={_q(g.uuid)} name={_q(g.name)} bus={_q(g.bus)} "
+                f"mig={g.mig} pending={pending} maxmig={g.maxmig} temp={g.temp} "
+                f"pstate={g.pstate} events={g.events:#x}"
             )
             for m in g.migs:
                 lines.append(
-                    f"mig gpu={g.index} index={m.index} uuid={m.uuid} gi={m.gi} ci={m.ci} "
-                    f'slices={m.slices} mem={m.mem} name="{m.name}"'
+                    f"mig gpu={g.index} index={m.index} uuid={_q(m.uuid)} gi={m.gi} ci={m.ci} "
+                    f"slices={m.slices} mem={m.mem} name={_q(m.name)}"
                 )
         lines.extend(self.rules)
         return "\n".join(lines) + "\n"
@@ -181,6 +192,55 @@ class Node:
             driver=self.driver,
             rules=list(self.rules),
         )
+
+
+def _q(text: str) -> str:
+    """A quoted node-file value. Anything but printable ASCII goes as \\xHH bytes, so a test can
+    give NVML a name that is not UTF-8 ("\\udcff" stands for the byte 0xff) or holds ESC."""
+    out = []
+    for byte in text.encode("utf-8", "surrogateescape"):
+        char = chr(byte)
+        out.append(char if 0x20 <= byte < 0x7F and char not in '"\\' else f"\\x{byte:02x}")
+    return '"' + "".join(out) + '"'
+
+
+def holders(node_path: Path) -> list[int]:
+    """The live processes that hold NVML open on the fake node (the fake registers them on
+    nvmlInit and forgets them on the balancing nvmlShutdown). A pid that exited, or whose
+    number was reused since, does not count; nor does a zombie, which closed its files."""
+    found = []
+    folder = Path(f"{node_path}.holders")
+    for entry in folder.glob("*") if folder.is_dir() else []:
+        pid = int(entry.name)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            started = entry.read_text().strip()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if stat[0] != "Z" and stat[19] == started:
+            found.append(pid)
+    return sorted(found)
+
+
+class ResetRefused(Exception):
+    """The GPU is in use by another client."""
+
+
+def reset_gpu(node_path: Path, node: Node, index: int, timeout: float = 60.0) -> float:
+    """Play `nvidia-smi -r -i INDEX` the way an operator or mig-parted retries it: refused
+    while any process other than this one holds NVML, as the driver refuses it. On success the
+    pending MIG mode becomes current and the node file is rewritten. Returns the seconds it
+    took; raises ResetRefused when the GPU stayed in use for `timeout`."""
+    started = time.monotonic()
+    while True:
+        others = [pid for pid in holders(node_path) if pid != os.getpid()]
+        if not others:
+            node.gpu(index).reset()
+            node.write(node_path)
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise ResetRefused(f"GPU {index} is in use by another client: pids {others}")
+        time.sleep(0.1)
 
 
 def _node(name: str, count: int, layouts: list[list[str] | None] | None, tag: str) -> Node:

@@ -16,14 +16,22 @@
  *   fail fn=NAME code=N count=K     next K calls of NAME fail with N (K=-1: always; fn=*: any)
  *   delay fn=NAME ms=N              every call of NAME sleeps N ms first (fn=*: any)
  *   hang fn=NAME                    calls of NAME never return
+ * Quoted values may hold any byte as \xHH (a name that is not UTF-8, an escape character).
  * Failure counters live in this process and restart whenever the file's content changes.
+ *
+ * Who holds the GPU: like the driver, which refuses a GPU reset while any process has NVML
+ * open, the library registers the calling process in the folder $FAKE_NVML_NODE.holders/ on
+ * its first nvmlInit (a file named after the pid, holding its start time) and removes it when
+ * the last nvmlShutdown balances the inits. tests/fakenvml reads the folder to play a reset.
  */
 #define _GNU_SOURCE
+#include <errno.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -115,6 +123,12 @@ static int next_token(char **p, char *out, size_t size) {
         if (*s == '"') {
             s++;
             while (*s && *s != '"') {
+                unsigned hex;
+                if (s[0] == '\\' && s[1] == 'x' && sscanf(s + 2, "%2x", &hex) == 1) {
+                    if (n + 1 < size) out[n++] = (char)hex;
+                    s += 4;
+                    continue;
+                }
                 if (n + 1 < size) out[n++] = *s;
                 s++;
             }
@@ -310,6 +324,47 @@ static nvmlReturn_t put_string(char *dst, unsigned int size, const char *src) {
     return NVML_SUCCESS;
 }
 
+/* ---- who holds NVML ------------------------------------------------------------------ */
+
+static void holder_path(char *out, size_t size) {
+    const char *node_path = getenv("FAKE_NVML_NODE");
+    snprintf(out, size, "%s.holders/%d", node_path ? node_path : "/tmp/fake-nvml", (int)getpid());
+}
+
+/* The process's start time (field 22 of /proc/self/stat): a pid alone can be reused. */
+static unsigned long long start_time(void) {
+    char buf[1024];
+    unsigned long long ticks = 0;
+    FILE *f = fopen("/proc/self/stat", "r");
+    if (!f) return 0;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    char *p = strrchr(buf, ')');
+    for (int field = 2; p && field < 22; field++) p = strchr(p + 1, ' ');
+    if (p) ticks = strtoull(p + 1, NULL, 10);
+    return ticks;
+}
+
+static void register_holder(void) {
+    char path[4096], dir[4096];
+    holder_path(path, sizeof path);
+    snprintf(dir, sizeof dir, "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (slash) *slash = 0;
+    if (mkdir(dir, 0777) != 0 && errno != EEXIST) return;
+    FILE *f = fopen(path, "w");
+    if (!f) return;
+    fprintf(f, "%llu\n", start_time());
+    fclose(f);
+}
+
+static void unregister_holder(void) {
+    char path[4096];
+    holder_path(path, sizeof path);
+    unlink(path);
+}
+
 /* ---- the API ------------------------------------------------------------------------- */
 
 nvmlReturn_t nvmlInitWithFlags(unsigned int flags) {
@@ -319,7 +374,9 @@ nvmlReturn_t nvmlInitWithFlags(unsigned int flags) {
     pthread_mutex_unlock(&lock);
     nvmlReturn_t ret = inject("nvmlInit"); /* after the re-read: a rule just written applies */
     if (ret) return ret;
-    initialized++;
+    pthread_mutex_lock(&lock);
+    if (initialized++ == 0) register_holder();
+    pthread_mutex_unlock(&lock);
     return NVML_SUCCESS;
 }
 
@@ -327,8 +384,13 @@ nvmlReturn_t nvmlInit_v2(void) { return nvmlInitWithFlags(0); }
 nvmlReturn_t nvmlInit(void) { return nvmlInitWithFlags(0); }
 
 nvmlReturn_t nvmlShutdown(void) {
-    if (!initialized) return NVML_ERROR_UNINITIALIZED;
-    initialized--;
+    pthread_mutex_lock(&lock);
+    if (!initialized) {
+        pthread_mutex_unlock(&lock);
+        return NVML_ERROR_UNINITIALIZED;
+    }
+    if (--initialized == 0) unregister_holder();
+    pthread_mutex_unlock(&lock);
     return NVML_SUCCESS;
 }
 
