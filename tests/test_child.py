@@ -12,7 +12,8 @@ import subprocess
 import sys
 import termios
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -138,7 +139,7 @@ def test_each_process_gets_exactly_one_sigterm(start: Start):
     proc.wait_for("up")
     proc.signal(signal.SIGTERM)
     assert proc.wait() == 137
-    assert proc.output.count("TERM\n") == 1
+    assert proc.output.splitlines().count("TERM") == 1
 
 
 def test_stubborn_child_and_setsid_grandchild_are_killed(start: Start, tmp_path: Path):
@@ -274,3 +275,145 @@ def test_exec_failures_on_a_terminal_are_127_and_126(tmp_path: Path):
         with Terminal([*PLAIN, "--", command]) as term:
             assert term.proc.wait(60) == code
             term.expect(reason)
+
+
+# -- a stop always ends --------------------------------------------------------------------------
+
+
+class Freezer:
+    """A cgroup whose processes can be frozen: they then ignore every signal, SIGKILL included,
+    as a process stuck in a GPU driver call (uninterruptible sleep) does."""
+
+    def __init__(self, path: Path, state_file: str, frozen: str, thawed: str) -> None:
+        self.path, self.state_file, self.frozen, self.thawed = path, state_file, frozen, thawed
+
+    def freeze(self, pid: int) -> None:
+        (self.path / "cgroup.procs").write_text(str(pid))
+        (self.path / self.state_file).write_text(self.frozen)
+        deadline = time.monotonic() + 30
+        while self.frozen not in (self.path / self.state_file).read_text():
+            assert time.monotonic() < deadline, "the cgroup never froze"
+            time.sleep(0.05)
+
+    def release(self) -> None:
+        """Kill whatever is in the cgroup, frozen first so that nothing can fork away, then
+        remove the cgroup."""
+        (self.path / self.state_file).write_text(self.frozen)
+        for pid in (self.path / "cgroup.procs").read_text().split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        (self.path / self.state_file).write_text(self.thawed)
+        deadline = time.monotonic() + 30
+        while (self.path / "cgroup.procs").read_text().split():
+            assert time.monotonic() < deadline, "processes outlived SIGKILL in a thawed cgroup"
+            time.sleep(0.05)
+        self.path.rmdir()
+
+
+@pytest.fixture
+def freezer() -> Iterator[Freezer]:
+    name = f"gpu-supervise-test-{os.getpid()}"
+    v1, v2 = Path("/sys/fs/cgroup/freezer"), Path("/sys/fs/cgroup/unified")
+    if (v1 / "freezer.state").exists() or (v1 / "cgroup.procs").exists():
+        made = Freezer(v1 / name, "freezer.state", "FROZEN", "THAWED")
+    elif (Path("/sys/fs/cgroup") / "cgroup.subtree_control").exists():
+        made = Freezer(Path("/sys/fs/cgroup") / name, "cgroup.freeze", "1", "0")
+    elif (v2 / "cgroup.subtree_control").exists():
+        made = Freezer(v2 / name, "cgroup.freeze", "1", "0")
+    else:
+        pytest.skip("no cgroup freezer here (neither the v1 freezer nor cgroup v2's cgroup.freeze)")
+    try:
+        made.path.mkdir()
+    except OSError as exc:
+        pytest.skip(f"cannot create a freezer cgroup here: {exc}")
+    try:
+        yield made
+    finally:
+        made.release()
+
+
+def _stamp(out: str, marker: str) -> float:
+    """The log's own timestamp of the first line holding `marker`, in seconds."""
+    line = next(line for line in out.splitlines() if marker in line)
+    return datetime.fromisoformat(line.split()[0]).timestamp()
+
+
+def test_a_child_that_survives_sigkill_is_logged_and_the_stop_still_ends(
+    start: Start, fake_node: FakeNode, tmp_path: Path, freezer: Freezer
+):
+    node = dgx_a100(["1g.5gb"] * 7)
+    fake_node.write(node)
+    pidfile = tmp_path / "pids"
+    watch = ["--interval", "0.2", "--cooldown", "0", "--settle", "0"]
+    agent = [*AGENT, "--no-nvml", "--pidfile", str(pidfile)]
+    proc = start([*watch, *STOP_1S, "--", *agent], fake_node.env)
+    proc.wait_for("ready")
+    proc.wait_for("[GPU-Watcher] baseline")
+    frozen = int(pidfile.read_text())
+    freezer.freeze(frozen)
+    node.gpu(0).set_layout(None)
+    fake_node.write(node)
+    assert proc.wait(60) == 1
+    out = proc.output
+    survived = [line for line in out.splitlines() if "ERROR   pid" in line]
+    assert len(survived) == 1 and f"pid {frozen} survived SIGKILL (state " in survived[0]
+    assert "agent.py --no-nvml --pidfile" in survived[0]
+    took = _stamp(out, "exiting 1:") - _stamp(out, "Initiating self-restart")
+    assert took <= 2 * 1 + 1  # within 2x stop_timeout + 1 s
+
+
+# A daemon that ignores SIGTERM and moves on to a new process in a new session as fast as it can
+# fork: by the time anyone has listed it and sent SIGKILL, the listed process is gone.
+WALKER = r"""
+#include <signal.h>
+#include <stdio.h>
+#include <unistd.h>
+int main(void) {
+    signal(SIGTERM, SIG_IGN);
+    if (fork()) return 0;
+    puts("daemon up");
+    fflush(stdout);
+    for (;;) {
+        setsid();
+        if (fork()) _exit(0);
+    }
+}
+"""
+
+
+def test_a_daemon_that_keeps_forking_cannot_hold_up_the_stop(
+    fake_node: FakeNode, tmp_path: Path, freezer: Freezer
+):
+    """Everything runs in a cgroup of the test's, which it freezes at the end to kill all."""
+    node = dgx_a100()
+    fake_node.write(node)
+    walker = tmp_path / "walker"
+    source = tmp_path / "walker.c"
+    source.write_text(WALKER)
+    subprocess.run(["gcc", "-O2", "-o", str(walker), str(source)], check=True)
+    watch = ["--interval", "0.2", "--cooldown", "0", "--settle", "0"]
+    script = f"{walker}; exec sleep 300"
+    cgroup = freezer.path / "cgroup.procs"
+    log = tmp_path / "log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [*gpu_supervise_cmd(), *watch, *STOP_1S, "--", "sh", "-c", script],
+            env=fake_node.env, stdout=out, stderr=subprocess.STDOUT,
+            preexec_fn=lambda: cgroup.write_text(str(os.getpid())),
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while "[GPU-Watcher] baseline" not in log.read_text() or "daemon up" not in log.read_text():
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+            time.sleep(0.05)
+        node.gpus.pop()
+        fake_node.write(node)
+        assert proc.wait(60) == 1
+        text = log.read_text()
+        took = _stamp(text, "exiting 1:") - _stamp(text, "Initiating self-restart")
+        assert took <= 2 * 1 + 1
+    finally:
+        proc.kill()
+        proc.wait()

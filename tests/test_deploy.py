@@ -136,14 +136,21 @@ def test_notify_protocol_on_a_real_socket(start: Start, tmp_path: Path, abstract
         env = clean_env(NOTIFY_SOCKET=address)
         script = 'echo "child NOTIFY_SOCKET=[${NOTIFY_SOCKET-unset}]"; exec sleep 60'
         proc = start(["--no-watch", "--", "sh", "-c", script], env)
-        ready = sock.recv(4096).decode()
-        assert ready.splitlines() == ["READY=1", f"MAINPID={proc.pid}"]
+        ready = _notification(sock)
+        assert ready["READY"] == "1" and ready["MAINPID"] == str(proc.pid)
+        assert ready["STATUS"].startswith("running sh as pid ")
         proc.wait_for("child NOTIFY_SOCKET=[unset]")  # the agent never sees the socket
         proc.signal(signal.SIGTERM)
-        assert sock.recv(4096).decode() == "STOPPING=1"
+        stopping = _notification(sock)
+        assert stopping == {"STATUS": "stopping the agent: stopped by SIGTERM", "STOPPING": "1"}
         assert proc.wait() == 143
     finally:
         sock.close()
+
+
+def _notification(sock: socket.socket) -> dict[str, str]:
+    """One sd_notify datagram as systemd reads it: KEY=VALUE lines."""
+    return dict(line.split("=", 1) for line in sock.recv(4096).decode().splitlines())
 
 
 # -- the Kubernetes termination message ---------------------------------------------------------

@@ -126,15 +126,6 @@ def test_hanging_nvml_and_a_stubborn_child_still_stop_in_time(start: Start, fake
     assert time.monotonic() - sent < 1 + 1
 
 
-def test_nvml_failing_at_init_never_gives_a_baseline_and_restarts(start: Start, fake_node):
-    fake_node.write(dgx_a100().fail("nvmlInit", UNKNOWN))
-    proc = start([*FAST, "--", *AGENT, "--no-nvml"], fake_node.env)
-    assert proc.wait(60) == 1
-    out = proc.output
-    assert "baseline" not in out
-    assert "NVML failed 3 consecutive probes (errors: nvmlInit: Unknown Error" in out
-
-
 def test_nvml_disappearing_is_a_topology_change(start: Start, fake_node: FakeNode):
     node = dgx_a100(["1g.5gb"] * 7)
     fake_node.write(node)
@@ -198,16 +189,23 @@ def test_signal_storm(start: Start):
 # -- soak ----------------------------------------------------------------------------------------
 
 
-def test_soak_20000_probes_of_a_noisy_stable_node_never_restart(start: Start, fake_node: FakeNode):
-    """State noise, isolated single errors and latency spikes, compressed into ~a minute."""
+def test_soak_thousands_of_probes_of_a_noisy_stable_node_never_restart(
+    start: Start, fake_node: FakeNode
+):
+    """State noise, isolated single errors and latency spikes, compressed into about a minute:
+    four gpu-supervise at the shortest interval allowed (0.1 s), on one noisy node."""
     node = h100_node(["1g.10gb"] * 7, count=1)
     fake_node.write(node)
-    proc = start(
-        ["--interval", "0.001", "--cooldown", "0", "--settle", "0.01", "--log-level", "DEBUG",
-         "--", *AGENT, "--no-nvml"],
-        fake_node.env,
-    )  # fmt: skip
-    proc.wait_for("[GPU-Watcher] baseline")
+    procs = [
+        start(
+            ["--interval", "0.1", "--cooldown", "0", "--settle", "0.1", "--log-level", "DEBUG",
+             "--", *AGENT, "--no-nvml"],
+            fake_node.env,
+        )  # fmt: skip
+        for _ in range(4)
+    ]
+    for proc in procs:
+        proc.wait_for("[GPU-Watcher] baseline")
     stop = threading.Event()
     rnd = random.Random(7)
 
@@ -228,17 +226,19 @@ def test_soak_20000_probes_of_a_noisy_stable_node_never_restart(start: Start, fa
     thread = threading.Thread(target=noise, daemon=True)
     thread.start()
     try:
-        proc.wait_for("topology unchanged", timeout=300, count=20_000)
+        for proc in procs:
+            proc.wait_for("topology unchanged", timeout=300, count=500)
     finally:
         stop.set()
         thread.join()
-    out = proc.output
-    assert proc.popen.poll() is None
-    assert "Initiating self-restart" not in out
-    assert "(1/3 consecutive)" in out  # the injected errors happened and were tolerated
-    assert "(3/3" not in out
-    proc.signal(signal.SIGTERM)
-    assert proc.wait(60) == 143
+    for proc in procs:
+        out = proc.output
+        assert proc.popen.poll() is None
+        assert "Initiating self-restart" not in out
+        assert "(1/3 consecutive)" in out  # the injected errors happened and were tolerated
+        assert "(3/3" not in out
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(60) == 143
 
 
 # -- security basics -------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from gpu_supervise.probe import ProbeResult
 from gpu_supervise.topology import Gpu, MigDevice, Topology
-from gpu_supervise.watch import Verdict, Watcher, WatchPolicy
+from gpu_supervise.watch import REPORT_EVERY, Action, Decision, Verdict, Watcher, WatchPolicy
 
 
 def layout(*profiles: str, gpu_uuid: str = "GPU-0", salt: str = "") -> Topology:
@@ -15,6 +15,16 @@ def layout(*profiles: str, gpu_uuid: str = "GPU-0", salt: str = "") -> Topology:
         for i, p in enumerate(profiles)
     )
     return Topology((Gpu(0, gpu_uuid, "A100", "bus", bool(migs), bool(migs), migs),))
+
+
+def pending(topo: Topology, mode: bool, index: int = 0) -> Topology:
+    """GPU `index` with a MIG mode change to `mode` waiting for a reset."""
+    gpus = tuple(replace(g, mig_pending=mode) if g.index == index else g for g in topo.gpus)
+    return replace(topo, gpus=gpus)
+
+
+def two_gpus(first: Topology, second: Topology) -> Topology:
+    return Topology((first.gpus[0], replace(second.gpus[0], index=1, uuid="GPU-1")))
 
 
 def ok(topo: Topology) -> ProbeResult:
@@ -31,128 +41,302 @@ def absent() -> ProbeResult:
 
 SMALL = layout(*["1g.5gb"] * 7)
 BIG = layout("3g.20gb", "3g.20gb")
-POLICY = WatchPolicy(interval=30, cooldown=60, settle=5, failure_threshold=3)
+OFF = Topology((Gpu(0, "GPU-0", "A100", "bus", False, False),))
+ON_EMPTY = Topology((Gpu(0, "GPU-0", "A100", "bus", True, True),))
+POLICY = WatchPolicy(interval=30, cooldown=60, settle=5, failure_threshold=3, pending_timeout=300)
+
+
+def step(w: Watcher, now: float, result: ProbeResult) -> Decision:
+    """One probe as the main loop runs it: started now, its result handed over now."""
+    seq = w.begin_probe(now)
+    decision = w.observe(now, replace(result, seq=seq))
+    assert decision is not None
+    return decision
 
 
 def started(policy: WatchPolicy = POLICY, first: ProbeResult | None = None) -> Watcher:
     w = Watcher(policy, started_at=1000.0)
-    assert w.next_probe_at == 1000.0  # the baseline is taken at once
-    d = w.observe(1000.0, first or ok(SMALL))
-    assert d.verdict is Verdict.BASELINE
+    assert w.next_probe_at == 1000.0 and w.probe_due(1000.0)  # the baseline is taken at once
+    d = step(w, 1000.0, first or ok(SMALL))
+    assert d.verdict is Verdict.BASELINE and d.action is Action.NONE
     return w
 
 
 def test_cooldown_delays_the_first_comparison_then_interval():
     w = started()
-    assert w.next_probe_at == 1060.0
-    assert w.observe(1060.0, ok(SMALL)).next_probe_at == 1090.0
+    assert w.next_probe_at == 1060.0 and not w.probe_due(1059.9)
+    assert step(w, 1060.0, ok(SMALL)).next_probe_at == 1090.0
     w2 = started(replace(POLICY, cooldown=0))
     assert w2.next_probe_at == 1030.0
 
 
-def test_state_noise_is_steady():
+def test_description_noise_is_steady():
+    """Names, bus ids and the driver version are description, not identity."""
     w = started()
-    noisy = Topology(
-        tuple(replace(g, name="x", pci_bus_id="y", mig_pending=False) for g in SMALL.gpus), "999"
-    )
+    noisy = Topology(tuple(replace(g, name="x", pci_bus_id="y") for g in SMALL.gpus), "999")
     for t in range(1060, 1060 + 30 * 100, 30):
-        assert w.observe(float(t), ok(noisy)).verdict is Verdict.STEADY
+        assert step(w, float(t), ok(noisy)).verdict is Verdict.STEADY
 
 
 def test_change_is_confirmed_after_settle_then_acts_once():
     w = started()
-    d = w.observe(1060.0, ok(BIG))
-    assert (d.verdict, d.next_probe_at, d.act) == (Verdict.SETTLING, 1065.0, False)
-    d = w.observe(1065.0, ok(BIG))
-    assert d.verdict is Verdict.CHANGED and d.act
+    d = step(w, 1060.0, ok(BIG))
+    assert (d.verdict, d.next_probe_at, d.action) == (Verdict.SETTLING, 1065.0, Action.NONE)
+    d = step(w, 1065.0, ok(BIG))
+    assert d.verdict is Verdict.CHANGED and d.action is Action.RESTART
     assert d.change.old is SMALL and d.change.new is BIG
 
 
 def test_settle_zero_acts_at_first_sight():
     w = started(replace(POLICY, settle=0))
-    assert w.observe(1060.0, ok(BIG)).verdict is Verdict.CHANGED
+    assert step(w, 1060.0, ok(BIG)).verdict is Verdict.CHANGED
 
 
 def test_multi_step_reconfiguration_folds_into_one_change():
     w = started()
     step1 = layout()  # instances destroyed
     step2 = layout("3g.20gb")  # first new instance
-    assert w.observe(1060.0, ok(step1)).verdict is Verdict.SETTLING
-    assert w.observe(1065.0, ok(step2)).verdict is Verdict.SETTLING
-    assert w.observe(1070.0, ok(BIG)).verdict is Verdict.SETTLING
-    d = w.observe(1075.0, ok(BIG))
+    assert step(w, 1060.0, ok(step1)).verdict is Verdict.SETTLING
+    assert step(w, 1065.0, ok(step2)).verdict is Verdict.SETTLING
+    assert step(w, 1070.0, ok(BIG)).verdict is Verdict.SETTLING
+    d = step(w, 1075.0, ok(BIG))
     assert d.verdict is Verdict.CHANGED and d.change.new is BIG and d.change.old is SMALL
 
 
-def test_flicker_back_to_baseline_is_no_restart():
+def test_flicker_back_to_baseline_is_no_restart_and_the_next_flicker_settles_again():
     w = started()
-    assert w.observe(1060.0, ok(BIG)).verdict is Verdict.SETTLING
-    d = w.observe(1065.0, ok(SMALL))
-    assert (d.verdict, d.act, d.next_probe_at) == (Verdict.REVERTED, False, 1095.0)
+    assert step(w, 1060.0, ok(BIG)).verdict is Verdict.SETTLING
+    d = step(w, 1065.0, ok(SMALL))
+    assert (d.verdict, d.action, d.next_probe_at) == (Verdict.REVERTED, Action.NONE, 1095.0)
+    assert step(w, 1095.0, ok(SMALL)).verdict is Verdict.STEADY
+    # the candidate went with the revert: the same layout again is a new sighting
+    d = step(w, 1125.0, ok(BIG))
+    assert (d.verdict, d.action) == (Verdict.SETTLING, Action.NONE)
+    assert step(w, 1130.0, ok(BIG)).verdict is Verdict.CHANGED
 
 
 def test_one_or_two_failures_are_tolerated_and_a_success_resets():
     w = started()
     t = 1060.0
     for _ in range(10):
-        assert w.observe(t, err()).verdict is Verdict.TOLERATED
-        assert w.observe(t + 30, err()).verdict is Verdict.TOLERATED
-        assert w.observe(t + 60, ok(SMALL)).verdict is Verdict.STEADY
+        assert step(w, t, err()).verdict is Verdict.TOLERATED
+        assert step(w, t + 30, err()).verdict is Verdict.TOLERATED
+        assert step(w, t + 60, ok(SMALL)).verdict is Verdict.STEADY
         t += 90
 
 
-def test_third_consecutive_failure_acts_with_all_errors():
+def test_third_consecutive_failure_after_a_baseline_restarts_with_all_errors():
     w = started()
-    w.observe(1060.0, err("Unknown Error"))
-    w.observe(1090.0, err("GPU is lost"))
-    d = w.observe(1120.0, err("probe did not finish within 10 s"))
-    assert d.verdict is Verdict.FAILING and d.act
+    step(w, 1060.0, err("Unknown Error"))
+    step(w, 1090.0, err("GPU is lost"))
+    d = step(w, 1120.0, err("probe did not finish within 10 s"))
+    assert d.verdict is Verdict.FAILING and d.action is Action.RESTART
     assert d.errors == ("Unknown Error", "GPU is lost", "probe did not finish within 10 s")
 
 
-def test_failed_baseline_retries_every_interval_until_one_succeeds():
-    w = Watcher(POLICY, started_at=0.0)
-    assert w.observe(0.0, err()).next_probe_at == 30.0
-    assert w.observe(30.0, err()).verdict is Verdict.TOLERATED
-    d = w.observe(60.0, ok(BIG))
-    assert d.verdict is Verdict.BASELINE and w.baseline is BIG
+def test_failure_while_settling_keeps_the_candidate_and_retries_after_settle():
+    w = started()
+    step(w, 1060.0, ok(BIG))
+    d = step(w, 1065.0, err())
+    assert (d.verdict, d.next_probe_at) == (Verdict.TOLERATED, 1070.0)
+    assert step(w, 1070.0, ok(BIG)).verdict is Verdict.CHANGED
 
 
-def test_failed_baseline_reaching_the_threshold_acts():
+# -- NVML failing from the start: a restart cannot help ----------------------------------------
+
+
+def test_failures_from_the_start_never_restart_and_are_reported_rarely():
     w = Watcher(POLICY, started_at=0.0)
-    w.observe(0.0, err())
-    w.observe(30.0, err())
-    assert w.observe(60.0, err()).verdict is Verdict.FAILING
+    loud_at = []
+    t = 0.0
+    for _ in range(10 * POLICY.failure_threshold):  # also well past REPORT_EVERY
+        d = step(w, t, err("RM has detected an NVML/RM version mismatch."))
+        assert (d.verdict, d.action, d.next_probe_at) == (Verdict.BROKEN, Action.NONE, t + 30)
+        if d.loud:
+            loud_at.append(t)
+        t += 30
+    assert loud_at == [0.0, REPORT_EVERY]
+    assert w.baseline is None
+
+
+def test_nvml_working_after_failing_from_the_start_is_a_change():
+    w = Watcher(POLICY, started_at=0.0)
+    for t in (0.0, 30.0, 60.0, 90.0):
+        step(w, t, err())
+    d = step(w, 120.0, ok(BIG))
+    assert (d.verdict, d.next_probe_at) == (Verdict.SETTLING, 125.0)
+    d = step(w, 125.0, ok(BIG))
+    assert d.verdict is Verdict.CHANGED and d.action is Action.RESTART
+    assert d.change.old.gpus == () and d.change.new is BIG
+    assert "NVML became usable" in d.change.lines and not d.change.is_mig_change
+
+
+def test_even_one_failed_baseline_probe_means_the_agent_started_without_nvml():
+    w = Watcher(POLICY, started_at=0.0)
+    assert step(w, 0.0, err()).verdict is Verdict.BROKEN
+    assert step(w, 30.0, ok(BIG)).verdict is Verdict.SETTLING
+
+
+def test_failing_then_unusable_nvml_is_a_quiet_baseline():
+    """From failing to "no driver": the agent has no NVML either way; nothing to restart."""
+    w = Watcher(POLICY, started_at=0.0)
+    step(w, 0.0, err())
+    d = step(w, 30.0, absent())
+    assert (d.verdict, d.action) == (Verdict.BASELINE, Action.NONE)
+    assert step(w, 90.0, absent()).verdict is Verdict.STEADY
 
 
 def test_no_nvml_at_start_is_a_no_gpu_baseline_and_nvml_appearing_is_a_change():
     w = started(first=absent())
     assert w.baseline.gpus == ()
     for t in (1060.0, 1090.0, 1120.0):  # still absent: steady, never a failure
-        assert w.observe(t, absent()).verdict is Verdict.STEADY
-    assert w.observe(1150.0, ok(SMALL)).verdict is Verdict.SETTLING
-    d = w.observe(1155.0, ok(SMALL))
+        assert step(w, t, absent()).verdict is Verdict.STEADY
+    assert step(w, 1150.0, ok(SMALL)).verdict is Verdict.SETTLING
+    d = step(w, 1155.0, ok(SMALL))
     assert d.verdict is Verdict.CHANGED and not d.change.is_mig_change
 
 
 def test_nvml_disappearing_under_a_gpu_baseline_is_a_change():
     w = started()
-    w.observe(1060.0, absent())
-    d = w.observe(1065.0, absent())
+    step(w, 1060.0, absent())
+    d = step(w, 1065.0, absent())
     assert d.verdict is Verdict.CHANGED and "NVML is no longer usable" in d.change.lines
 
 
-def test_pending_mode_is_reported_once_and_is_not_a_change():
-    w = started()
-    pending = Topology((replace(SMALL.gpus[0], mig_pending=False),))
-    d = w.observe(1060.0, ok(pending))
-    assert d.verdict is Verdict.STEADY and [g.uuid for g in d.newly_pending] == ["GPU-0"]
-    assert w.observe(1090.0, ok(pending)).newly_pending == ()
+# -- only the running probe's answer counts -----------------------------------------------------
 
 
-def test_failure_while_settling_keeps_the_candidate_and_retries_after_settle():
+def test_a_late_answer_from_a_probe_that_missed_its_deadline_is_ignored():
     w = started()
-    w.observe(1060.0, ok(BIG))
-    d = w.observe(1065.0, err())
-    assert (d.verdict, d.next_probe_at) == (Verdict.TOLERATED, 1070.0)
-    assert w.observe(1070.0, ok(BIG)).verdict is Verdict.CHANGED
+    late = w.begin_probe(1060.0)
+    assert w.overdue(1069.9) is None  # probe_timeout is 10 s
+    d = w.overdue(1070.0)
+    assert d.verdict is Verdict.TOLERATED and d.errors == ("probe did not finish within 10 s",)
+    assert w.overdue(1080.0) is None  # counted once
+    # its answer arrives after all, showing a change: it is not the current probe's
+    assert w.observe(1071.0, ProbeResult(late, BIG)) is None
+    current = w.begin_probe(1100.0)
+    assert w.observe(1100.5, ProbeResult(late, BIG)) is None
+    d = w.observe(1101.0, ProbeResult(current, SMALL))
+    assert d.verdict is Verdict.STEADY and w.errors == []
+
+
+def test_the_next_probe_waits_for_the_running_one():
+    w = started()
+    w.begin_probe(1060.0)
+    assert not w.probe_due(2000.0) and w.wake_at() == 1070.0
+
+
+# -- a MIG mode change pending a GPU reset -----------------------------------------------------
+
+
+def test_ignore_mode_reports_a_pending_change_once_and_keeps_going():
+    w = started(replace(POLICY, on_pending="ignore"))
+    d = step(w, 1060.0, ok(pending(SMALL, False)))
+    assert d.verdict is Verdict.STEADY and d.action is Action.NONE
+    assert [g.uuid for g in d.newly_pending] == ["GPU-0"]
+    assert step(w, 1090.0, ok(pending(SMALL, False))).newly_pending == ()
+
+
+def test_a_pending_change_holds_and_the_reset_releases_with_one_restart():
+    w = started(first=ok(OFF))
+    d = step(w, 1060.0, ok(pending(OFF, True)))
+    assert (d.verdict, d.action) == (Verdict.PENDING, Action.HOLD)
+    assert [(g.uuid, g.mig_pending) for g in d.newly_pending] == [("GPU-0", True)]
+    assert w.hold.until == 1360.0
+    for t in (1090.0, 1120.0):  # the reset has not happened yet
+        d = step(w, t, ok(pending(OFF, True)))
+        assert (d.verdict, d.action, d.newly_pending) == (Verdict.PENDING, Action.NONE, ())
+    # the reset: MIG is on, no instances yet; confirmed `settle` later
+    d = step(w, 1150.0, ok(ON_EMPTY))
+    assert (d.verdict, d.action, d.next_probe_at) == (Verdict.SETTLING, Action.NONE, 1155.0)
+    d = step(w, 1155.0, ok(ON_EMPTY))
+    assert (d.verdict, d.action) == (Verdict.RELEASED, Action.RESTART)
+    assert d.change.old is OFF and d.change.new is ON_EMPTY
+    assert w.hold is None
+
+
+def test_the_release_waits_for_the_instances_created_right_after_the_reset():
+    w = started(first=ok(OFF))
+    step(w, 1060.0, ok(pending(OFF, True)))
+    assert step(w, 1090.0, ok(ON_EMPTY)).verdict is Verdict.SETTLING
+    assert step(w, 1095.0, ok(layout("3g.20gb"))).verdict is Verdict.SETTLING
+    assert step(w, 1100.0, ok(BIG)).verdict is Verdict.SETTLING
+    d = step(w, 1105.0, ok(BIG))
+    assert d.verdict is Verdict.RELEASED and d.change.new is BIG
+
+
+def test_a_pending_change_back_while_confirming_keeps_holding():
+    w = started(first=ok(OFF))
+    step(w, 1060.0, ok(pending(OFF, True)))
+    assert step(w, 1090.0, ok(OFF)).verdict is Verdict.SETTLING
+    d = step(w, 1095.0, ok(pending(OFF, True)))
+    assert (d.verdict, d.action) == (Verdict.PENDING, Action.NONE)
+    assert step(w, 1125.0, ok(OFF)).verdict is Verdict.SETTLING  # a new confirmation
+
+
+def test_a_withdrawn_pending_change_releases_without_a_change():
+    w = started()
+    step(w, 1060.0, ok(pending(SMALL, False)))
+    step(w, 1090.0, ok(SMALL))
+    d = step(w, 1095.0, ok(SMALL))
+    assert (d.verdict, d.action, d.change) == (Verdict.RELEASED, Action.RESTART, None)
+
+
+def test_a_change_pending_at_the_baseline_holds_at_once():
+    w = Watcher(POLICY, started_at=1000.0)
+    d = step(w, 1000.0, ok(pending(OFF, True)))
+    assert (d.verdict, d.action) == (Verdict.BASELINE, Action.HOLD)
+    assert w.baseline is not None and w.next_probe_at == 1030.0
+
+
+def test_a_change_seen_while_settling_gives_way_to_the_hold():
+    w = started()
+    assert step(w, 1060.0, ok(BIG)).verdict is Verdict.SETTLING
+    d = step(w, 1065.0, ok(pending(BIG, False)))
+    assert (d.verdict, d.action) == (Verdict.PENDING, Action.HOLD)
+    assert w.candidate is None
+
+
+def test_failures_while_holding_never_restart():
+    w = started(first=ok(OFF))
+    step(w, 1060.0, ok(pending(OFF, True)))
+    for t in (1090.0, 1120.0, 1150.0, 1180.0):
+        d = step(w, t, err("GPU is lost"))  # a reset makes NVML fail for a while
+        assert (d.verdict, d.action) == (Verdict.TOLERATED, Action.NONE)
+    assert step(w, 1210.0, ok(ON_EMPTY)).verdict is Verdict.SETTLING
+
+
+def test_a_hold_times_out_and_gives_the_agent_back_without_holding_again():
+    w = started(first=ok(OFF))
+    stuck = pending(OFF, True)
+    step(w, 1060.0, ok(stuck))
+    d = step(w, 1330.0, ok(stuck))
+    assert d.next_probe_at == 1360.0  # never past the deadline
+    d = step(w, 1360.0, ok(stuck))
+    assert (d.verdict, d.action) == (Verdict.TIMED_OUT, Action.RESUME)
+    assert [g.uuid for g in d.newly_pending] == ["GPU-0"]
+    assert w.hold is None and w.baseline is stuck
+    for t in (1390.0, 1420.0):  # the same pending change: no second hold
+        d = step(w, t, ok(stuck))
+        assert (d.verdict, d.action) == (Verdict.STEADY, Action.NONE)
+    # once it cleared, the same GPU holds again
+    assert step(w, 1450.0, ok(OFF)).action is Action.NONE
+    assert step(w, 1480.0, ok(stuck)).action is Action.HOLD
+
+
+def test_after_a_timeout_another_gpus_pending_change_holds():
+    base = two_gpus(OFF, OFF)
+    w = started(first=ok(base))
+    step(w, 1060.0, ok(pending(base, True, index=0)))
+    assert step(w, 1360.0, ok(pending(base, True, index=0))).action is Action.RESUME
+    both = pending(pending(base, True, index=0), True, index=1)
+    d = step(w, 1390.0, ok(both))
+    assert d.action is Action.HOLD and [g.uuid for g in d.newly_pending] == ["GPU-1"]
+
+
+def test_a_hold_times_out_even_while_nvml_fails():
+    w = started(first=ok(OFF))
+    step(w, 1060.0, ok(pending(OFF, True)))
+    assert step(w, 1360.0, err()).action is Action.RESUME
+    assert w.hold is None and w.errors == []

@@ -19,19 +19,24 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-# Signals passed on to the child as they arrive (the set tini and dumb-init forward).
-FORWARDED = (
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGHUP,
-    signal.SIGQUIT,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-    signal.SIGWINCH,
-)
-# Python starts with SIGPIPE and SIGXFSZ ignored; an ignored signal survives exec, so the child
-# gets them back at their default, like a child of any shell would.
-_RESET_TO_DEFAULT = (*FORWARDED, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, signal.SIGTTOU)
+# Every signal a process can catch is passed on to the child as it arrives, as tini does,
+# except: faults our own code raises (the kernel aims them at the faulting thread), those our
+# own I/O raises (SIGPIPE, SIGXFSZ: ignored, as CPython ignores them), SIGTTIN and SIGTTOU (a
+# terminal's job control: ignored, so that gpu-supervise is never stopped by its terminal, as
+# tini does), SIGCHLD (ours: reaping), and the two nobody can catch. SIGTSTP and SIGCONT go to
+# the child: ^Z stops the agent, not its supervisor.
+NOT_FORWARDED = frozenset(
+    {
+        signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGTRAP,
+        signal.SIGSYS, signal.SIGABRT, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGTTIN,
+        signal.SIGTTOU, signal.SIGCHLD, signal.SIGKILL, signal.SIGSTOP,
+    }
+)  # fmt: skip
+FORWARDED = tuple(sorted(signal.valid_signals() - NOT_FORWARDED))
+IGNORED = (signal.SIGTTIN, signal.SIGTTOU)
+# A disposition set to "ignore" survives exec; the child gets every signal at its default,
+# like a child of any shell would.
+_RESET_TO_DEFAULT = (*FORWARDED, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, *IGNORED)
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -86,16 +91,18 @@ def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def spawn(argv: list[str], env: dict[str, str]) -> int:
+def spawn(argv: list[str], env: dict[str, str], death_signal: int = 0) -> int:
     """Start the command in a new process group with a clean signal mask and dispositions.
 
     A failed exec is known here, in the parent, before anything runs: 127 or 126 with the
-    reason. With a terminal on stdin the child takes it over before its exec (below); otherwise
-    posix_spawn, which stays safe whatever threads are running.
+    reason. posix_spawn, which stays safe whatever threads are running, does it unless the
+    child must do something first that posix_spawn cannot: take over the terminal, or ask for
+    a parent-death signal.
     """
     try:
-        if _owns_terminal():
-            return _spawn_in_foreground(argv, env)
+        foreground = _owns_terminal()
+        if foreground or death_signal:
+            return _spawn_forked(argv, env, foreground, death_signal)
         return os.posix_spawnp(
             argv[0],
             argv,
@@ -124,25 +131,39 @@ def _owns_terminal() -> bool:
         return False
 
 
-def _spawn_in_foreground(argv: list[str], env: dict[str, str]) -> int:
-    """Start the command as the terminal's foreground group, so it reads input and gets ^C
-    itself, as tini does. The child takes the terminal *before* its exec: handed over from
-    here afterwards, an agent that reads at once would find itself in a background group and be
-    stopped by SIGTTIN for good. Called before any thread starts, so fork is safe; the exec's
-    errno comes back through a close-on-exec pipe, so a failed exec is known here as well."""
+PR_SET_PDEATHSIG = 1
+
+
+def _spawn_forked(argv: list[str], env: dict[str, str], foreground: bool, death_signal: int) -> int:
+    """fork, prepare, exec; the exec's errno comes back through a close-on-exec pipe, so a
+    failed exec is known here as well. Between fork and exec the child makes system calls only.
+
+    - foreground: the child takes the terminal *before* its exec, as tini does. Handed over
+      from here afterwards, an agent that reads at once would find itself in a background
+      group and be stopped by SIGTTIN for good.
+    - death_signal: the kernel sends it to the agent when the thread that forked it exits; we
+      fork from the main thread, which lives as long as gpu-supervise. If we died before the
+      request took effect, the child sends it to itself."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl if death_signal else None
+    parent = os.getpid()
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:  # the child: only system calls from here to the exec
         try:
             os.close(rfd)
             os.setpgid(0, 0)
-            signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # a background group may take it
-            try:
-                os.tcsetpgrp(0, os.getpgrp())
-            except OSError:
-                pass  # best effort: without it the agent still runs, in the background
+            if foreground:
+                signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # a background group may take it
+                try:
+                    os.tcsetpgrp(0, os.getpgrp())
+                except OSError:
+                    pass  # best effort: without it the agent still runs, in the background
             for sig in _RESET_TO_DEFAULT:
                 signal.signal(sig, signal.SIG_DFL)
+            if prctl is not None:
+                prctl(PR_SET_PDEATHSIG, death_signal, 0, 0, 0)
+                if os.getppid() != parent:
+                    os.kill(os.getpid(), death_signal)
             signal.pthread_sigmask(signal.SIG_SETMASK, ())
             os.execvpe(argv[0], argv, env)
         except OSError as exc:
@@ -168,11 +189,11 @@ def exit_code(status: int) -> int:
 def describe_status(status: int) -> str:
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
-        return f"killed by {_signame(sig)} (exit code {128 + sig})"
+        return f"was killed by {signame(sig)} (exit code {128 + sig})"
     return f"exited with code {os.WEXITSTATUS(status)}"
 
 
-def _signame(sig: int) -> str:
+def signame(sig: int) -> str:
     try:
         return signal.Signals(sig).name
     except ValueError:
@@ -214,37 +235,103 @@ def descendants() -> list[int]:
 
     try:
         procs = psutil.Process().children(recursive=True)
-    except psutil.Error:
-        return []
+    except (psutil.Error, OSError):  # a /proc without /proc/stat (systemd's ProcSubset=pid)
+        return _children_from_proc()
     return [p.pid for p in procs]
 
 
-def signal_tree(pgid: int | None, sig: int) -> int:
-    """Send `sig` once to every process of the tree: the child's process group in one call, then
-    each descendant that left the group (setsid daemons, orphans re-parented to us). Returns
-    how many processes the tree had below us, the group's included.
+def _children_from_proc() -> list[int]:
+    """The walk psutil does, from /proc/PID/stat alone."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as fh:
+                    ppid = int(fh.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [os.getpid()]
+    while todo:
+        for kid in parents.get(todo.pop(), []):
+            out.append(kid)
+            todo.append(kid)
+    return out
 
-    Exactly once matters: many agents take a second SIGTERM or SIGINT as "quit now, skip the
-    clean shutdown"."""
-    if pgid is not None:
-        try:
-            os.killpg(pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+
+def signal_tree(pgid: int | None, sig: int) -> int:
+    """Send `sig` once to every process of the tree (the child's and everything below us),
+    whole process groups in one call where that is safe, each other process on its own.
+    Returns how many processes the tree had below us.
+
+    A group is signalled whole (atomic against fork: a daemon forking as fast as it is killed
+    still gets it) when it is the child's group, or when it belongs to a session one of our
+    descendants made with setsid: everything in such a session descends from us. A group is
+    signalled only while one of its members is ours: once empty, its number is free and could
+    name somebody else's. Exactly once matters: many agents take a second SIGTERM or SIGINT as
+    "quit now, skip the clean shutdown"."""
     tree = descendants()
-    for pid in tree:
+    own_session = os.getsid(0)
+    groups = {pid: _ids(pid) for pid in tree}
+    whole = {
+        group
+        for group, session in groups.values()
+        if group is not None and (group == pgid or (session is not None and session != own_session))
+    }
+    for group in whole:
         try:
-            if pgid is not None and os.getpgid(pid) == pgid:
-                continue  # already signalled through its group
-            os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
+            os.killpg(group, sig)
+        except OSError:
             pass
+    for pid in tree:
+        if groups[pid][0] not in whole:
+            _kill(pid, sig)
     return len(tree)
 
 
-def send(pid: int, sig: int) -> bool:
+def _ids(pid: int) -> tuple[int | None, int | None]:
+    """(process group, session) of a process; None where it is gone."""
+    try:
+        return os.getpgid(pid), os.getsid(pid)
+    except OSError:
+        return None, None
+
+
+def _kill(pid: int, sig: int) -> str | None:
+    """kill(2) that never raises: a refused or a late signal is a fact to report, never a reason
+    to leave the main loop (and the agent unsupervised)."""
     try:
         os.kill(pid, sig)
     except ProcessLookupError:
-        return False
-    return True
+        return "no such process"
+    except OSError as exc:  # EPERM: a setuid agent, or gpu-supervise not root
+        return exc.strerror or str(exc)
+    return None
+
+
+def send(pid: int, sig: int) -> str | None:
+    """Forward one signal to the child; the reason when the kernel refused it."""
+    return _kill(pid, sig)
+
+
+@dataclass(frozen=True)
+class Survivor:
+    pid: int
+    state: str  # the state letter of /proc/PID/stat: D (uninterruptible), T (stopped)...
+    cmdline: str
+
+
+def survivors() -> list[Survivor]:
+    """What is still alive below us after SIGKILL (zombies are dead: not counted)."""
+    out = []
+    for pid in descendants():
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                state = fh.read().rsplit(b")", 1)[1].split()[0].decode()
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                argv = fh.read().rstrip(b"\0").split(b"\0")
+        except (OSError, IndexError):
+            continue
+        if state != "Z":
+            out.append(Survivor(pid, state, " ".join(a.decode(errors="replace") for a in argv)))
+    return out

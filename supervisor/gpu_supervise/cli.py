@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from typing import Any, NoReturn
 
 from . import __version__
-from .config import SCHEMA, ConfigError, Settings, flag_name, load
+from .config import DEFAULT_CONFIG, ENV_CONFIG, SCHEMA, ConfigError, Settings, flag_name, load
 
 EXIT_USAGE = 2
 PROG = "gpu-supervise"
@@ -28,6 +29,19 @@ FLAGS: dict[str, tuple[str, str]] = {
     if (section, key) != ("watch", "enabled")
 }
 SNAPSHOT_FLAGS = ("--source", "--probe-timeout")
+USAGE = f"{PROG} [OPTIONS] -- COMMAND [ARGS...]"
+EPILOG = f"""\
+exit codes:
+  1        the GPU topology changed, or NVML failed failure_threshold probes in a row after
+           a good one: restart me
+  child's  the agent exited by itself (128+N if signal N killed it); also after SIGTERM/SIGINT
+  2        usage or configuration error (one line on stderr; nothing is started)
+  126/127  the command cannot be executed / was not found
+
+configuration: --config PATH, else ${ENV_CONFIG}, else {DEFAULT_CONFIG} if it exists;
+  environment GPU_SUPERVISE_<SECTION>_<KEY> overrides the file, flags override both.
+other commands: {PROG} snapshot [--json] (the node's topology), {PROG} demo (a simulated node)
+"""
 
 
 class Parser(argparse.ArgumentParser):
@@ -40,8 +54,13 @@ class Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-def _parser(prog: str, flags: tuple[str, ...], description: str) -> Parser:
-    parser = Parser(prog=prog, description=description)
+def _parser(prog: str, flags: tuple[str, ...], description: str, epilog: str = "") -> Parser:
+    parser = Parser(
+        prog=prog,
+        description=description,
+        epilog=epilog or None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", metavar="PATH", help="TOML configuration file")
     for flag in flags:
         section, key = FLAGS[flag]
@@ -60,8 +79,9 @@ def supervise_parser() -> Parser:
         f"{PROG} [OPTIONS] --",
         tuple(FLAGS),
         "Run COMMAND as a supervised child; stop it and exit 1 when the GPU topology changes.",
+        EPILOG,
     )
-    parser.usage = f"{PROG} [OPTIONS] -- COMMAND [ARGS...]\n       {PROG} snapshot|demo --help"
+    parser.usage = f"{USAGE}\n       {PROG} snapshot|demo --help"
     parser.add_argument("--no-watch", action="store_true", help="plain supervisor: no NVML at all")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return parser
@@ -84,9 +104,16 @@ def parse_supervise(argv: list[str]) -> tuple[Settings, list[str]]:
         options, command = argv[:split], argv[split + 1 :]
     else:
         options, command = argv, []
-    ns = supervise_parser().parse_args(options)
+    ns, extra = supervise_parser().parse_known_args(options)
+    if extra and not extra[0].startswith("-"):
+        raise ConfigError(f"put -- before the command: {PROG} [OPTIONS] -- {shlex.join(extra)}")
+    if extra:
+        raise ConfigError(f"unrecognized arguments: {shlex.join(extra)} (see {PROG} --help)")
     if not command:
-        raise ConfigError(f"no command to run: usage: {PROG} [OPTIONS] -- COMMAND [ARGS...]")
+        raise ConfigError(
+            f"no command to run: usage: {USAGE} (see {PROG} --help; "
+            f"{PROG} snapshot shows the GPUs, {PROG} demo the whole story)"
+        )
     return load(_flag_values(ns), ns.config), command
 
 
@@ -119,7 +146,7 @@ def _supervise(settings: Settings, command: list[str]) -> int:
     child.block_signals()
     child.become_subreaper()
     try:
-        pid = child.spawn(command, env)
+        pid = child.spawn(command, env, settings.parent_death_signal)
     except child.SpawnError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return exc.code
@@ -127,7 +154,7 @@ def _supervise(settings: Settings, command: list[str]) -> int:
     from .supervise import Supervisor
 
     logs.setup(settings.log_level, settings.log_format)
-    return Supervisor(settings, command, pid, notify_socket).run()
+    return Supervisor(settings, command, pid, env, notify_socket).run()
 
 
 def _snapshot(argv: list[str]) -> int:
@@ -145,17 +172,44 @@ def _snapshot(argv: list[str]) -> int:
         print(f"{PROG}: cannot read the GPU topology: {result.error}", file=sys.stderr)
         return 1
     if result.unavailable:
-        print(f"{PROG}: {result.unavailable}", file=sys.stderr)
+        hint = (
+            "no NVIDIA driver here, or a container started without the NVIDIA runtime "
+            "(--gpus, runtimeClassName: nvidia) or without NVIDIA_VISIBLE_DEVICES"
+        )
+        print(f"{PROG}: {result.unavailable} ({hint})", file=sys.stderr)
         return 1
     assert result.topology is not None
     print(result.topology.dumps() if ns.json else render_table(result.topology))
     return 0
 
 
+def safe_stdio() -> None:
+    """Open /dev/null on any of fds 0-2 that is closed, before anything else: otherwise the
+    first file we open takes its number (and our log lands in it), the child inherits the
+    hole, and Python has no sys.stderr to report anything on."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            try:
+                opened = os.open(os.devnull, os.O_RDWR)
+            except OSError:
+                continue  # no /dev/null: nothing better to do
+            if opened != fd:  # only if a lower one was closed too, and that is handled first
+                os.dup2(opened, fd)
+                os.close(opened)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, mode, closefd=False, errors="backslashreplace"))  # noqa: SIM115
+
+
 def run() -> NoReturn:
     """Console-script entry point."""
+    safe_stdio()
     code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # our own output cannot change the exit code the agent gave
     # A probe thread stuck in a hung NVML call must not hold up the exit.
     os._exit(code)

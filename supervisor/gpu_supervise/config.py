@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -31,6 +32,17 @@ class ConfigError(Exception):
 # -- value rules ------------------------------------------------------------------------------
 
 
+MIN_PERIOD = 0.1  # seconds: a shorter interval, settle or probe deadline only burns a core
+MAX_SECONDS = 30 * 86400.0  # 30 days: longer is "never", and overflows select() and locks
+MAX_THRESHOLD = 1_000_000
+
+
+def _show(value: Any) -> str:
+    """A value as an error message shows it: its repr, on one line, never a page of it."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:40]}... ({len(text)} characters)"
+
+
 def _boolean(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -40,49 +52,59 @@ def _boolean(value: Any) -> bool:
             return True
         if text in ("0", "false", "no", "off"):
             return False
-    raise ValueError(f"must be true or false, got {value!r}")
+    raise ValueError(f"must be true or false, got {_show(value)}")
 
 
 def _number(value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"must be a number of seconds, got {value!r}")
-    if isinstance(value, (int, float)):
-        number = float(value)
-    elif isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            raise ValueError(f"must be a number of seconds, got {value!r}") from None
-    else:
-        raise ValueError(f"must be a number of seconds, got {value!r}")
-    if not math.isfinite(number):
-        raise ValueError(f"must be a finite number of seconds, got {value!r}")
+    wrong = f"must be a number of seconds, got {_show(value)}"
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(wrong)
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except ValueError:
+        raise ValueError(wrong) from None
+    except OverflowError:  # an integer too large for a float
+        number = math.inf
+    if not math.isfinite(number) or abs(number) > MAX_SECONDS:
+        raise ValueError(
+            f"must be a finite number of seconds up to {MAX_SECONDS:.0f}, got {_show(value)}"
+        )
     return number
 
 
-def _positive(value: Any) -> float:
+def _period(value: Any) -> float:
+    """Something done again and again (a probe, its deadline): at least MIN_PERIOD."""
     number = _number(value)
-    if number <= 0:
-        raise ValueError(f"must be greater than 0, got {value!r}")
+    if number < MIN_PERIOD:
+        raise ValueError(f"must be at least {MIN_PERIOD:g} s, got {_show(value)}")
+    return number
+
+
+def _settle(value: Any) -> float:
+    number = _number(value)
+    if number != 0 and number < MIN_PERIOD:
+        raise ValueError(f"must be 0 (act at first sight) or at least {MIN_PERIOD:g} s, got "
+                         f"{_show(value)}")  # fmt: skip
     return number
 
 
 def _non_negative(value: Any) -> float:
     number = _number(value)
     if number < 0:
-        raise ValueError(f"must be 0 or more, got {value!r}")
+        raise ValueError(f"must be 0 or more, got {_show(value)}")
     return number
 
 
 def _threshold(value: Any) -> int:
+    wrong = f"must be a whole number from 1 to {MAX_THRESHOLD}, got {_show(value)}"
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"must be a whole number of at least 1, got {value!r}")
+        raise ValueError(wrong)
     try:
         number = int(value.strip()) if isinstance(value, str) else value
-    except ValueError:
-        raise ValueError(f"must be a whole number of at least 1, got {value!r}") from None
-    if number < 1:
-        raise ValueError(f"must be at least 1, got {value!r}")
+    except ValueError:  # also Python's limit on the digits of an int
+        raise ValueError(wrong) from None
+    if not 1 <= number <= MAX_THRESHOLD:
+        raise ValueError(wrong)
     return number
 
 
@@ -92,22 +114,47 @@ def _choice(*choices: str, upper: bool = False) -> Callable[[Any], str]:
             text = value.strip().upper() if upper else value.strip().lower()
             if text in choices:
                 return text
-        raise ValueError(f"must be one of {', '.join(choices)}, got {value!r}")
+        raise ValueError(f"must be one of {', '.join(choices)}, got {_show(value)}")
 
     return check
 
 
 def _string(value: Any) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"must be a string, got {value!r}")
+        raise ValueError(f"must be a string, got {_show(value)}")
     return value
 
 
 def _source(value: Any) -> str:
     spec = _string(value).strip()
-    if spec == "nvml" or (spec.startswith("file:") and len(spec) > len("file:")):
+    if spec == "nvml":
         return spec
-    raise ValueError(f"unknown source {spec!r} (expected 'nvml' or 'file:PATH')")
+    if spec.startswith("file:") and len(spec) > len("file:"):
+        path = spec[len("file:") :]
+        if not os.path.isfile(path):
+            raise ValueError(f"{_show(path)} is not a file (a `snapshot --json` document)")
+        return spec
+    raise ValueError(f"unknown source {_show(spec)} (expected 'nvml' or 'file:PATH')")
+
+
+def _signal(value: Any) -> int:
+    """A signal by name (SIGTERM, term) or number; '' or 0 for none."""
+    import signal
+
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"must be a signal name such as SIGTERM, got {_show(value)}")
+    text = value.strip().upper() if isinstance(value, str) else str(value)
+    if text in ("", "0", "NONE"):
+        return 0
+    try:
+        number = int(text) if text.isdigit() else signal.Signals[
+            text if text.startswith("SIG") else "SIG" + text
+        ].value
+    except (KeyError, ValueError):
+        number = -1
+    if number not in signal.valid_signals():
+        raise ValueError(f"must be a signal name such as SIGTERM, got {_show(value)}")
+    return int(number)
 
 
 @dataclass(frozen=True)
@@ -120,15 +167,28 @@ class Key:
 SCHEMA: dict[str, dict[str, Key]] = {
     "watch": {
         "enabled": Key(True, _boolean, "watch the GPU topology at all"),
-        "interval": Key(30.0, _positive, "seconds between probes"),
+        "interval": Key(30.0, _period, "seconds between probes"),
         "cooldown": Key(60.0, _non_negative, "seconds after start before the first comparison"),
-        "settle": Key(5.0, _non_negative, "seconds to confirm a change before acting; 0 acts"),
+        "settle": Key(
+            5.0, _settle, "seconds to confirm a change before acting (0: act at first sight)"
+        ),
         "failure_threshold": Key(3, _threshold, "consecutive failed probes that force a restart"),
-        "probe_timeout": Key(10.0, _positive, "seconds a probe may take before it counts failed"),
+        "probe_timeout": Key(10.0, _period, "seconds a probe may take before it counts failed"),
         "source": Key("nvml", _source, "'nvml', or 'file:PATH' (a snapshot --json document)"),
+        "on_pending": Key(
+            "hold",
+            _choice("hold", "ignore"),
+            "'hold': stop the agent while a MIG mode change waits for a GPU reset; 'ignore'",
+        ),
+        "pending_timeout": Key(
+            300.0, _period, "seconds to hold before starting the agent again anyway"
+        ),
     },
     "child": {
         "stop_timeout": Key(10.0, _non_negative, "seconds between SIGTERM and SIGKILL"),
+        "parent_death_signal": Key(
+            "", _signal, "signal the agent gets if gpu-supervise dies (e.g. SIGTERM); '' none"
+        ),
     },
     "log": {
         "level": Key("INFO", _choice(*LOG_LEVELS, upper=True), "minimum level logged"),
@@ -153,7 +213,10 @@ class Settings:
     failure_threshold: int = 3
     probe_timeout: float = 10.0
     source: str = "nvml"
+    on_pending: str = "hold"
+    pending_timeout: float = 300.0
     stop_timeout: float = 10.0
+    parent_death_signal: int = 0
     log_level: str = "INFO"
     log_format: str = "text"
     termination_log: str = "/dev/termination-log"
@@ -163,7 +226,15 @@ class Settings:
     def policy(self) -> WatchPolicy:
         from .watch import WatchPolicy  # the policy module is not needed to start the child
 
-        return WatchPolicy(self.interval, self.cooldown, self.settle, self.failure_threshold)
+        return WatchPolicy(
+            self.interval,
+            self.cooldown,
+            self.settle,
+            self.failure_threshold,
+            self.on_pending,
+            self.pending_timeout,
+            self.probe_timeout,
+        )
 
     @classmethod
     def from_values(
@@ -178,7 +249,10 @@ class Settings:
             failure_threshold=v["watch", "failure_threshold"],
             probe_timeout=v["watch", "probe_timeout"],
             source=v["watch", "source"],
+            on_pending=v["watch", "on_pending"],
+            pending_timeout=v["watch", "pending_timeout"],
             stop_timeout=v["child", "stop_timeout"],
+            parent_death_signal=v["child", "parent_death_signal"],
             log_level=v["log", "level"],
             log_format=v["log", "format"],
             termination_log=v["report", "termination_log"],
@@ -204,7 +278,7 @@ def load(
     """Merge every layer. `flags` holds only the flags actually given, keyed (section, key)."""
     environ = os.environ if environ is None else environ
     values: dict[tuple[str, str], Any] = {
-        (section, key): spec.default
+        (section, key): spec.check(spec.default)
         for section, keys in SCHEMA.items()
         for key, spec in keys.items()
     }
@@ -278,9 +352,60 @@ def _from_env(environ: Mapping[str, str]) -> dict[tuple[str, str], Any]:
         if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG:
             continue
         if name not in names:
+            if is_service_link(name, raw):
+                continue
             raise ConfigError(
                 f"environment {name}: unknown setting (e.g. {env_name('watch', 'interval')})"
             )
         section, key = names[name]
         out[section, key] = _check(section, key, raw, f"environment {name}")
     return out
+
+
+# Kubernetes service links: a Service named gpu-supervise (or gpu-supervise-*) in the pod's
+# namespace makes the kubelet inject these, unless the pod sets enableServiceLinks: false.
+# A name can have two readings (GPU_SUPERVISE_SERVICE_PORT: the port of Service gpu-supervise,
+# or the URL of Service gpu-supervise-service), so each shape is tried with its value's shape.
+_SVC = r"GPU_SUPERVISE(?:_[A-Z0-9_]+)?"
+_PORT_ID = r"_PORT_[0-9]+_(?:TCP|UDP|SCTP)"
+_PORT = re.compile(r"[1-9][0-9]{0,4}")
+_URL = re.compile(r"(?:tcp|udp|sctp)://(?P<ip>\[[0-9a-fA-F:.]+\]|[0-9.]+):[1-9][0-9]{0,4}")
+
+
+def _is_port(value: str) -> bool:
+    return _PORT.fullmatch(value) is not None and int(value) <= 65535
+
+
+def _is_url(value: str) -> bool:
+    match = _URL.fullmatch(value)
+    return (
+        match is not None
+        and _is_ip(match["ip"].strip("[]"))
+        and _is_port(value.rsplit(":", 1)[1])
+    )
+
+
+_SERVICE_LINKS: tuple[tuple[re.Pattern[str], Callable[[str], bool]], ...] = (
+    (re.compile(_SVC + r"_SERVICE_HOST"), lambda v: _is_ip(v)),
+    (re.compile(_SVC + r"_SERVICE_PORT(?:_[A-Z0-9_]+)?"), _is_port),
+    (re.compile(_SVC + r"_PORT(?:_[0-9]+_(?:TCP|UDP|SCTP))?"), _is_url),
+    (re.compile(_SVC + _PORT_ID + r"_PROTO"), lambda v: v in ("tcp", "udp", "sctp")),
+    (re.compile(_SVC + _PORT_ID + r"_PORT"), _is_port),
+    (re.compile(_SVC + _PORT_ID + r"_ADDR"), lambda v: _is_ip(v)),
+)
+
+
+def is_service_link(name: str, value: str) -> bool:
+    """Exactly the variables Kubernetes' service links make, with values of their shape: one
+    that only looks like one (a mistyped setting) stays an error."""
+    return any(shape.fullmatch(name) and valid(value) for shape, valid in _SERVICE_LINKS)
+
+
+def _is_ip(text: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True

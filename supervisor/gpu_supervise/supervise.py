@@ -4,10 +4,19 @@ Everything that can block lives elsewhere: NVML in the probe thread (behind a de
 agent in its own processes. The loop sleeps in select() on one pipe that signal handlers
 (via set_wakeup_fd) and the probe thread write to, so a signal or a result wakes it at once
 and a hung NVML call never delays a signal or a stop.
+
+The supervisor's states, as supervisord names its processes' states:
+
+    RUNNING ──(change, failures, the agent exits, SIGTERM)──► STOPPING ──► exit
+       ▲  └──(a MIG mode change pending a GPU reset)──► STOPPING ──► HOLDING ──(reset done)──► exit
+       └──────────────────────(pending_timeout: the agent starts again)──────┘
+
+The watch policy (watch.py) decides the transitions; this loop carries them out.
 """
 
 from __future__ import annotations
 
+import enum
 import os
 import select
 import signal
@@ -17,44 +26,58 @@ from dataclasses import dataclass
 
 from loguru import logger
 
-from . import child, report
+from . import child, events, report
 from .config import Settings
 from .probe import Prober, ProbeResult, failed
 from .sources import open_source
-from .topology import Change
-from .watch import Decision, Verdict, Watcher
+from .watch import Action, Decision, Watcher
 
-TAG = "[GPU-Watcher]"
 EXIT_RESTART = 1
+# After SIGKILL a process needs a moment to die and be reaped, even with stop_timeout 0.
+MIN_KILL_WAIT = 1.0
+
+
+class State(enum.Enum):
+    RUNNING = "running"  # the agent is up; the topology is watched
+    STOPPING = "stopping"  # the agent's tree got SIGTERM (or SIGINT); SIGKILL follows
+    HOLDING = "holding"  # the agent is stopped on purpose: a MIG mode change waits for a reset
 
 
 @dataclass
 class Stop:
-    """A stop in progress: what we will exit with, and when SIGKILL follows SIGTERM."""
+    """A stop in progress: what follows it, and when SIGKILL follows SIGTERM."""
 
     exit_code: int | None  # None: exit with the child's own code
+    reason: str
     kill_at: float
-    killed: bool = False
+    hold: bool = False  # once the tree is gone, hold instead of exiting
+    give_up_at: float | None = None  # set with the SIGKILL: survivors are logged, we exit
 
 
 class Supervisor:
     def __init__(
-        self, settings: Settings, argv: list[str], pid: int, notify_socket: str | None = None
+        self,
+        settings: Settings,
+        argv: list[str],
+        pid: int,
+        env: dict[str, str],
+        notify_socket: str | None = None,
     ) -> None:
         self.settings = settings
         self.argv = argv
+        self.env = env
         self.signals: deque[int] = deque()
         self.pid = pid  # the child, already started (see cli): its status, once reaped, below
         self.status: int | None = None
+        self.state = State.RUNNING
         self.stop: Stop | None = None
+        self.exit: tuple[int, str] | None = None
         self.notify_socket = notify_socket
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self.watcher: Watcher | None = None
         self.prober: Prober | None = None
-        self.in_flight: tuple[int, float] | None = None  # (seq, deadline)
-        self.seq = 0
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -67,6 +90,8 @@ class Supervisor:
         # PID 1 gets no default actions: every signal we forward needs a handler of its own.
         for sig in (*child.FORWARDED, signal.SIGCHLD):
             signal.signal(sig, self._record)
+        for sig in child.IGNORED:
+            signal.signal(sig, signal.SIG_IGN)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
 
     def _wake(self) -> None:
@@ -82,37 +107,38 @@ class Supervisor:
         if self.settings.watch_enabled:
             self.watcher = Watcher(self.settings.policy, time.monotonic())
             self.prober = Prober(open_source(self.settings.source), notify=self._wake)
-            self._start_probe(time.monotonic())  # the baseline, while the agent starts
-        report.sd_notify(self.notify_socket, f"READY=1\nMAINPID={os.getpid()}")
-        return self._loop()
+            self._watch(time.monotonic())  # the baseline probe starts while the agent does
+        status = events.running_status(self.argv, self.pid, self.settings)
+        self._notify(f"READY=1\nSTATUS={status}\nMAINPID={os.getpid()}")
+        code, why = self._loop()
+        logger.info(f"exiting {code}: {why}")
+        return code
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def _loop(self) -> int:
-        while True:
+    def _loop(self) -> tuple[int, str]:
+        while self.exit is None:
             self._handle_signals()
             self._reap()
             now = time.monotonic()
-            if self.stop is None:
+            if self.state is not State.STOPPING:
                 self._watch(now)
-            if self.stop is not None:
-                done = self._advance_stop(now)
-                if done is not None:
-                    return done
-            elif self.status is not None:
+            if self.state is State.RUNNING and self.status is not None:
                 # The agent exited by itself: clear what it left behind, exit with its code.
-                self._begin_stop(now, exit_code=child.exit_code(self.status))
-                continue
-            self._sleep(self._next_wake(now) - time.monotonic())
+                code = child.exit_code(self.status)
+                self._begin_stop(now, code, f"the agent {child.describe_status(self.status)}")
+            if self.state is State.STOPPING:
+                self._advance_stop(now)
+            if self.exit is None:
+                self._sleep(self._next_wake(now) - time.monotonic())
+        return self.exit
 
     def _next_wake(self, now: float) -> float:
         times = [now + 3600.0]
         if self.stop is not None:
-            times.append(now + 0.05 if self.stop.killed else self.stop.kill_at)
-        if self.in_flight is not None:
-            times.append(self.in_flight[1])
-        elif self.watcher is not None and self.stop is None:
-            times.append(self.watcher.next_probe_at)
+            times.append(now + 0.05 if self.stop.give_up_at is not None else self.stop.kill_at)
+        if self.watcher is not None and self.state is not State.STOPPING:
+            times.append(self.watcher.wake_at())
         return min(times)
 
     def _sleep(self, seconds: float) -> None:
@@ -127,6 +153,9 @@ class Supervisor:
         except BlockingIOError:
             pass
 
+    def _notify(self, message: str) -> None:
+        report.sd_notify(self.notify_socket, message)
+
     # -- signals and children -------------------------------------------------------------------
 
     def _handle_signals(self) -> None:
@@ -134,16 +163,32 @@ class Supervisor:
             sig = self.signals.popleft()
             if sig == signal.SIGCHLD:
                 continue  # reaping follows in the loop
-            name = signal.Signals(sig).name
+            name = child.signame(sig)
             if sig in (signal.SIGTERM, signal.SIGINT):
-                if self.stop is None:
-                    logger.info(f"received {name}: stopping the child")
-                    self._begin_stop(time.monotonic(), exit_code=None, sig=sig)
-                else:
-                    child.signal_tree(self.pid, sig)
-            elif self.status is None:
+                self._stop_requested(sig, name)
+            elif self.state is State.HOLDING or self.status is not None:
+                logger.debug(f"received {name}: no agent is running to forward it to")
+            else:
                 logger.debug(f"forwarding {name} to pid {self.pid}")
-                child.send(self.pid, sig)
+                refused = child.send(self.pid, sig)
+                if refused:
+                    logger.warning(f"could not forward {name} to pid {self.pid}: {refused}")
+
+    def _stop_requested(self, sig: int, name: str) -> None:
+        """SIGTERM or SIGINT from outside: a stop by the README's exit rules, whatever we
+        were doing. A second one during a stop goes to the whole tree again."""
+        if self.state is State.HOLDING:
+            code = child.exit_code(self.status) if self.status is not None else 0
+            self.exit = (code, f"stopped by {name} while holding")
+        elif self.state is State.RUNNING:
+            logger.info(f"received {name}: stopping the child")
+            self._begin_stop(time.monotonic(), None, f"stopped by {name}", sig=sig)
+        else:
+            assert self.stop is not None
+            logger.info(f"received {name} during the stop: sending it to the child's tree too")
+            self.stop.hold, self.stop.exit_code = False, None
+            self.stop.reason = f"stopped by {name}"
+            child.signal_tree(self.pid, sig)
 
     def _reap(self) -> None:
         for reaped in child.reap():
@@ -153,156 +198,98 @@ class Supervisor:
             else:
                 logger.debug(f"reaped orphan {reaped.pid} ({child.describe_status(reaped.status)})")
 
-    # -- stopping ------------------------------------------------------------------------------
+    # -- stopping, holding, resuming -------------------------------------------------------------
 
-    def _begin_stop(self, now: float, exit_code: int | None, sig: int = signal.SIGTERM) -> None:
-        self.stop = Stop(exit_code, kill_at=now + self.settings.stop_timeout)
-        report.sd_notify(self.notify_socket, "STOPPING=1")
+    def _begin_stop(
+        self, now: float, exit_code: int | None, reason: str, sig: int = signal.SIGTERM,
+        hold: bool = False,
+    ) -> None:  # fmt: skip
+        self.state = State.STOPPING
+        self.stop = Stop(exit_code, reason, kill_at=now + self.settings.stop_timeout, hold=hold)
+        self._notify("STATUS=stopping the agent: " + reason + ("" if hold else "\nSTOPPING=1"))
         child.signal_tree(self.pid, sig)
 
-    def _advance_stop(self, now: float) -> int | None:
-        """Wait for the tree to go; SIGKILL what is left after stop_timeout. Returns the exit
-        code once nothing is left to reap."""
+    def _advance_stop(self, now: float) -> None:
+        """Wait for the tree to go; SIGKILL what is left after stop_timeout, and whatever
+        appears after that. What survives stop_timeout more is logged, and the stop ends."""
         stop = self.stop
         assert stop is not None
         if not child.has_children():
-            return self._exit_code(stop)
-        if now >= stop.kill_at and not stop.killed:
-            left = child.signal_tree(self.pid, signal.SIGKILL)
-            stop.killed = True
-            logger.warning(
-                f"{left} process(es) still running {self.settings.stop_timeout:g} s after "
-                "SIGTERM: sent SIGKILL"
-            )
+            return self._stopped(stop)
+        if stop.give_up_at is None:
+            if now >= stop.kill_at:
+                left = child.signal_tree(self.pid, signal.SIGKILL)
+                stop.give_up_at = now + max(self.settings.stop_timeout, MIN_KILL_WAIT)
+                logger.warning(
+                    f"{left} process(es) still running {self.settings.stop_timeout:g} s after "
+                    "SIGTERM: sent SIGKILL"
+                )
+            return None
+        child.signal_tree(self.pid, signal.SIGKILL)  # newcomers forked since get it too
+        if now >= stop.give_up_at:
+            for survivor in child.survivors():
+                logger.error(
+                    f"pid {survivor.pid} survived SIGKILL (state {survivor.state}): "
+                    f"{survivor.cmdline}"
+                )
+            self._stopped(stop)
         return None
 
-    def _exit_code(self, stop: Stop) -> int:
+    def _stopped(self, stop: Stop) -> None:
+        self.stop = None
+        if stop.hold:
+            self.state = State.HOLDING
+            assert self.watcher is not None and self.watcher.hold is not None
+            self._notify("STATUS=" + events.holding_status(self.watcher.hold, self.settings))
+            return
         if stop.exit_code is not None:
-            return stop.exit_code
-        if self.status is None:  # cannot happen once every child is reaped; be explicit anyway
-            return EXIT_RESTART
-        return child.exit_code(self.status)
+            self.exit = (stop.exit_code, stop.reason)
+        elif self.status is not None:
+            self.exit = (child.exit_code(self.status), stop.reason)
+        else:  # the agent itself survived SIGKILL: report it as killed by it
+            self.exit = (128 + signal.SIGKILL, stop.reason + "; the agent survived SIGKILL")
+
+    def _resume(self) -> None:
+        """The hold timed out: start the agent again, in this process."""
+        try:
+            self.pid = child.spawn(self.argv, self.env, self.settings.parent_death_signal)
+        except child.SpawnError as exc:
+            logger.error(f"cannot start the agent again: {exc}")
+            self.exit = (exc.code, str(exc))
+            return
+        self.status = None
+        self.state = State.RUNNING
+        logger.info(f"started {self.argv[0]} again as pid {self.pid}")
+        self._notify("STATUS=" + events.running_status(self.argv, self.pid, self.settings))
 
     # -- watching ------------------------------------------------------------------------------
 
-    def _start_probe(self, now: float) -> None:
-        assert self.prober is not None and self.watcher is not None
-        self.seq += 1
-        if self.prober.request(self.seq):
-            self.in_flight = (self.seq, now + self.settings.probe_timeout)
-        else:
-            self._decide(now, failed(self.seq, "previous probe is still hanging in NVML"))
-
     def _watch(self, now: float) -> None:
+        """Hand results to the policy, give up on an overdue probe, start the next one."""
         if self.prober is None or self.watcher is None:
             return
         for result in self.prober.results():
-            if self.in_flight is not None and result.seq == self.in_flight[0]:
-                self.in_flight = None
-                self._decide(now, result)
-                if self.stop is not None:
-                    return
-        if self.in_flight is not None and now >= self.in_flight[1]:
-            seq = self.in_flight[0]
-            self.in_flight = None
-            timeout = self.settings.probe_timeout
-            self._decide(now, failed(seq, f"probe did not finish within {timeout:g} s"))
-        if self.stop is None and self.in_flight is None and now >= self.watcher.next_probe_at:
-            self._start_probe(now)
+            self._decide(result, self.watcher.observe(now, result))
+        self._decide(None, self.watcher.overdue(now))
+        if self.state is not State.STOPPING and self.exit is None and self.watcher.probe_due(now):
+            seq = self.watcher.begin_probe(now)
+            if not self.prober.request(seq):
+                stuck = failed(seq, "previous probe is still hanging in NVML")
+                self._decide(stuck, self.watcher.observe(now, stuck))
 
-    def _decide(self, now: float, result: ProbeResult) -> None:
+    def _decide(self, result: ProbeResult | None, decision: Decision | None) -> None:
+        """Log the policy's decision and carry it out."""
+        if decision is None:
+            return
         assert self.watcher is not None
-        decision = self.watcher.observe(now, result)
-        log_decision(decision, result, self.watcher, self.settings)
-        if decision.act:
-            reason = termination_message(decision)
-            report.write_termination_message(self.settings.termination_log, reason)
-            self._begin_stop(now, exit_code=EXIT_RESTART)
-
-
-# -- what the watcher's decisions look like in the log ---------------------------------------
-
-
-def _uuid_list(uuids: list[str]) -> str:
-    return "[" + ", ".join(uuids) + "]"
-
-
-def change_line(change: Change) -> str:
-    """The PRD's line, word for word, so existing log alerts keep matching."""
-    kind = "MIG configuration change" if change.is_mig_change else "GPU topology change"
-    return (
-        f"{TAG} {kind} detected (Old UUIDs: {_uuid_list(change.old.uuids())}, "
-        f"New UUIDs: {_uuid_list(change.new.uuids())}). Initiating self-restart."
-    )
-
-
-def termination_message(decision: Decision) -> str:
-    if decision.change is not None:
-        change = decision.change
-        return "\n".join(
-            [
-                "gpu-supervise: GPU topology changed; restarting the agent.",
-                f"old: {change.old.summary()}",
-                f"new: {change.new.summary()}",
-                *change.lines,
-            ]
-        )
-    return "\n".join(
-        [f"gpu-supervise: NVML failed {len(decision.errors)} consecutive probes:", *decision.errors]
-    )
-
-
-def log_decision(
-    decision: Decision, result: ProbeResult, watcher: Watcher, settings: Settings
-) -> None:
-    v = decision.verdict
-    for gpu in decision.newly_pending:
-        logger.info(
-            f"{TAG} {gpu.describe()}: MIG mode change to {'on' if gpu.mig_pending else 'off'} is "
-            "pending a GPU reset; it counts once it takes effect"
-        )
-    if v is Verdict.BASELINE:
-        topo = result.topology
-        assert topo is not None
-        if result.unavailable:
-            logger.bind(event="baseline", reason=result.unavailable).warning(
-                f"{TAG} baseline: no GPUs ({result.unavailable}); running the agent anyway, "
-                "NVML appearing later counts as a topology change"
+        events.log_decision(decision, result, self.watcher, self.settings)
+        now = time.monotonic()
+        if decision.action is Action.RESTART:
+            report.write_termination_message(
+                self.settings.termination_log, events.termination_message(decision)
             )
-        else:
-            migs = sum(len(g.mig_devices) for g in topo.gpus)
-            logger.bind(event="baseline", uuids=topo.uuids()).info(
-                f"{TAG} baseline: {len(topo.gpus)} GPU(s), {migs} MIG device(s): {topo.summary()}"
-            )
-    elif v is Verdict.STEADY:
-        logger.debug(f"{TAG} probe {result.seq}: topology unchanged ({result.seconds:.3f} s)")
-    elif v is Verdict.SETTLING:
-        assert decision.change is not None
-        logger.bind(event="settling", diff=list(decision.change.lines)).info(
-            f"{TAG} topology differs from the baseline; confirming in {settings.settle:g} s "
-            f"(now: {decision.change.new.summary()})"
-        )
-    elif v is Verdict.REVERTED:
-        logger.info(f"{TAG} topology is back to the baseline; no restart")
-    elif v is Verdict.TOLERATED:
-        n, limit = len(decision.errors), settings.failure_threshold
-        logger.bind(event="probe_failed", error=decision.errors[-1], failures=n).warning(
-            f"{TAG} topology probe failed ({n}/{limit} consecutive): {decision.errors[-1]}"
-        )
-    elif v is Verdict.CHANGED:
-        change = decision.change
-        assert change is not None
-        logger.bind(
-            event="topology_changed",
-            old_uuids=change.old.uuids(),
-            new_uuids=change.new.uuids(),
-            diff=list(change.lines),
-        ).info(change_line(change))
-        for line in change.lines:
-            logger.info(f"{TAG}   {line}")
-    elif v is Verdict.FAILING:
-        old = watcher.baseline.uuids() if watcher.baseline else []
-        logger.bind(event="nvml_failing", errors=list(decision.errors), old_uuids=old).error(
-            f"{TAG} NVML failed {len(decision.errors)} consecutive probes "
-            f"(errors: {'; '.join(decision.errors)}). Initiating self-restart."
-        )
+            self._begin_stop(now, EXIT_RESTART, events.restart_reason(decision))
+        elif decision.action is Action.HOLD:
+            self._begin_stop(now, None, "a MIG mode change is pending a GPU reset", hold=True)
+        elif decision.action is Action.RESUME:
+            self._resume()

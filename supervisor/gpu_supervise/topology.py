@@ -246,7 +246,11 @@ class Change:
 
     old: Topology
     new: Topology
-    lines: tuple[str, ...] = field(default=())
+    gpu_lines: tuple[tuple[str, str], ...] = field(default=())  # (GPU UUID or "", line)
+
+    @property
+    def lines(self) -> tuple[str, ...]:
+        return tuple(line for _, line in self.gpu_lines)
 
     @property
     def is_mig_change(self) -> bool:
@@ -255,23 +259,23 @@ class Change:
 
 
 def diff(old: Topology, new: Topology) -> Change:
-    return Change(old=old, new=new, lines=tuple(_diff_lines(old, new)))
+    return Change(old=old, new=new, gpu_lines=tuple(_diff_lines(old, new)))
 
 
-def _diff_lines(old: Topology, new: Topology) -> list[str]:
-    lines: list[str] = []
+def _diff_lines(old: Topology, new: Topology) -> list[tuple[str, str]]:
+    lines: list[tuple[str, str]] = []
     old_by_uuid = {g.uuid: g for g in old.gpus}
     new_by_uuid = {g.uuid: g for g in new.gpus}
     if old.nvml != new.nvml:
-        lines.append("NVML became usable" if new.nvml else "NVML is no longer usable")
+        lines.append(("", "NVML became usable" if new.nvml else "NVML is no longer usable"))
     for uuid in sorted(old_by_uuid.keys() - new_by_uuid.keys(), key=lambda u: old_by_uuid[u].index):
         gpu = old_by_uuid[uuid]
-        lines.append(f"{gpu.describe()}: lost" + _mig_suffix(gpu))
+        lines.append((uuid, f"{gpu.describe()}: lost" + _mig_suffix(gpu)))
     for uuid in sorted(new_by_uuid.keys() - old_by_uuid.keys(), key=lambda u: new_by_uuid[u].index):
         gpu = new_by_uuid[uuid]
-        lines.append(f"{gpu.describe()}: added" + _mig_suffix(gpu))
+        lines.append((uuid, f"{gpu.describe()}: added" + _mig_suffix(gpu)))
     for uuid in sorted(old_by_uuid.keys() & new_by_uuid.keys(), key=lambda u: new_by_uuid[u].index):
-        lines.extend(_gpu_diff(old_by_uuid[uuid], new_by_uuid[uuid]))
+        lines.extend((uuid, line) for line in _gpu_diff(old_by_uuid[uuid], new_by_uuid[uuid]))
     return lines
 
 

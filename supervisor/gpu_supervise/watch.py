@@ -1,16 +1,23 @@
-"""The watch policy: given probe results and the time, keep going, confirm, or act.
+"""The watch policy: given probe results and the time, keep going, confirm, hold, or act.
 
 Pure by design: no threads, no clock of its own, no I/O. The main loop asks `next_probe_at`,
 runs a probe when it is due, and hands the result to `observe` together with the time. That
-makes every rule here (cool-down, settle, failure threshold) testable with a fake clock.
+makes every rule here (cool-down, settle, failure threshold, hold) testable with a fake clock.
 
     baseline ──► steady ◄──────────────┐
-       ▲   │        │ differs           │ back to baseline
-  fail │   │        ▼                   │
-       └───┘     settling ──(same again after `settle`)──► CHANGED (act)
-                   │ ▲ differs again: restart the settle
-                   └─┘
-  any state: the `failure_threshold`-th consecutive failed probe ──► FAILING (act)
+       │            │ differs           │ back to baseline
+       │            ▼                   │
+       │         settling ──(same again after `settle`)──► CHANGED (restart)
+       │           │ ▲ differs again: restart the settle
+       │           └─┘
+       └─ a MIG mode change pending a GPU reset (any reading) ──► hold: the agent is stopped
+            hold ──(no GPU pending, same again after `settle`)──► RELEASED (restart)
+            hold ──(`pending_timeout` passes)──► TIMED_OUT: the agent starts again in place
+
+Failures: after a baseline, the `failure_threshold`-th consecutive failed probe restarts (the
+PRD's rule). Before any successful reading a restart cannot give the agent a working NVML, so
+failures never restart then; NVML starting to work afterwards is a topology change, because
+the agent started without it.
 """
 
 from __future__ import annotations
@@ -21,6 +28,11 @@ from dataclasses import dataclass
 from .probe import ProbeResult
 from .topology import Change, Gpu, Topology, diff
 
+# While NVML fails from the start, the failure is logged loudly once, then at this period.
+REPORT_EVERY = 600.0
+
+PendingKey = tuple[str, bool | None]  # (GPU UUID, the MIG mode waiting for a reset)
+
 
 @dataclass(frozen=True)
 class WatchPolicy:
@@ -28,6 +40,9 @@ class WatchPolicy:
     cooldown: float = 60.0
     settle: float = 5.0
     failure_threshold: int = 3
+    on_pending: str = "hold"  # "hold": stop the agent while a MIG mode change waits; "ignore"
+    pending_timeout: float = 300.0
+    probe_timeout: float = 10.0
 
 
 class Verdict(enum.Enum):
@@ -35,9 +50,20 @@ class Verdict(enum.Enum):
     STEADY = "steady"  # same topology as the baseline
     SETTLING = "settling"  # differs from the baseline: look again after `settle`
     REVERTED = "reverted"  # was settling, and is back to the baseline
-    TOLERATED = "tolerated"  # a failed probe below the threshold
-    CHANGED = "changed"  # confirmed topology change: act
-    FAILING = "failing"  # too many consecutive failures: act
+    TOLERATED = "tolerated"  # a failed probe below the threshold (or while holding)
+    CHANGED = "changed"  # confirmed topology change
+    FAILING = "failing"  # too many consecutive failures after a baseline
+    BROKEN = "broken"  # every probe since start failed: no restart could help
+    PENDING = "pending"  # a MIG mode change waits for a GPU reset
+    RELEASED = "released"  # no GPU waits for a reset any more (the reset happened, or not)
+    TIMED_OUT = "timed_out"  # still pending after `pending_timeout`: give the agent back
+
+
+class Action(enum.Enum):
+    NONE = "none"
+    RESTART = "restart"  # stop the agent's tree and exit 1
+    HOLD = "hold"  # stop the agent's tree and keep watching
+    RESUME = "resume"  # start the agent again in this process
 
 
 @dataclass(frozen=True)
@@ -46,11 +72,22 @@ class Decision:
     next_probe_at: float
     change: Change | None = None
     errors: tuple[str, ...] = ()
-    newly_pending: tuple[Gpu, ...] = ()
+    newly_pending: tuple[Gpu, ...] = ()  # GPUs whose pending mode change is news
+    action: Action = Action.NONE
+    loud: bool = True  # BROKEN: whether this one is worth an ERROR line (rate-limited)
 
     @property
-    def act(self) -> bool:
-        return self.verdict in (Verdict.CHANGED, Verdict.FAILING)
+    def restart(self) -> bool:
+        return self.action is Action.RESTART
+
+
+@dataclass
+class Hold:
+    """The agent is stopped so that a GPU reset can go ahead."""
+
+    since: float
+    until: float
+    gpus: tuple[Gpu, ...]  # the GPUs whose pending mode change began it
 
 
 class Watcher:
@@ -61,54 +98,179 @@ class Watcher:
         self.candidate: Topology | None = None
         self.errors: list[str] = []
         self.next_probe_at = started_at
-        self._pending_seen: frozenset[tuple[str, bool | None]] = frozenset()
+        self.hold: Hold | None = None
+        self._reported_at: float | None = None
+        self._pending_seen: frozenset[PendingKey] = frozenset()
+        self._held_out: frozenset[PendingKey] = frozenset()  # timed out: never held again
+        self._seq = 0
+        self.in_flight: tuple[int, float] | None = None  # (seq, deadline) of the running probe
 
-    def observe(self, now: float, result: ProbeResult) -> Decision:
+    # -- the probe's life: start it, take its result, or give up on it --------------------------
+
+    def probe_due(self, now: float) -> bool:
+        return self.in_flight is None and now >= self.next_probe_at
+
+    def begin_probe(self, now: float) -> int:
+        """A probe starts now: its number, to match its result against."""
+        self._seq += 1
+        self.in_flight = (self._seq, now + self.policy.probe_timeout)
+        return self._seq
+
+    def wake_at(self) -> float:
+        """When the loop must look again: the running probe's deadline, or the next probe."""
+        return self.in_flight[1] if self.in_flight is not None else self.next_probe_at
+
+    def observe(self, now: float, result: ProbeResult) -> Decision | None:
+        """A probe's result. Only the running probe's counts: a late answer from one that
+        already missed its deadline (and was counted failed) is ignored, and so None."""
+        if self.in_flight is None or result.seq != self.in_flight[0]:
+            return None
+        self.in_flight = None
+        return self.judge(now, result)
+
+    def overdue(self, now: float) -> Decision | None:
+        """The running probe missed its deadline: that is a failure (its answer, if it ever
+        comes, will not count)."""
+        if self.in_flight is None or now < self.in_flight[1]:
+            return None
+        self.in_flight = None
+        return self._failure(now, f"probe did not finish within {self.policy.probe_timeout:g} s")
+
+    # -- judging a reading -----------------------------------------------------------------------
+
+    def judge(self, now: float, result: ProbeResult) -> Decision:
         if result.failed:
             return self._failure(now, result.error or "probe failed")
-        self.errors.clear()
         topo = result.topology
         assert topo is not None
-        pending = self._newly_pending(topo)
+        failed_from_start = self.baseline is None and bool(self.errors)
+        self.errors.clear()
+        pending = self._pending(topo)
+        if self.hold is not None:
+            return self._holding(now, topo, pending)
         if self.baseline is None:
-            self.baseline = topo
-            return self._decide(Verdict.BASELINE, self._after_interval(now), pending=pending)
+            # All probes failed so far: the agent started without a working NVML, so a
+            # working one now is a change (the same topology as "no usable NVML").
+            self.baseline = Topology.absent() if failed_from_start else topo
+            if topo.same_as(self.baseline):
+                return self._maybe_hold(now, Verdict.BASELINE, self._after_interval(now), pending)
+        if pending and self.policy.on_pending == "hold":
+            return self._begin_hold(now, pending)
+        newly = self._newly_pending(pending)
         if topo.same_as(self.baseline):
             verdict = Verdict.REVERTED if self.candidate is not None else Verdict.STEADY
             self.candidate = None
-            return self._decide(verdict, self._after_interval(now), pending=pending)
+            return self._decide(verdict, self._after_interval(now), newly_pending=newly)
+        change = diff(self.baseline, topo)
         if self.policy.settle <= 0 or (self.candidate is not None and topo.same_as(self.candidate)):
-            return self._decide(Verdict.CHANGED, now, change=diff(self.baseline, topo))
+            return self._decide(Verdict.CHANGED, now, change=change, action=Action.RESTART)
         # A first sighting, or a reconfiguration still moving: look again after `settle`.
         self.candidate = topo
         return self._decide(
-            Verdict.SETTLING,
-            now + self.policy.settle,
-            change=diff(self.baseline, topo),
-            pending=pending,
+            Verdict.SETTLING, now + self.policy.settle, change=change, newly_pending=newly
         )
+
+    # -- failures --------------------------------------------------------------------------
 
     def _failure(self, now: float, error: str) -> Decision:
         self.errors.append(error)
         errors = tuple(self.errors)
+        if self.hold is not None:
+            # No agent is running: a restart has nothing to refresh. Wait for the hold to end.
+            if now >= self.hold.until:
+                return self._time_out(now, None)
+            return self._decide(Verdict.TOLERATED, self._hold_next(now), errors=errors)
+        if self.baseline is None:
+            loud = self._reported_at is None or now - self._reported_at >= REPORT_EVERY
+            if loud:
+                self._reported_at = now
+            return self._decide(
+                Verdict.BROKEN, now + self.policy.interval, errors=errors, loud=loud
+            )
         if len(self.errors) >= self.policy.failure_threshold:
-            return self._decide(Verdict.FAILING, now, errors=errors)
-        retry = (
-            now + self.policy.settle if self.candidate is not None else now + self.policy.interval
-        )
+            return self._decide(Verdict.FAILING, now, errors=errors, action=Action.RESTART)
+        retry = now + (self.policy.settle if self.candidate is not None else self.policy.interval)
         return self._decide(Verdict.TOLERATED, retry, errors=errors)
+
+    # -- holds -------------------------------------------------------------------------------
+
+    def _pending(self, topo: Topology) -> tuple[Gpu, ...]:
+        """GPUs with a MIG mode change waiting for a reset, less those whose hold timed out (a
+        GPU whose pending change cleared may hold again)."""
+        gpus = topo.pending_mig_changes()
+        keys = frozenset(_key(g) for g in gpus)
+        self._held_out &= keys
+        return tuple(g for g in gpus if _key(g) not in self._held_out)
+
+    def _maybe_hold(
+        self, now: float, verdict: Verdict, next_probe_at: float, pending: tuple[Gpu, ...]
+    ) -> Decision:
+        if pending and self.policy.on_pending == "hold":
+            return self._begin_hold(now, pending, verdict)
+        return self._decide(verdict, next_probe_at, newly_pending=self._newly_pending(pending))
+
+    def _begin_hold(
+        self, now: float, pending: tuple[Gpu, ...], verdict: Verdict = Verdict.PENDING
+    ) -> Decision:
+        self.hold = Hold(now, now + self.policy.pending_timeout, pending)
+        self.candidate = None
+        self._pending_seen = frozenset(_key(g) for g in pending)
+        return self._decide(
+            verdict, self._hold_next(now), newly_pending=pending, action=Action.HOLD
+        )
+
+    def _holding(self, now: float, topo: Topology, pending: tuple[Gpu, ...]) -> Decision:
+        assert self.hold is not None and self.baseline is not None
+        if now >= self.hold.until:
+            return self._time_out(now, topo)
+        if pending:
+            self.candidate = None
+            return self._decide(
+                Verdict.PENDING, self._hold_next(now), newly_pending=self._newly_pending(pending)
+            )
+        change = None if topo.same_as(self.baseline) else diff(self.baseline, topo)
+        if self.policy.settle > 0 and (self.candidate is None or not topo.same_as(self.candidate)):
+            # A reset is often followed at once by instances being created: one restart for both.
+            self.candidate = topo
+            return self._decide(
+                Verdict.SETTLING, min(now + self.policy.settle, self.hold.until), change=change
+            )
+        self.hold = None
+        self.candidate = None
+        return self._decide(Verdict.RELEASED, now, change=change, action=Action.RESTART)
+
+    def _time_out(self, now: float, topo: Topology | None) -> Decision:
+        """The reset did not happen: give the agent back, and never hold for these again."""
+        assert self.hold is not None
+        gpus = self.hold.gpus
+        if topo is not None:
+            self._held_out = frozenset(_key(g) for g in topo.pending_mig_changes())
+            self.baseline = topo  # the agent starting now gets handles on this topology
+        else:
+            self._held_out = frozenset(_key(g) for g in gpus)
+        self.hold = None
+        self.candidate = None
+        self.errors.clear()
+        return self._decide(
+            Verdict.TIMED_OUT, now + self.policy.interval, newly_pending=gpus, action=Action.RESUME
+        )
+
+    def _hold_next(self, now: float) -> float:
+        assert self.hold is not None
+        return min(now + self.policy.interval, self.hold.until)
+
+    def _newly_pending(self, pending: tuple[Gpu, ...]) -> tuple[Gpu, ...]:
+        """GPUs with a MIG mode change waiting for a reset, each reported once."""
+        now_pending = frozenset(_key(g) for g in pending)
+        fresh = tuple(g for g in pending if _key(g) not in self._pending_seen)
+        self._pending_seen = now_pending
+        return fresh
+
+    # -- helpers -----------------------------------------------------------------------------
 
     def _after_interval(self, now: float) -> float:
         """Comparisons start only once the cool-down from start has passed."""
         return max(now + self.policy.interval, self.started_at + self.policy.cooldown)
-
-    def _newly_pending(self, topo: Topology) -> tuple[Gpu, ...]:
-        """GPUs with a MIG mode change waiting for a reset, each reported once."""
-        gpus = topo.pending_mig_changes()
-        now_pending = frozenset((g.uuid, g.mig_pending) for g in gpus)
-        fresh = tuple(g for g in gpus if (g.uuid, g.mig_pending) not in self._pending_seen)
-        self._pending_seen = now_pending
-        return fresh
 
     def _decide(
         self,
@@ -116,7 +278,13 @@ class Watcher:
         next_probe_at: float,
         change: Change | None = None,
         errors: tuple[str, ...] = (),
-        pending: tuple[Gpu, ...] = (),
+        newly_pending: tuple[Gpu, ...] = (),
+        action: Action = Action.NONE,
+        loud: bool = True,
     ) -> Decision:
         self.next_probe_at = next_probe_at
-        return Decision(verdict, next_probe_at, change, errors, pending)
+        return Decision(verdict, next_probe_at, change, errors, newly_pending, action, loud)
+
+
+def _key(gpu: Gpu) -> PendingKey:
+    return (gpu.uuid, gpu.mig_pending)

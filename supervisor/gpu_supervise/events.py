@@ -1,0 +1,222 @@
+"""What the watcher's decisions look like to the world: log lines (text for people, the same
+events with fields in JSON), the Kubernetes termination message and systemd's status text.
+
+Every line stays well under the 16 KiB at which container runtimes split a log line: the PRD's
+change line carries the old and new UUID lists once, and the details follow in one line per
+changed GPU, never in the same line.
+"""
+
+from __future__ import annotations
+
+from loguru import logger
+
+from .config import Settings
+from .probe import ProbeResult
+from .topology import Change, Gpu, Topology
+from .watch import Action, Decision, Hold, Verdict, Watcher
+
+TAG = "[GPU-Watcher]"
+
+
+def _uuid_list(uuids: list[str]) -> str:
+    return "[" + ", ".join(uuids) + "]"
+
+
+def change_line(change: Change) -> str:
+    """The PRD's line, word for word, so existing log alerts keep matching."""
+    kind = "MIG configuration change" if change.is_mig_change else "GPU topology change"
+    return (
+        f"{TAG} {kind} detected (Old UUIDs: {_uuid_list(change.old.uuids())}, "
+        f"New UUIDs: {_uuid_list(change.new.uuids())}). Initiating self-restart."
+    )
+
+
+def _mode(gpu: Gpu) -> str:
+    return "on" if gpu.mig_pending else "off"
+
+
+def _pending_gpus(gpus: tuple[Gpu, ...]) -> str:
+    return ", ".join(f"GPU {g.index} ({g.uuid}: MIG {_mode(g)})" for g in gpus)
+
+
+def restart_reason(decision: Decision) -> str:
+    """Why we exit 1, for the last line of the log."""
+    if decision.verdict is Verdict.FAILING:
+        return f"restart me (NVML failed {len(decision.errors)} consecutive probes)"
+    if decision.verdict is Verdict.RELEASED and decision.change is None:
+        return "restart me (the pending MIG mode change was withdrawn)"
+    if decision.verdict is Verdict.RELEASED:
+        return "restart me (the MIG mode change took effect)"
+    return "restart me (GPU topology changed)"
+
+
+def termination_message(decision: Decision) -> str:
+    if decision.verdict is Verdict.FAILING:
+        return "\n".join(
+            [
+                f"gpu-supervise: NVML failed {len(decision.errors)} consecutive probes:",
+                *decision.errors,
+            ]
+        )
+    lines = []
+    if decision.verdict is Verdict.RELEASED:
+        lines.append(
+            "gpu-supervise: the agent was stopped because a MIG mode change was pending a GPU "
+            "reset; no GPU is pending any more."
+        )
+        if decision.change is None:
+            lines.append("The pending change was withdrawn: the topology is as before.")
+    if decision.change is not None:
+        change = decision.change
+        lines += [
+            "gpu-supervise: GPU topology changed; restarting the agent.",
+            f"old: {change.old.summary()}",
+            f"new: {change.new.summary()}",
+            *change.lines,
+        ]
+    return "\n".join(lines)
+
+
+def holding_status(hold: Hold, settings: Settings) -> str:
+    """systemd's STATUS= while the agent is held back."""
+    return (
+        f"holding: MIG mode change pending a GPU reset on {_pending_gpus(hold.gpus)}; the agent "
+        f"is stopped until the reset (at most {settings.pending_timeout:g} s)"
+    )
+
+
+def running_status(argv: list[str], pid: int, settings: Settings) -> str:
+    watching = (
+        f"watching the GPU topology every {settings.interval:g} s"
+        if settings.watch_enabled
+        else "not watching the GPU topology"
+    )
+    return f"running {argv[0]} as pid {pid}; {watching}"
+
+
+def _log_change(change: Change) -> None:
+    logger.bind(
+        event="topology_changed",
+        kind="mig" if change.is_mig_change else "gpu",
+        old_layout=change.old.summary(),
+        new_layout=change.new.summary(),
+    ).info(change_line(change))
+    for gpu_uuid, line in change.gpu_lines:
+        if not gpu_uuid:  # about the node, not one GPU (NVML became usable...)
+            logger.bind(event="node_changed").info(f"{TAG}   {line}")
+            continue
+        logger.bind(
+            event="gpu_changed",
+            gpu=gpu_uuid,
+            old_uuids=_gpu_uuids(change.old, gpu_uuid),
+            new_uuids=_gpu_uuids(change.new, gpu_uuid),
+        ).info(f"{TAG}   {line}")
+
+
+def _gpu_uuids(topo: Topology, gpu_uuid: str) -> list[str]:
+    """One GPU's UUID followed by its MIG devices', as in the PRD line; [] if it is absent."""
+    gpus = [g for g in topo.gpus if g.uuid == gpu_uuid]
+    return Topology(tuple(gpus), nvml=topo.nvml).uuids()
+
+
+def log_decision(
+    decision: Decision, result: ProbeResult | None, watcher: Watcher, settings: Settings
+) -> None:
+    """`result` is None when the decision is about a probe that never answered."""
+    v = decision.verdict
+    seq = result.seq if result is not None else "?"
+    if v is Verdict.BASELINE:
+        assert result is not None and result.topology is not None
+        topo = result.topology
+        if result.unavailable:
+            logger.bind(event="baseline", reason=result.unavailable).warning(
+                f"{TAG} baseline: no GPUs ({result.unavailable}); running the agent anyway, "
+                "NVML appearing later counts as a topology change"
+            )
+        else:
+            migs = sum(len(g.mig_devices) for g in topo.gpus)
+            logger.bind(event="baseline", uuids=topo.uuids()).info(
+                f"{TAG} baseline: {len(topo.gpus)} GPU(s), {migs} MIG device(s): {topo.summary()}"
+            )
+    elif v is Verdict.STEADY:
+        seconds = result.seconds if result is not None else 0.0
+        logger.debug(f"{TAG} probe {seq}: topology unchanged ({seconds:.3f} s)")
+    elif v is Verdict.PENDING:
+        logger.debug(f"{TAG} probe {seq}: a MIG mode change is still pending a GPU reset")
+    elif v is Verdict.SETTLING:
+        what = (
+            "no GPU is pending a reset any more"
+            if watcher.hold is not None
+            else "topology differs from the baseline"
+        )
+        now = decision.change.new.summary() if decision.change else "as the baseline"
+        logger.bind(
+            event="settling", diff=list(decision.change.lines) if decision.change else []
+        ).info(f"{TAG} {what}; confirming in {settings.settle:g} s (now: {now})")
+    elif v is Verdict.REVERTED:
+        logger.info(f"{TAG} topology is back to the baseline; no restart")
+    elif v is Verdict.TOLERATED:
+        n, limit = len(decision.errors), settings.failure_threshold
+        count = "while holding" if watcher.hold is not None else f"{n}/{limit} consecutive"
+        logger.bind(event="probe_failed", error=decision.errors[-1], failures=n).warning(
+            f"{TAG} topology probe failed ({count}): {decision.errors[-1]}"
+        )
+    elif v is Verdict.CHANGED:
+        assert decision.change is not None
+        _log_change(decision.change)
+    elif v is Verdict.RELEASED:
+        if decision.change is None:
+            logger.bind(event="hold_released", withdrawn=True).info(
+                f"{TAG} the pending MIG mode change was withdrawn: no GPU waits for a reset and "
+                "the topology is as before. Initiating self-restart."
+            )
+        else:
+            logger.bind(event="hold_released", withdrawn=False).info(
+                f"{TAG} the MIG mode change took effect: no GPU waits for a reset any more"
+            )
+            _log_change(decision.change)
+    elif v is Verdict.TIMED_OUT:
+        gpus = _pending_gpus(decision.newly_pending)
+        logger.bind(event="hold_timed_out", gpus=[g.uuid for g in decision.newly_pending]).warning(
+            f"{TAG} MIG mode change on {gpus} still pending after {settings.pending_timeout:g} s: "
+            "the GPU reset did not happen. Starting the agent again; it may block the reset again "
+            "(no further hold for this pending change)"
+        )
+    elif v is Verdict.FAILING:
+        old = watcher.baseline.uuids() if watcher.baseline else []
+        logger.bind(
+            event="nvml_failing", errors=list(decision.errors), old_uuids=old, restarting=True
+        ).error(
+            f"{TAG} NVML failed {len(decision.errors)} consecutive probes "
+            f"(errors: {'; '.join(decision.errors)}). Initiating self-restart."
+        )
+    elif v is Verdict.BROKEN:
+        bound = logger.bind(event="nvml_failing", errors=[decision.errors[-1]], restarting=False)
+        text = (
+            f"{TAG} NVML has failed every probe since start ({len(decision.errors)} so far; "
+            f"last: {decision.errors[-1]}). Not restarting: a restart cannot give the agent a "
+            f"working NVML. Probing every {settings.interval:g} s; the agent is restarted once "
+            "NVML works."
+        )
+        if decision.loud:
+            bound.error(text)
+        else:
+            bound.debug(text)
+    _log_pending(decision, watcher, settings)
+
+
+def _log_pending(decision: Decision, watcher: Watcher, settings: Settings) -> None:
+    if decision.action is Action.HOLD:
+        for gpu in decision.newly_pending:
+            logger.bind(event="mig_pending", gpu=gpu.uuid, pending=_mode(gpu), hold=True).info(
+                f"{TAG} {gpu.describe()}: MIG mode change to {_mode(gpu)} is pending a GPU reset; "
+                "stopping the agent so the reset can go ahead "
+                f"(holding up to {settings.pending_timeout:g} s)"
+            )
+    elif decision.verdict is not Verdict.TIMED_OUT:
+        for gpu in decision.newly_pending:
+            held = watcher.hold is not None
+            logger.bind(event="mig_pending", gpu=gpu.uuid, pending=_mode(gpu), hold=held).info(
+                f"{TAG} {gpu.describe()}: MIG mode change to {_mode(gpu)} is pending a GPU reset; "
+                + ("still holding" if held else "it counts once it takes effect")
+            )

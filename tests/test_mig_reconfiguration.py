@@ -1,0 +1,197 @@
+"""A MIG mode change on an A100 waits for a GPU reset that the driver refuses while any process
+holds NVML, and the agent holds NVML the whole time, as real agents do. gpu-supervise must get
+the agent out of the way (the hold) and bring it back with fresh handles once the reset is done.
+
+The fake NVML knows who holds it; `reset_gpu` plays the operator's `nvidia-smi -r`, retried as
+an operator or mig-parted would, refused while any other process holds NVML. No test code here
+ever stops the agent: only gpu-supervise does.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+from collections.abc import Callable
+
+from conftest import AGENT, FakeNode, Proc
+from fakenvml import Node, dgx_a100, holders, reset_gpu
+
+Start = Callable[..., Proc]
+FAST = ["--interval", "0.2", "--cooldown", "0", "--settle", "0.3", "--stop-timeout", "2"]
+HOLDING = "stopping the agent so the reset can go ahead"
+
+
+def supervise(start: Start, fake_node: FakeNode, *opts: str, agent: tuple[str, ...] = ()) -> Proc:
+    """gpu-supervise in front of an agent that keeps NVML open, as a restart policy starts it."""
+    proc = start([*FAST, *opts, "--", *AGENT, "--hold-nvml", *agent], fake_node.env)
+    proc.wait_for("agent ")
+    proc.wait_for("[GPU-Watcher] baseline")
+    return proc
+
+
+def agent_pid(proc: Proc) -> int:
+    return int(re.findall(r"agent (\d+): UUIDs", proc.output)[-1])
+
+
+def agent_uuids(proc: Proc) -> list[str]:
+    proc.wait_for(": UUIDs ")
+    return re.findall(r"agent \d+: UUIDs (.*)", proc.output)[-1].split()
+
+
+def operator_resets(fake_node: FakeNode, node: Node, index: int, agent: int) -> None:
+    """The reset, retried until it goes through; the agent held NVML when it was first tried."""
+    assert agent in holders(fake_node.path)
+    reset_gpu(fake_node.path, node, index, timeout=60)
+    assert agent not in holders(fake_node.path)
+
+
+def test_prd_qa_on_an_a100_whose_agent_holds_nvml(start: Start, fake_node: FakeNode):
+    """The PRD's QA list as an operator runs it by hand on an A100 node, with a restart policy
+    starting gpu-supervise again after each exit 1."""
+    node = dgx_a100(count=2)
+    fake_node.write(node)
+    proc = supervise(start, fake_node)
+    assert agent_uuids(proc) == node.uuids()
+    first_agent = agent_pid(proc)
+
+    # 1. MIG enable: pending until a reset, which the agent blocks until gpu-supervise holds
+    node.gpu(0).request_mig(True)
+    fake_node.write(node)
+    operator_resets(fake_node, node, 0, first_agent)
+    assert proc.wait(60) == 1
+    out = proc.output
+    assert f"GPU 0 {node.gpu(0).uuid} (NVIDIA A100-SXM4-40GB): MIG mode change to on" in out
+    assert f"{HOLDING} (holding up to 300 s)" in out
+    assert "got SIGTERM" in out and "MIG mode off -> on" in out
+    assert "MIG configuration change detected" in out
+    assert out.count("Initiating self-restart.") == 1
+    assert "exiting 1: restart me (the MIG mode change took effect)" in out
+
+    proc = supervise(start, fake_node)  # the restart policy
+    assert agent_uuids(proc) == node.uuids()  # MIG on, no instances yet
+    assert "GPU 0: MIG no MIG devices" in proc.output
+
+    # 2. instances created, 7x 1g.5gb: a config change, no reset needed
+    old = node.copy()
+    node.gpu(0).set_layout(["1g.5gb"] * 7)
+    fake_node.write(node)
+    assert proc.wait(60) == 1
+    assert f"New UUIDs: [{', '.join(node.uuids())}]" in proc.output
+    assert f"Old UUIDs: [{', '.join(old.uuids())}]" in proc.output
+    proc = supervise(start, fake_node)
+    assert agent_uuids(proc) == node.uuids()
+
+    # 3. 7x 1g.5gb -> 2x 3g.20gb, config only
+    node.gpu(0).set_layout(["3g.20gb"] * 2)
+    fake_node.write(node)
+    assert proc.wait(60) == 1
+    assert "MIG devices 7x1g.5gb -> 2x3g.20gb" in proc.output
+    assert HOLDING not in proc.output
+    proc = supervise(start, fake_node)
+    assert agent_uuids(proc) == node.uuids()
+
+    # 4. disable: pending again, the reset, exit 1
+    node.gpu(0).request_mig(False)
+    fake_node.write(node)
+    operator_resets(fake_node, node, 0, agent_pid(proc))
+    assert proc.wait(60) == 1
+    assert "MIG mode change to off" in proc.output and "MIG mode on -> off" in proc.output
+    proc = supervise(start, fake_node)
+    assert agent_uuids(proc) == node.uuids() and node.gpu(0).mig == 0
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(60) == 143
+
+
+def test_a_change_pending_at_start_holds_at_once(start: Start, fake_node: FakeNode):
+    node = dgx_a100(count=1)
+    node.gpu(0).request_mig(True)  # asked for before this gpu-supervise started
+    fake_node.write(node)
+    proc = supervise(start, fake_node)
+    reset_gpu(fake_node.path, node, 0, timeout=60)  # the hold may have begun already
+    assert proc.wait(60) == 1
+    out = proc.output
+    assert out.index("[GPU-Watcher] baseline") < out.index(HOLDING)
+    assert "got SIGTERM" in out and "MIG mode off -> on" in out
+
+
+def test_a_withdrawn_pending_change_restarts_the_agent_it_stopped(
+    start: Start, fake_node: FakeNode
+):
+    node = dgx_a100(["1g.5gb"] * 7, count=1)
+    fake_node.write(node)
+    proc = supervise(start, fake_node)
+    node.gpu(0).request_mig(False)
+    fake_node.write(node)
+    proc.wait_for(HOLDING)
+    proc.wait_for("got SIGTERM")
+    node.gpu(0).request_mig(True)  # `nvidia-smi -mig 1` again: nothing waits for a reset
+    fake_node.write(node)
+    assert proc.wait(60) == 1
+    out = proc.output
+    assert "the pending MIG mode change was withdrawn" in out
+    assert "MIG configuration change detected" not in out
+    assert "exiting 1: restart me (the pending MIG mode change was withdrawn)" in out
+
+
+def test_a_reset_that_never_comes_gives_the_agent_back_once(start: Start, fake_node: FakeNode):
+    node = dgx_a100(count=1)
+    fake_node.write(node)
+    proc = supervise(start, fake_node, "--pending-timeout", "2")
+    node.gpu(0).request_mig(True)
+    fake_node.write(node)
+    proc.wait_for(HOLDING)
+    proc.wait_for("still pending after 2 s: the GPU reset did not happen")
+    proc.wait_for("again as pid")
+    proc.wait_for(": UUIDs ", count=2)  # a new agent, holding NVML again
+    again = agent_pid(proc)
+    time.sleep(3)  # > pending_timeout: the same pending change is not held for again
+    assert proc.popen.poll() is None and proc.output.count(HOLDING) == 1
+    assert again in holders(fake_node.path)
+    # the change withdrawn and asked for again: a new pending change, a new hold
+    node.gpu(0).request_mig(False)
+    fake_node.write(node)
+    time.sleep(1)
+    node.gpu(0).request_mig(True)
+    fake_node.write(node)
+    proc.wait_for(HOLDING, count=2)
+    reset_gpu(fake_node.path, node, 0, timeout=60)
+    assert proc.wait(60) == 1
+
+
+def test_sigterm_while_holding_exits_at_once(start: Start, fake_node: FakeNode):
+    node = dgx_a100(count=1)
+    fake_node.write(node)
+    proc = supervise(start, fake_node)
+    node.gpu(0).request_mig(True)
+    fake_node.write(node)
+    proc.wait_for(HOLDING)
+    proc.wait_for("was killed by SIGTERM")  # the agent is gone: gpu-supervise holds
+    sent = time.monotonic()
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(60) == 143  # the agent's own code: SIGTERM (from the hold) killed it
+    assert time.monotonic() - sent < 2  # well inside stop_timeout: nothing to wait for
+    assert "exiting 143: stopped by SIGTERM while holding" in proc.output
+
+
+def test_an_agent_that_ignores_sigterm_is_killed_for_the_reset(start: Start, fake_node):
+    node = dgx_a100(count=1)
+    fake_node.write(node)
+    proc = supervise(start, fake_node, "--stop-timeout", "1", agent=("--ignore-term",))
+    node.gpu(0).request_mig(True)
+    fake_node.write(node)
+    operator_resets(fake_node, node, 0, agent_pid(proc))
+    assert proc.wait(60) == 1
+    assert "still running 1 s after SIGTERM: sent SIGKILL" in proc.output
+    assert "MIG mode off -> on" in proc.output
+
+
+def test_ignore_keeps_the_agent_and_so_the_reset_waits(start: Start, fake_node: FakeNode):
+    node = dgx_a100(count=1)
+    fake_node.write(node)
+    proc = supervise(start, fake_node, "--on-pending", "ignore")
+    node.gpu(0).request_mig(True)
+    fake_node.write(node)
+    proc.wait_for("MIG mode change to on is pending a GPU reset; it counts once it takes effect")
+    time.sleep(1)
+    assert agent_pid(proc) in holders(fake_node.path) and proc.popen.poll() is None
