@@ -8,9 +8,11 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -28,6 +30,68 @@ else:
 
 TESTS = Path(__file__).parent
 AGENT = [sys.executable, str(TESTS / "agents" / "agent.py")]
+
+# Every process the tests start inherits this variable (children inherit the environment), so
+# whatever outlives its test can be found, even an orphan far from any process tree. The name
+# stays out of gpu-supervise's GPU_SUPERVISE_ namespace.
+SESSION_MARK = "GS_TEST_SESSION"
+os.environ[SESSION_MARK] = uuid.uuid4().hex
+
+
+# CI sets GS_TEST_STRICT=1: there, every capability a test needs (root, podman, debootstrap, a
+# PID namespace, a cgroup freezer...) is meant to be present, so a missing one is a failure, not
+# a skip that only the -ra summary would show.
+STRICT = os.environ.get("GS_TEST_STRICT") == "1"
+
+
+def missing_capability(reason: str) -> NoReturn:
+    """This machine cannot run the test: skipped with the reason, a failure in strict mode."""
+    if STRICT:
+        pytest.fail(f"strict mode (GS_TEST_STRICT=1), a capability is missing: {reason}")
+    pytest.skip(reason)
+
+
+def marked(name: str, value: str) -> list[int]:
+    """The live processes whose environment holds name=value (zombies have none)."""
+    needle = f"{name}={value}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                if needle in fh.read().split(b"\0"):
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def kill_marked(name: str, value: str, grace: float = 0.0) -> list[str]:
+    """SIGKILL what carries the mark, after `grace` seconds to go by itself; the command
+    lines of what had to be killed."""
+    deadline = time.monotonic() + grace
+    while (pids := marked(name, value)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    killed = []
+    for pid in pids:
+        try:
+            killed.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            continue
+    return killed
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The run fails if any process the tests started is still alive at its end."""
+    leaked = kill_marked(SESSION_MARK, os.environ[SESSION_MARK], grace=5.0)
+    if leaked:
+        sys.stderr.write(
+            f"\n{len(leaked)} process(es) started by the tests outlived them (now killed):\n"
+            + "".join(f"  {cmd}\n" for cmd in leaked)
+        )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def gpu_supervise_cmd() -> list[str]:
@@ -76,14 +140,18 @@ def fake_node(tmp_path: Path, fake_lib_dir: Path) -> FakeNode:
 
 
 class Proc:
-    """A running gpu-supervise whose combined output is collected line by line."""
+    """A running gpu-supervise whose combined output is collected line by line. Everything it
+    starts carries a mark of its own, so close() stops all of it, orphans included."""
+
+    MARK = "GS_TEST_PROC"
 
     def __init__(self, args: list[str], env: dict[str, str], cwd: Path | None = None) -> None:
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"gs-{os.getpid()}-{id(self)}.log"
         self._log = open(self.log_path, "w+b")  # noqa: SIM115 - closed in close()
+        self.mark = uuid.uuid4().hex
         self.popen = subprocess.Popen(
             args,
-            env=env,
+            env={**env, self.MARK: self.mark},
             cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
@@ -123,29 +191,35 @@ class Proc:
         self.popen.send_signal(sig)
 
     def close(self) -> None:
-        if self.popen.poll() is None:
-            try:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            self.popen.kill()
-            self.popen.wait()
+        """Stop gpu-supervise and everything it started: the agent is in a process group of
+        its own, and its daemons may be in sessions of their own."""
+        kill_marked(self.MARK, self.mark)
+        self.popen.kill()
+        self.popen.wait()
+        kill_marked(self.MARK, self.mark)  # anything forked meanwhile
         self._log.close()
         self.log_path.unlink(missing_ok=True)
 
 
 @pytest.fixture
-def start() -> Iterator[Callable[..., Proc]]:
+def start_cmd() -> Iterator[Callable[..., Proc]]:
+    """Start any command as a Proc; every one is closed (its whole tree stopped) at the end."""
     procs: list[Proc] = []
 
-    def _start(args: list[str], env: dict[str, str], cwd: Path | None = None) -> Proc:
-        proc = Proc(gpu_supervise_cmd() + args, env, cwd)
+    def _start(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> Proc:
+        proc = Proc(cmd, env, cwd)
         procs.append(proc)
         return proc
 
     yield _start
     for proc in procs:
         proc.close()
+
+
+@pytest.fixture
+def start(start_cmd: Callable[..., Proc]) -> Callable[..., Proc]:
+    """Start the installed gpu-supervise with these arguments."""
+    return lambda args, env, cwd=None: start_cmd(gpu_supervise_cmd() + args, env, cwd)
 
 
 def run(

@@ -18,7 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import AGENT, FakeNode, Proc, clean_env, gpu_supervise_cmd, pid_alive, run
+from conftest import (
+    AGENT,
+    FakeNode,
+    Proc,
+    clean_env,
+    gpu_supervise_cmd,
+    missing_capability,
+    pid_alive,
+    run,
+)
 from fakenvml import dgx_a100
 
 Start = Callable[..., Proc]
@@ -46,6 +55,9 @@ def tree_agent(pidfile: Path, *args: str) -> list[str]:
 def test_child_exit_status_comes_back(script: str, code: int):
     out = run([*PLAIN, "--", "sh", "-c", script], clean_env())
     assert out.returncode == code, out.stderr
+    last = out.stderr.splitlines()[-1]  # every run ends saying how and why
+    how = f"exited with code {code}" if script.startswith("exit") else "was killed by SIG"
+    assert last.split(" INFO    ")[1].startswith(f"exiting {code}: the agent {how}"), last
 
 
 def not_executable(tmp_path: Path) -> Path:
@@ -121,6 +133,7 @@ def test_sigterm_to_us_stops_the_child_and_returns_its_code(start: Start):
     proc.wait_for("ready")
     proc.signal(signal.SIGTERM)
     assert proc.wait() == 143
+    assert proc.output.splitlines()[-1].endswith("INFO    exiting 143: stopped by SIGTERM")
 
 
 def test_sigint_to_us_is_forwarded_and_escalates_after_stop_timeout(start: Start):
@@ -323,11 +336,11 @@ def freezer() -> Iterator[Freezer]:
     elif (v2 / "cgroup.subtree_control").exists():
         made = Freezer(v2 / name, "cgroup.freeze", "1", "0")
     else:
-        pytest.skip("no cgroup freezer here (neither the v1 freezer nor cgroup v2's cgroup.freeze)")
+        missing_capability("no cgroup freezer (neither the v1 freezer nor v2's cgroup.freeze)")
     try:
         made.path.mkdir()
     except OSError as exc:
-        pytest.skip(f"cannot create a freezer cgroup here: {exc}")
+        missing_capability(f"cannot create a freezer cgroup here: {exc}")
     try:
         yield made
     finally:

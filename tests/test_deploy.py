@@ -11,10 +11,11 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import kubernetes_validate  # a declared test dependency: missing, the suite fails
 import pytest
 import yaml
 
-from conftest import AGENT, FakeNode, Proc, clean_env, gpu_supervise_cmd, run
+from conftest import AGENT, FakeNode, Proc, clean_env, gpu_supervise_cmd, missing_capability, run
 from fakenvml import GPU_IS_LOST, dgx_a100
 from gpu_supervise.config import load
 
@@ -33,14 +34,12 @@ def manifests() -> list[dict]:
 
 
 def test_manifests_are_valid_against_kubernetes_schemas():
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
     for doc in manifests():
         kubernetes_validate.validate(doc, "1.30.0", strict=True)
 
 
 def test_invalid_manifest_is_rejected():
     """The validation above can fail: a misspelt field is caught."""
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
     ds = next(d for d in manifests() if d["kind"] == "DaemonSet")
     ds["spec"]["template"]["spec"]["terminationGracePeriod"] = 30
     with pytest.raises(kubernetes_validate.ValidationError):
@@ -90,7 +89,7 @@ def _unit_for_this_machine(tmp_path: Path, text: str) -> Path:
 def systemd_analyze() -> str:
     exe = shutil.which("systemd-analyze")
     if exe is None:
-        pytest.skip("systemd-analyze not installed (Debian package systemd; .ci/run installs it)")
+        missing_capability("systemd-analyze not installed (Debian package systemd; .ci/run has it)")
     return exe
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
@@ -29,3 +30,17 @@ def test_not_importable_as_supervisor():
     import gpu_supervise
 
     assert Path(gpu_supervise.__file__).parent == ROOT / "supervisor" / "gpu_supervise"
+
+
+def test_project_metadata_has_no_deprecated_forms(monkeypatch):
+    """setuptools deprecates `project.license` as a table (removal 2027-02-18): the metadata is
+    applied, as a build applies it, without a single warning."""
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    monkeypatch.chdir(ROOT)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dist = apply_configuration(Distribution(), ROOT / "pyproject.toml")
+    assert [str(w.message) for w in caught] == []
+    assert dist.metadata.license_expression == "Apache-2.0"

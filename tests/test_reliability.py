@@ -16,7 +16,16 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import AGENT, FakeNode, Proc, clean_env, gpu_supervise_cmd, pid_alive, run
+from conftest import (
+    AGENT,
+    FakeNode,
+    Proc,
+    clean_env,
+    gpu_supervise_cmd,
+    missing_capability,
+    pid_alive,
+    run,
+)
 from fakenvml import UNKNOWN, dgx_a100, h100_node
 
 Start = Callable[..., Proc]
@@ -32,10 +41,10 @@ def unshare() -> list[str]:
     exe = shutil.which("unshare")
     cmd = [exe or "unshare", "--pid", "--fork", "--mount-proc"]
     if exe is None:
-        pytest.skip("unshare (util-linux) is not installed")
+        missing_capability("unshare (util-linux) is not installed")
     probe = subprocess.run([*cmd, "true"], capture_output=True, text=True)
     if probe.returncode != 0:
-        pytest.skip(f"cannot create a PID namespace here (needs root): {probe.stderr.strip()}")
+        missing_capability(f"cannot create a PID namespace here (needs root): {probe.stderr}")
     return cmd
 
 
@@ -198,8 +207,19 @@ def test_soak_thousands_of_probes_of_a_noisy_stable_node_never_restart(
     fake_node.write(node)
     procs = [
         start(
-            ["--interval", "0.1", "--cooldown", "0", "--settle", "0.1", "--log-level", "DEBUG",
-             "--", *AGENT, "--no-nvml"],
+            [
+                "--interval",
+                "0.1",
+                "--cooldown",
+                "0",
+                "--settle",
+                "0.1",
+                "--log-level",
+                "DEBUG",
+                "--",
+                *AGENT,
+                "--no-nvml",
+            ],
             fake_node.env,
         )  # fmt: skip
         for _ in range(4)

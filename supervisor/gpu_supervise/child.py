@@ -66,6 +66,8 @@ def block_signals() -> None:
     rest of gpu-supervise is loaded, and a SIGTERM in that window must not kill us (and orphan
     the child). Signals arriving meanwhile stay pending; spawn() gives the child a clean mask."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {*FORWARDED, signal.SIGCHLD})
+    for sig in IGNORED:  # from the start: a stop signal that arrives now must not stop us
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def unblock_signals() -> None:

@@ -16,7 +16,16 @@ import sys
 from typing import Any, NoReturn
 
 from . import __version__
-from .config import DEFAULT_CONFIG, ENV_CONFIG, SCHEMA, ConfigError, Settings, flag_name, load
+from .config import (
+    DEFAULT_CONFIG,
+    ENV_CONFIG,
+    SCHEMA,
+    ConfigError,
+    Settings,
+    clip,
+    flag_name,
+    load,
+)
 
 EXIT_USAGE = 2
 PROG = "gpu-supervise"
@@ -51,7 +60,7 @@ class Parser(argparse.ArgumentParser):
         super().__init__(allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        raise ConfigError(message)
+        raise ConfigError(clip(message, 300))
 
 
 def _parser(prog: str, flags: tuple[str, ...], description: str, epilog: str = "") -> Parser:
@@ -106,9 +115,11 @@ def parse_supervise(argv: list[str]) -> tuple[Settings, list[str]]:
         options, command = argv, []
     ns, extra = supervise_parser().parse_known_args(options)
     if extra and not extra[0].startswith("-"):
-        raise ConfigError(f"put -- before the command: {PROG} [OPTIONS] -- {shlex.join(extra)}")
+        given = clip(shlex.join(extra), 200)
+        raise ConfigError(f"put -- before the command: {PROG} [OPTIONS] -- {given}")
     if extra:
-        raise ConfigError(f"unrecognized arguments: {shlex.join(extra)} (see {PROG} --help)")
+        given = clip(shlex.join(extra), 200)
+        raise ConfigError(f"unrecognized arguments: {given} (see {PROG} --help)")
     if not command:
         raise ConfigError(
             f"no command to run: usage: {USAGE} (see {PROG} --help; "
@@ -128,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             return demo_main(argv[1:])
         settings, command = parse_supervise(argv)
     except ConfigError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
+        print(f"{PROG}: {clip(str(exc), 1000)}", file=sys.stderr)  # one line, whatever came in
         return EXIT_USAGE
     return _supervise(settings, command)
 
@@ -163,6 +174,7 @@ def _snapshot(argv: list[str]) -> int:
     ns = parser.parse_args(argv)
     settings = load(_flag_values(ns), ns.config)
 
+    from .logs import printable
     from .probe import probe_once
     from .sources import open_source
     from .topology import render_table
@@ -179,7 +191,10 @@ def _snapshot(argv: list[str]) -> int:
         print(f"{PROG}: {result.unavailable} ({hint})", file=sys.stderr)
         return 1
     assert result.topology is not None
-    print(result.topology.dumps() if ns.json else render_table(result.topology))
+    if ns.json:
+        print(result.topology.dumps())
+    else:  # NVML's strings go to a terminal: no control characters
+        print("\n".join(printable(line) for line in render_table(result.topology).splitlines()))
     return 0
 
 
@@ -198,6 +213,7 @@ def safe_stdio() -> None:
             if opened != fd:  # only if a lower one was closed too, and that is handled first
                 os.dup2(opened, fd)
                 os.close(opened)
+            os.set_inheritable(fd, True)  # os.open makes it close-on-exec: the child needs it
         if getattr(sys, name) is None:
             setattr(sys, name, open(fd, mode, closefd=False, errors="backslashreplace"))  # noqa: SIM115
 

@@ -37,10 +37,18 @@ MAX_SECONDS = 30 * 86400.0  # 30 days: longer is "never", and overflows select()
 MAX_THRESHOLD = 1_000_000
 
 
+MAX_FILE_BYTES = 1024 * 1024
+
+
+def clip(text: str, limit: int = 60) -> str:
+    """A piece of user input as an error message shows it: one line, never a page of it."""
+    text = text.encode("unicode_escape").decode() if not text.isprintable() else text
+    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text)} characters)"
+
+
 def _show(value: Any) -> str:
-    """A value as an error message shows it: its repr, on one line, never a page of it."""
-    text = repr(value)
-    return text if len(text) <= 60 else f"{text[:40]}... ({len(text)} characters)"
+    """A value as an error message shows it: its repr, clipped."""
+    return clip(repr(value))
 
 
 def _boolean(value: Any) -> bool:
@@ -147,9 +155,11 @@ def _signal(value: Any) -> int:
     if text in ("", "0", "NONE"):
         return 0
     try:
-        number = int(text) if text.isdigit() else signal.Signals[
-            text if text.startswith("SIG") else "SIG" + text
-        ].value
+        number = (
+            int(text)
+            if text.isdigit()
+            else signal.Signals[text if text.startswith("SIG") else "SIG" + text].value
+        )
     except (KeyError, ValueError):
         number = -1
     if number not in signal.valid_signals():
@@ -309,15 +319,18 @@ def _config_path(flag: str | None, environ: Mapping[str, str]) -> tuple[str | No
 
 
 def _from_file(path: str, explicit: bool) -> dict[tuple[str, str], Any]:
+    where = f"config file {clip(path, 200)}"
     try:
         with open(path, "rb") as fh:
-            data = fh.read()
+            data = fh.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         if not explicit:
             return {}
-        raise ConfigError(f"config file {path}: not found") from None
+        raise ConfigError(f"{where}: not found") from None
     except OSError as exc:
-        raise ConfigError(f"config file {path}: cannot read ({exc.strerror})") from None
+        raise ConfigError(f"{where}: cannot read ({exc.strerror})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(f"{where}: larger than {MAX_FILE_BYTES} bytes; not a configuration")
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover - Python 3.10
@@ -325,23 +338,25 @@ def _from_file(path: str, explicit: bool) -> dict[tuple[str, str], Any]:
     try:
         doc = tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
-        raise ConfigError(f"config file {path}: not UTF-8 text") from None
+        raise ConfigError(f"{where}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path}: TOML syntax error: {exc}") from None
+        raise ConfigError(f"{where}: TOML syntax error: {clip(str(exc), 200)}") from None
+    except RecursionError:  # arrays nested thousands deep
+        raise ConfigError(f"{where}: TOML nested too deeply") from None
     out: dict[tuple[str, str], Any] = {}
     for section, table in doc.items():
         if section not in SCHEMA:
             known = ", ".join(f"[{s}]" for s in SCHEMA)
-            raise ConfigError(f"config file {path}: unknown section [{section}] (known: {known})")
+            raise ConfigError(f"{where}: unknown section [{clip(section)}] (known: {known})")
         if not isinstance(table, dict):
-            raise ConfigError(f"config file {path}: {section} must be a table [{section}]")
+            raise ConfigError(f"{where}: {section} must be a table [{section}]")
         for key, raw in table.items():
             if key not in SCHEMA[section]:
                 known = ", ".join(SCHEMA[section])
                 raise ConfigError(
-                    f"config file {path}: unknown key '{key}' in [{section}] (known: {known})"
+                    f"{where}: unknown key '{clip(key)}' in [{section}] (known: {known})"
                 )
-            out[section, key] = _check(section, key, raw, f"config file {path}: [{section}] {key}")
+            out[section, key] = _check(section, key, raw, f"{where}: [{section}] {key}")
     return out
 
 
@@ -355,7 +370,7 @@ def _from_env(environ: Mapping[str, str]) -> dict[tuple[str, str], Any]:
             if is_service_link(name, raw):
                 continue
             raise ConfigError(
-                f"environment {name}: unknown setting (e.g. {env_name('watch', 'interval')})"
+                f"environment {clip(name)}: unknown setting (e.g. {env_name('watch', 'interval')})"
             )
         section, key = names[name]
         out[section, key] = _check(section, key, raw, f"environment {name}")
@@ -379,9 +394,7 @@ def _is_port(value: str) -> bool:
 def _is_url(value: str) -> bool:
     match = _URL.fullmatch(value)
     return (
-        match is not None
-        and _is_ip(match["ip"].strip("[]"))
-        and _is_port(value.rsplit(":", 1)[1])
+        match is not None and _is_ip(match["ip"].strip("[]")) and _is_port(value.rsplit(":", 1)[1])
     )
 
 

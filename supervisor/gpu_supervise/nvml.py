@@ -25,8 +25,33 @@ UNUSABLE = {DRIVER_NOT_LOADED, LIBRARY_NOT_FOUND}
 EMPTY_SLOT = {NOT_FOUND, INVALID_ARGUMENT}
 
 
+def _raw(nv: Any, name: str) -> Any:
+    """A binding function without its strict UTF-8 decoding (nvidia-ml-py wraps the string
+    getters in a decorator that decodes): the bytes NVML gave, to judge ourselves."""
+    fn = getattr(nv, name)
+    return getattr(fn, "__wrapped__", fn)
+
+
 def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+    """Description (a name, a bus id, the driver version): whatever bytes NVML gives, never a
+    reason for a probe to fail; what is not UTF-8 shows as \\xNN."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="backslashreplace")
+    return str(value)
+
+
+def _uuid(nv: Any, handle: Any, what: str) -> str:
+    """Identity: a UUID that is not plain text is a failed probe, not a guess."""
+    value = _raw(nv, "nvmlDeviceGetUUID")(handle)
+    if isinstance(value, str):
+        return value
+    try:
+        text = value.decode("ascii")
+    except UnicodeDecodeError:
+        raise ProbeError(f"{what}: NVML gave a UUID that is not text: {value!r}") from None
+    if not text.isprintable():
+        raise ProbeError(f"{what}: NVML gave a UUID that is not text: {value!r}")
+    return text
 
 
 class NvmlSource:
@@ -54,11 +79,11 @@ class NvmlSource:
                 pass  # nothing is held; the next probe inits again
 
     def _enumerate(self, nv: Any) -> Topology:
-        driver = _text(nv.nvmlSystemGetDriverVersion())
+        driver = _text(_raw(nv, "nvmlSystemGetDriverVersion")())
         gpus = []
         for index in range(nv.nvmlDeviceGetCount()):
             handle = nv.nvmlDeviceGetHandleByIndex(index)
-            uuid = _text(nv.nvmlDeviceGetUUID(handle))
+            uuid = _uuid(nv, handle, f"GPU {index}")
             current, pending = _mig_mode(nv, handle)
             migs: tuple[MigDevice, ...] = ()
             if current:
@@ -67,7 +92,7 @@ class NvmlSource:
                 Gpu(
                     index=index,
                     uuid=uuid,
-                    name=_text(nv.nvmlDeviceGetName(handle)),
+                    name=_text(_raw(nv, "nvmlDeviceGetName")(handle)),
                     pci_bus_id=_text(nv.nvmlDeviceGetPciInfo(handle).busId),
                     mig_current=current,
                     mig_pending=pending,
@@ -98,11 +123,11 @@ def _mig_devices(nv: Any, handle: Any, parent_uuid: str) -> list[MigDevice]:
                 continue
             raise
         attrs = nv.nvmlDeviceGetAttributes(mig)
-        name = _text(nv.nvmlDeviceGetName(mig))
+        name = _text(_raw(nv, "nvmlDeviceGetName")(mig))
         out.append(
             MigDevice(
                 index=index,
-                uuid=_text(nv.nvmlDeviceGetUUID(mig)),
+                uuid=_uuid(nv, mig, f"MIG device {index} of {parent_uuid}"),
                 parent_uuid=parent_uuid,
                 gpu_instance_id=int(nv.nvmlDeviceGetGpuInstanceId(mig)),
                 compute_instance_id=int(nv.nvmlDeviceGetComputeInstanceId(mig)),

@@ -4,27 +4,38 @@ systemd notify protocol. Both are best effort: they must never stop a restart fr
 from __future__ import annotations
 
 import os
+import stat
 
 TERMINATION_LOG_LIMIT = 4096  # kubelet reads at most this many bytes
 
 
 def write_termination_message(path: str, text: str) -> bool:
-    """Write the restart reason where `kubectl describe pod` shows it, only if the file exists
-    (the kubelet creates it; we never create files on a host)."""
+    """Write the restart reason where `kubectl describe pod` shows it, only if it is a regular
+    file that exists (the kubelet creates it; we never create files on a host). Never blocks:
+    a FIFO with no reader, a device or a terminal there is left alone."""
     if not path:
-        return False
-    if not os.path.exists(path):
         return False
     data = text.encode("utf-8", errors="replace")
     if len(data) > TERMINATION_LOG_LIMIT:
         marker = b"\n[truncated]"
         data = data[: TERMINATION_LOG_LIMIT - len(marker)]
         data = data.decode("utf-8", errors="ignore").encode() + marker
+    flags = os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
     try:
-        with open(path, "wb") as fh:
-            fh.write(data)
+        fd = os.open(path, flags)
+    except OSError:  # absent, not ours to write, or a FIFO nobody reads (ENXIO)
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        os.ftruncate(fd, 0)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
     except OSError:
         return False
+    finally:
+        os.close(fd)
     return True
 
 

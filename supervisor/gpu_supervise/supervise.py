@@ -90,8 +90,6 @@ class Supervisor:
         # PID 1 gets no default actions: every signal we forward needs a handler of its own.
         for sig in (*child.FORWARDED, signal.SIGCHLD):
             signal.signal(sig, self._record)
-        for sig in child.IGNORED:
-            signal.signal(sig, signal.SIG_IGN)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
 
     def _wake(self) -> None:

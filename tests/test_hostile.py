@@ -1,0 +1,340 @@
+"""Hostile environments: every signal, signals the kernel refuses, closed stdio, Kubernetes
+service links, odd NVML strings, huge log lines, a termination log that would block, and the
+death of gpu-supervise itself. Each of these once ended in a traceback, a wrong exit code, an
+orphaned agent or a blocked loop."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import (
+    AGENT,
+    FakeNode,
+    Proc,
+    clean_env,
+    gpu_supervise_cmd,
+    missing_capability,
+    pid_alive,
+    run,
+)
+from fakenvml import dgx_a100
+from gpu_supervise.logs import LINE_LIMIT
+
+Start = Callable[..., Proc]
+PLAIN = ["--no-watch"]
+FAST = ["--interval", "0.2", "--cooldown", "0", "--settle", "0"]
+ROOT = Path(__file__).parent.parent
+
+
+# -- every signal a process can catch reaches the agent ------------------------------------------
+
+OUTSIDE_THE_OLD_SET = [
+    "SIGALRM", "SIGPWR", "SIGVTALRM", "SIGPROF", "SIGIO", "SIGURG", "SIGXCPU", "SIGSTKFLT",
+    "SIGCONT", "SIGTSTP",
+]  # fmt: skip
+
+
+def test_every_catchable_signal_is_forwarded(start: Start):
+    proc = start([*PLAIN, "--", *AGENT, "--no-nvml"], clean_env())
+    proc.wait_for("ready")
+    rt = [signal.SIGRTMIN, signal.SIGRTMIN + 5, signal.SIGRTMAX]
+    for sig in [getattr(signal, name) for name in OUTSIDE_THE_OLD_SET] + rt:
+        proc.signal(sig)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"SIGRTMIN+{sig - signal.SIGRTMIN}"
+        proc.wait_for(f"got {name}")
+    assert proc.popen.poll() is None  # none of them killed gpu-supervise
+    proc.signal(signal.SIGTERM)
+    assert proc.wait() == 143
+
+
+def test_terminal_job_control_signals_never_stop_gpu_supervise(start: Start):
+    proc = start([*PLAIN, "--", *AGENT, "--no-nvml"], clean_env())
+    proc.wait_for("ready")
+    for sig in (signal.SIGTTIN, signal.SIGTTOU):
+        proc.signal(sig)
+    time.sleep(0.3)
+    state = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    assert state != "T"  # ignored, as tini ignores them: not stopped
+    assert "got SIGTTIN" not in proc.output  # and not forwarded: they concern our terminal
+    proc.signal(signal.SIGTERM)
+    assert proc.wait() == 143
+
+
+# -- a signal the kernel refuses ---------------------------------------------------------------
+
+SETUID_AGENT = r"""
+#include <signal.h>
+#include <stdio.h>
+#include <unistd.h>
+int main(void) {
+    if (setresuid(0, 0, 0) != 0) { perror("setresuid"); return 3; }  /* all ids root */
+    signal(SIGTERM, SIG_IGN);
+    printf("setuid agent %d ready\n", getpid());
+    fflush(stdout);
+    for (;;) pause();
+}
+"""
+
+
+@pytest.fixture
+def unprivileged() -> Iterator[tuple[list[str], Path]]:
+    """gpu-supervise as user nobody (Debian's python3 with this package on its path: the
+    interpreter tests run under may live where nobody cannot read), and a setuid-root agent."""
+    python = Path("/usr/bin/python3")
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None or not python.exists():
+        missing_capability("needs root, setpriv (util-linux) and /usr/bin/python3")
+    version = "import sys; print('%d.%d' % sys.version_info[:2])"
+    theirs = subprocess.run([str(python), "-c", version], capture_output=True, text=True).stdout
+    if theirs.strip() != "%d.%d" % sys.version_info[:2]:  # noqa: UP031
+        missing_capability("/usr/bin/python3 is another Python than the tests' (psutil)")
+    folder = Path(tempfile.mkdtemp(prefix="gs-setuid-", dir="/tmp"))
+    folder.chmod(0o755)
+    source = folder / "agent.c"
+    source.write_text(SETUID_AGENT)
+    agent = folder / "agent"
+    subprocess.run(["gcc", "-o", str(agent), str(source)], check=True)
+    agent.chmod(0o4755)  # setuid root
+    site = sysconfig.get_paths()["purelib"]
+    boot = (
+        f"import sys; sys.path[:0] = [{str(ROOT / 'supervisor')!r}, {site!r}]; "
+        "sys.argv[0] = 'gpu-supervise'; from gpu_supervise.cli import run; run()"
+    )
+    cmd = [
+        setpriv,
+        "--reuid",
+        "65534",
+        "--regid",
+        "65534",
+        "--clear-groups",
+        str(python),
+        "-c",
+        boot,
+    ]
+    try:
+        yield cmd, agent
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_a_refused_signal_never_ends_supervision(start_cmd, unprivileged):
+    cmd, agent = unprivileged
+    proc = start_cmd([*cmd, *PLAIN, "--stop-timeout", "0.5", "--", str(agent)], clean_env())
+    out = proc.wait_for("setuid agent")
+    agent_pid = int(out.split("setuid agent ")[1].split()[0])
+    proc.signal(signal.SIGHUP)
+    proc.wait_for(f"could not forward SIGHUP to pid {agent_pid}: Operation not permitted")
+    assert proc.popen.poll() is None and "Traceback" not in proc.output
+    # nor can it stop the agent: the stop still ends, and says who is left
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(60) == 137
+    assert f"pid {agent_pid} survived SIGKILL" in proc.output
+    assert "exiting 137: stopped by SIGTERM; the agent survived SIGKILL" in proc.output
+    os.kill(agent_pid, signal.SIGKILL)  # as root, the test can
+
+
+# -- closed stdio ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("closed", ["0<&-", "1>&-", "2>&-", "0<&- 1>&- 2>&-"])
+def test_closed_stdio_changes_nothing(tmp_path: Path, closed: str):
+    """The child gets valid descriptors 0-2 too, and its exit code comes back unchanged."""
+    report = tmp_path / "fds"
+    agent = f"ls -l /proc/$$/fd/0 /proc/$$/fd/1 /proc/$$/fd/2 > {report} 2>&1; exit 5"
+    exe = " ".join(gpu_supervise_cmd())
+    script = f"{exe} --no-watch -- sh -c '{agent}' {closed}"
+    out = subprocess.run(["sh", "-c", script], env=clean_env(), capture_output=True, timeout=60)
+    assert out.returncode == 5, out.stderr
+    fds = report.read_text()
+    assert "No such file" not in fds and fds.count("->") == 3, fds
+
+
+def test_stderr_closed_under_a_topology_change_still_stops_the_agent(
+    fake_node: FakeNode, tmp_path: Path
+):
+    node = dgx_a100()
+    fake_node.write(node)
+    pidfile = tmp_path / "pid"
+    exe = " ".join(gpu_supervise_cmd())
+    agent = " ".join([*AGENT, "--no-nvml", "--pidfile", str(pidfile)])
+    proc = subprocess.Popen(["sh", "-c", f"exec {exe} {' '.join(FAST)} -- {agent} 2>&-"],
+                            env=fake_node.env, stdout=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not pidfile.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(1)  # the baseline
+        node.gpus.pop()
+        fake_node.write(node)
+        assert proc.wait(60) == 1
+        assert not pid_alive(int(pidfile.read_text()))
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# -- Kubernetes service links ---------------------------------------------------------------------
+
+SERVICE_LINKS = {
+    "GPU_SUPERVISE_SERVICE_HOST": "10.96.12.7",
+    "GPU_SUPERVISE_SERVICE_PORT": "9400",
+    "GPU_SUPERVISE_SERVICE_PORT_METRICS": "9400",
+    "GPU_SUPERVISE_PORT": "tcp://10.96.12.7:9400",
+    "GPU_SUPERVISE_PORT_9400_TCP": "tcp://10.96.12.7:9400",
+    "GPU_SUPERVISE_PORT_9400_TCP_PROTO": "tcp",
+    "GPU_SUPERVISE_PORT_9400_TCP_PORT": "9400",
+    "GPU_SUPERVISE_PORT_9400_TCP_ADDR": "10.96.12.7",
+    # a Service named gpu-supervise-metrics, over IPv6
+    "GPU_SUPERVISE_METRICS_SERVICE_HOST": "fd00:10:96::7",
+    "GPU_SUPERVISE_METRICS_PORT": "tcp://[fd00:10:96::7]:9400",
+    "GPU_SUPERVISE_METRICS_PORT_9400_UDP_PROTO": "udp",
+}
+
+
+def test_kubernetes_service_links_are_not_settings():
+    out = run([*PLAIN, "--", "sh", "-c", "exit 4"], clean_env(**SERVICE_LINKS))
+    assert out.returncode == 4, out.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("GPU_SUPERVISE_WATCH_INTERVALL", "5"),  # a typo of a real setting
+        ("GPU_SUPERVISE_SERVICE_HOST", "gpu-node-1"),  # the name of a link, not its value
+        ("GPU_SUPERVISE_PORT", "9400"),
+        ("GPU_SUPERVISE_PORT_9400_TCP_PROTO", "http"),
+        ("GPU_SUPERVISE_PORT_9400_TCP_PORT", "99999"),
+    ],
+)
+def test_a_variable_that_only_looks_like_a_service_link_is_an_error(name: str, value: str):
+    out = run([*PLAIN, "--", "true"], clean_env(**{name: value}))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert out.stderr.startswith(f"gpu-supervise: environment {name}: unknown setting")
+
+
+# -- strings from NVML ----------------------------------------------------------------------------
+
+
+def test_a_gpu_name_that_is_not_utf8_is_description_only(fake_node: FakeNode):
+    node = dgx_a100(count=1)
+    node.gpu(0).name = "NVIDIA A100\udcff"  # the byte 0xff
+    fake_node.write(node)
+    out = run(["snapshot", "--json"], fake_node.env)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["gpus"][0]["name"] == "NVIDIA A100\\xff"
+
+
+def test_a_uuid_that_is_not_text_fails_the_probe(fake_node: FakeNode):
+    node = dgx_a100(count=1)
+    node.gpu(0).uuid = "GPU-\udcff"
+    fake_node.write(node)
+    out = run(["snapshot"], fake_node.env)
+    assert out.returncode == 1
+    assert "GPU 0: NVML gave a UUID that is not text: b'GPU-\\xff'" in out.stderr
+
+
+def test_control_characters_never_reach_the_terminal(start: Start, fake_node: FakeNode):
+    node = dgx_a100(["1g.5gb"] * 7, count=1)
+    node.gpu(0).name = "NVIDIA A100\x1b]0;pwned\x07\x1b[2J"
+    fake_node.write(node)
+    for fmt in ("text", "json"):
+        proc = start([*FAST, "--log-format", fmt, "--", *AGENT, "--no-nvml"], fake_node.env)
+        proc.wait_for("baseline")
+        changed = node.copy()
+        changed.gpu(0).set_layout(None)
+        fake_node.write(changed)
+        assert proc.wait(60) == 1
+        raw = proc.log_path.read_bytes()
+        assert b"\x1b" not in raw and b"\x07" not in raw
+        assert ("\\x1b]0;pwned\\x07" if fmt == "text" else "\\u001b]0;pwned") in proc.output
+        fake_node.write(node)
+    out = run(["snapshot"], fake_node.env)
+    assert "\x1b" not in out.stdout and "\\x1b[2J" in out.stdout
+
+
+# -- no line over 16 KiB -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_every_line_fits_the_runtimes_16_kib_on_a_16x7_node(
+    start: Start, fake_node: FakeNode, fmt: str
+):
+    node = dgx_a100(*[["1g.5gb"] * 7] * 16, count=16)
+    fake_node.write(node)
+    proc = start([*FAST, "--log-format", fmt, "--", *AGENT, "--no-nvml"], fake_node.env)
+    proc.wait_for("baseline")
+    new = node.copy()
+    for gpu in new.gpus:
+        gpu.set_layout(["1g.5gb"] * 7, salt="again")  # every MIG UUID new
+    fake_node.write(new)
+    assert proc.wait(60) == 1
+    lines = proc.log_path.read_bytes().splitlines()
+    assert max(len(line) + 1 for line in lines) <= LINE_LIMIT
+    old_list, new_list = ", ".join(node.uuids()), ", ".join(new.uuids())
+    prd = (
+        f"[GPU-Watcher] MIG configuration change detected (Old UUIDs: [{old_list}], "
+        f"New UUIDs: [{new_list}]). Initiating self-restart."
+    )
+    assert prd in proc.output
+    if fmt == "json":
+        docs = [json.loads(line) for line in lines if line.startswith(b"{")]
+        assert not any("truncated" in doc for doc in docs)  # it fits by design, not by cutting
+        per_gpu = [doc for doc in docs if doc.get("event") == "gpu_changed"]
+        assert [doc["new_uuids"] for doc in per_gpu] == [
+            [gpu.uuid, *gpu.mig_uuids] for gpu in new.gpus
+        ]
+
+
+# -- the termination log --------------------------------------------------------------------------
+
+
+def test_a_termination_log_that_is_a_fifo_never_blocks(start: Start, fake_node: FakeNode, tmp_path):
+    fifo = tmp_path / "termination-log"
+    os.mkfifo(fifo)  # nobody reads it
+    node = dgx_a100()
+    fake_node.write(node)
+    proc = start([*FAST, "--termination-log", str(fifo), "--", *AGENT, "--no-nvml"], fake_node.env)
+    proc.wait_for("baseline")
+    node.gpus.pop()
+    fake_node.write(node)
+    assert proc.wait(30) == 1
+    assert "exiting 1: restart me (GPU topology changed)" in proc.output
+
+
+# -- gpu-supervise itself killed ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "survives"), [([], True), (["--parent-death-signal", "TERM"], False)]
+)
+def test_the_parent_death_signal(start: Start, tmp_path: Path, option: list[str], survives: bool):
+    pidfile = tmp_path / "pid"
+    proc = start(
+        [*PLAIN, *option, "--", *AGENT, "--no-nvml", "--pidfile", str(pidfile)], clean_env()
+    )
+    proc.wait_for("ready")
+    agent_pid = int(pidfile.read_text())
+    os.kill(proc.pid, signal.SIGKILL)  # gpu-supervise dies; nobody stops the agent for it
+    proc.popen.wait()
+    deadline = time.monotonic() + (2 if survives else 30)
+    while pid_alive(agent_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pid_alive(agent_pid) is survives
+    if not survives:
+        assert "got SIGTERM" in proc.output
