@@ -1,24 +1,58 @@
 #!/usr/bin/env bash
-# Build the self-contained gpu-supervise executable with PyInstaller, in one-folder form:
-#   DIST/gpu-supervise/gpu-supervise  (+ DIST/gpu-supervise/_internal/)
-# One-folder, not one-file: a one-file executable unpacks itself and runs the program as a
-# second process under its bootloader, so the bootloader (not gpu-supervise) would be PID 1.
-# The folder needs only glibc from the image: copy it whole into an agent image, or let an init
-# container copy it into a shared emptyDir.
+# Build the self-contained gpu-supervise executable folder, which runs on any x86-64 Linux image
+# whatever its C library (an old glibc such as UBI 8's 2.28, musl, or none at all: distroless,
+# scratch):
+#
+#   DIST/gpu-supervise/gpu-supervise    a small static launcher: the file you run
+#   DIST/gpu-supervise/_internal/       PyInstaller's one-folder build, with the build host's
+#                                       glibc and its dynamic loader
+#
+# The launcher (packaging/launcher.c) execs the bundled loader on the bundled program: one
+# process, the same PID (gpu-supervise stays PID 1 of a container), nothing unpacked at start,
+# nothing written anywhere (a read-only root filesystem is fine). The image's libc is never
+# used, so the glibc the build needs (the "glibc floor", printed below) is met by the bundled
+# copy. Not a PyInstaller one-file executable: that runs the program as a second process under
+# its bootloader, which would be PID 1, and unpacks itself into TMPDIR at every start.
+#
+# Copy the folder whole (symbolic links included): `gpu-supervise install DIR` does it from a
+# running copy, for init containers and images with no shell or cp.
 #
 # usage: packaging/build-binary.sh [DIST]     (default DIST: dist)
+# needs: PyInstaller (the test extra), gcc with a static libc (Debian: gcc libc6-dev), binutils
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 dist=$(realpath -m "${1:-$root/dist}")
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$root"
+
+# PyInstaller's folder with no contents subdirectory: it becomes _internal/ below, its own
+# executable _internal/gpu-supervise next to its libraries.
 python -m PyInstaller --noconfirm --clean --log-level WARN --onedir --name gpu-supervise \
-    --distpath "$dist" --workpath "$work/build" --specpath "$work" \
+    --contents-directory . --strip \
+    --distpath "$work/pyinstaller" --workpath "$work/build" --specpath "$work" \
     --paths "$root/supervisor" --collect-submodules gpu_supervise --hidden-import pynvml \
     --exclude-module tkinter --exclude-module numpy --exclude-module IPython \
     --exclude-module jedi --exclude-module yaml --exclude-module sqlite3 \
     --exclude-module setuptools --exclude-module pkg_resources --exclude-module pytest \
     --exclude-module hypothesis --exclude-module cffi --exclude-module pycparser \
     "$root/packaging/entry.py"
+internal="$work/pyinstaller/gpu-supervise"
+
+# Prints the glibc floor, bundles glibc, checks that every needed library is in the folder.
+python "$root/packaging/bundle_glibc.py" "$internal"
+
+loader=$(basename "$(readlink "$internal/ld/gpu-supervise")")
+"${CC:-gcc}" -static -Os -s -Wall -Werror -DLOADER_NAME="\"$loader\"" \
+    -o "$work/gpu-supervise" "$root/packaging/launcher.c"
+if readelf -l "$work/gpu-supervise" | grep -q "program interpreter"; then
+    echo "the launcher is not static: install a static libc (Debian: libc6-dev)" >&2
+    exit 1
+fi
+
+rm -rf "$dist/gpu-supervise"
+mkdir -p "$dist/gpu-supervise"
+mv "$internal" "$dist/gpu-supervise/_internal"
+mv "$work/gpu-supervise" "$dist/gpu-supervise/gpu-supervise"
+echo "built $dist/gpu-supervise/gpu-supervise ($(du -sh "$dist/gpu-supervise" | cut -f1))"
 "$dist/gpu-supervise/gpu-supervise" --version

@@ -246,4 +246,5 @@ def test_file_source_unreadable_document_is_a_failure(start: Start, tmp_path: Pa
 
 def test_example_files_parse():
     assert load({}, str(ROOT / "examples/config.toml"), environ={}).interval == 30
-    assert 'ENTRYPOINT ["gpu-supervise", "--"]' in (ROOT / "packaging/Dockerfile").read_text()
+    dockerfile = (ROOT / "packaging/Dockerfile").read_text()
+    assert 'ENTRYPOINT ["/opt/gpu-supervise/gpu-supervise", "--"]' in dockerfile

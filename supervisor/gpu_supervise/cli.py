@@ -137,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import main as demo_main
 
             return demo_main(argv[1:])
+        if argv and argv[0] == "install":
+            from .install import main as install_main
+
+            return install_main(argv[1:])
         settings, command = parse_supervise(argv)
     except ConfigError as exc:
         print(f"{PROG}: {clip(str(exc), 1000)}", file=sys.stderr)  # one line, whatever came in

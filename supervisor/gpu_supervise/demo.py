@@ -54,9 +54,13 @@ def write_node(path: Path, topo: Topology) -> None:
 
 
 def self_command() -> list[str]:
-    """How to run this gpu-supervise again: the frozen binary, or this Python's module."""
-    if getattr(sys, "frozen", False):
-        return [sys.executable]
+    """How to run this gpu-supervise again: the frozen build's launcher (sys.executable is the
+    program inside it, which needs the bundled C library), or this Python's module."""
+    from .install import running_bundle
+
+    bundle = running_bundle()
+    if bundle is not None:
+        return [str(bundle.executable)]
     return [sys.executable, "-m", "gpu_supervise"]
 
 
