@@ -155,6 +155,53 @@ def test_each_process_gets_exactly_one_sigterm(start: Start):
     assert proc.output.splitlines().count("TERM") == 1
 
 
+def test_a_second_sigterm_during_the_stop_reaches_the_tree_again(start: Start):
+    """The rule: every SIGTERM or SIGINT that reaches gpu-supervise reaches the agent's tree
+    (the first starts the stop; a second, an operator's "hurry up", is sent on as well, as tini
+    would), and SIGKILL still follows stop_timeout after the first."""
+    script = "trap 'echo TERM' TERM; echo up; while :; do sleep 0.1; done"
+    proc = start([*PLAIN, "--stop-timeout", "3", "--", "sh", "-c", script], clean_env())
+    proc.wait_for("up")
+    proc.signal(signal.SIGTERM)
+    proc.wait_for("TERM\n")
+    proc.signal(signal.SIGTERM)
+    proc.wait_for("TERM\n", count=2)
+    assert proc.wait() == 137
+    out = proc.output
+    assert out.splitlines().count("TERM") == 2
+    assert "received SIGTERM during the stop: sending it to the child's tree too" in out
+    assert "still running 3 s after SIGTERM: sent SIGKILL" in out
+
+
+def test_the_agent_leads_a_process_group_of_its_own(start: Start, tmp_path: Path):
+    """So that a stop signals the whole group at once, and a ^C meant for gpu-supervise's own
+    group (a shell's job) is not the agent's business: the agent's group is its own pid."""
+    pidfile = tmp_path / "pid"
+    proc = start([*PLAIN, "--", *AGENT, "--no-nvml", "--pidfile", str(pidfile)], clean_env())
+    proc.wait_for("ready")
+    agent = int(pidfile.read_text())
+    assert os.getpgid(agent) == agent != os.getpgid(proc.pid)
+
+
+def test_checking_for_children_never_reaps_the_agent():
+    """has_children() only peeks (WNOWAIT): the exit status stays for reap(), which is how
+    gpu-supervise keeps the agent's exit code."""
+    from gpu_supervise import child
+
+    pid = os.fork()
+    if pid == 0:
+        os._exit(42)
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert child.has_children()
+    assert child.has_children()  # still: nothing was reaped
+    reaped = child.reap()
+    assert [(r.pid, child.exit_code(r.status)) for r in reaped] == [(pid, 42)]
+    assert not child.has_children()
+
+
 def test_stubborn_child_and_setsid_grandchild_are_killed(start: Start, tmp_path: Path):
     pidfile = tmp_path / "pids"
     agent = tree_agent(pidfile, "--no-nvml", "--ignore-term")

@@ -244,6 +244,20 @@ def test_file_source_unreadable_document_is_a_failure(start: Start, tmp_path: Pa
     assert "topology probe failed (1/3 consecutive)" in proc.output
 
 
+def test_a_file_source_that_vanishes_later_reads_as_no_source(start: Start, tmp_path: Path):
+    """A missing file at start is exit 2 (test_config). Deleted after the baseline, it reads as
+    a node whose NVML went away: a topology change, not a failed probe."""
+    saved = tmp_path / "node.json"
+    saved.write_text(json.dumps({"schema": 1, "gpus": [{"index": 0, "uuid": "GPU-a"}]}))
+    proc = start([*FAST, "--source", f"file:{saved}", "--", *AGENT, "--no-nvml"], clean_env())
+    proc.wait_for("[GPU-Watcher] baseline: 1 GPU(s)")
+    saved.unlink()
+    assert proc.wait() == 1
+    out = proc.output
+    assert "GPU topology change detected (Old UUIDs: [GPU-a], New UUIDs: [])" in out
+    assert "NVML is no longer usable" in out and "probe failed" not in out
+
+
 def test_example_files_parse():
     assert load({}, str(ROOT / "examples/config.toml"), environ={}).interval == 30
     dockerfile = (ROOT / "packaging/Dockerfile").read_text()

@@ -147,7 +147,9 @@ def test_cooldown_is_respected(start: Start, fake_node: FakeNode):
         # "started" is logged before the watcher's clock starts: a strict lower bound
         for key, marker in (("start", "INFO    started "), ("act", "Initiating self-restart"))
     }
-    assert (stamps["act"] - stamps["start"]).total_seconds() >= 3.0 - 0.002  # ms-rounded stamps
+    took = (stamps["act"] - stamps["start"]).total_seconds()
+    assert took >= 3.0 - 0.002  # ms-rounded stamps
+    assert took <= 3.0 + 2.0  # and the first comparison comes at its end, not much later
 
 
 def _stamp(out: str, marker: str) -> datetime:
@@ -162,7 +164,10 @@ def test_noise_never_restarts(start: Start, fake_node: FakeNode):
     node = dgx_a100(["1g.5gb"] * 7, ["3g.20gb"] * 2)
     fake_node.write(node)
     proc = supervise(start, fake_node)
-    for round_ in range(6):  # temperature and P-state move every round
+    # Temperature and P-state move every round. gpu-supervise never reads them, so this part
+    # cannot fail whatever the code does: it documents the PRD's "state changes are ignored".
+    # The evidence is test_topology's identity tests and the errors and delays below.
+    for round_ in range(6):
         for gpu in node.gpus:
             gpu.temp, gpu.pstate = 30 + round_ * 7 % 50, round_ % 12
         node.rules = []
@@ -246,15 +251,23 @@ def test_restart_loop_brings_the_new_uuids_and_steady_state_never_restarts(
     assert "Initiating self-restart" not in restarted.output  # false positives: 0
 
 
-@pytest.mark.parametrize("disabled", [["--no-watch"], []])
-def test_no_watch_never_touches_nvml(start: Start, fake_node: FakeNode, disabled: list[str]):
-    fake_node.write(dgx_a100().hang("nvmlInit"))  # any NVML use would hang
-    env = dict(fake_node.env)
-    if not disabled:
+@pytest.mark.parametrize("how", ["--no-watch", "environment", "watching (the control)"])
+def test_no_watch_never_loads_nvml(start: Start, fake_node: FakeNode, tmp_path, how: str):
+    """--no-watch is a plain supervisor: libnvidia-ml is never even loaded. The fake library
+    records every process that loads it; the watching run shows that the record works."""
+    loads = tmp_path / "loads"
+    env = {**fake_node.env, "FAKE_NVML_LOADS": str(loads)}
+    fake_node.write(dgx_a100())
+    flags = ["--no-watch"] if how == "--no-watch" else []
+    if how == "environment":
         env["GPU_SUPERVISE_WATCH_ENABLED"] = "false"
-    proc = start([*disabled, "--", *AGENT, "--no-nvml", "--run", "1", "--exit", "3"], env)
+    proc = start([*FAST, *flags, "--", *AGENT, "--no-nvml", "--run", "1", "--exit", "3"], env)
     assert proc.wait(60) == 3
-    assert "GPU-Watcher" not in proc.output
+    loaded = loads.read_text().split() if loads.exists() else []
+    if how.startswith("watching"):
+        assert loaded == [str(proc.pid)] and "[GPU-Watcher] baseline" in proc.output
+    else:
+        assert loaded == [] and "GPU-Watcher" not in proc.output
 
 
 def test_json_logs_carry_the_event_fields(start: Start, fake_node: FakeNode):

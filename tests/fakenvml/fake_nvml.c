@@ -23,6 +23,11 @@
  * open, the library registers the calling process in the folder $FAKE_NVML_NODE.holders/ on
  * its first nvmlInit (a file named after the pid, holding its start time) and removes it when
  * the last nvmlShutdown balances the inits. tests/fakenvml reads the folder to play a reset.
+ *
+ * For tests that must prove a negative or wait for a fault:
+ *   $FAKE_NVML_LOADS     a file the library appends its process's pid to when it is loaded:
+ *                        a process that never wrote there never loaded NVML at all;
+ *   <node file>.hanging  a line "pid function" is appended when a `hang` rule takes a call.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -257,6 +262,25 @@ static void sleep_ms(int ms) {
     }
 }
 
+static void append_line(const char *path, const char *fn) {
+    FILE *f = path ? fopen(path, "a") : NULL;
+    if (!f) return;
+    fprintf(f, "%d%s%s\n", (int)getpid(), fn ? " " : "", fn ? fn : "");
+    fclose(f);
+}
+
+__attribute__((constructor)) static void loaded(void) {
+    append_line(getenv("FAKE_NVML_LOADS"), NULL);
+}
+
+static void hanging(const char *fn) {
+    char path[4096];
+    const char *node_path = getenv("FAKE_NVML_NODE");
+    if (!node_path) return;
+    snprintf(path, sizeof path, "%s.hanging", node_path);
+    append_line(path, fn);
+}
+
 /* Apply the rules for `fn`: hang, delay, or return an injected error (0 when none). */
 static nvmlReturn_t inject(const char *fn) {
     int delay = 0, hang = 0;
@@ -273,8 +297,10 @@ static nvmlReturn_t inject(const char *fn) {
         }
     }
     pthread_mutex_unlock(&lock);
-    if (hang)
+    if (hang) {
+        hanging(fn);
         for (;;) sleep(3600);
+    }
     if (delay) sleep_ms(delay);
     return ret;
 }
