@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import clean_env, run
-from gpu_supervise import cli
-from gpu_supervise.config import SCHEMA, ConfigError, env_name, load
+from gpu_supervise import cli, config
+from gpu_supervise.config import SCHEMA, ConfigError, env_name, flag_name, is_service_link, load
 
 GOOD = """
 [watch]
@@ -100,6 +100,180 @@ def test_every_key_is_read_from_its_environment_variable():
         )
         settings = load({}, environ={name: raw})
         assert getattr(settings, field) == expected != getattr(defaults, field), name
+
+
+# Every value rule, in process (where mutation testing sees it): environment value -> the
+# setting, or the error's exact text.
+EXAMPLE = str(Path(__file__).parent.parent / "examples" / "config.toml")
+RULES = [
+    *[("watch", "enabled", raw, True) for raw in ("1", "true", "yes", "on", " TRUE ", "On")],
+    *[("watch", "enabled", raw, False) for raw in ("0", "false", "no", "off", "NO")],
+    ("watch", "enabled", "maybe", "must be true or false, got 'maybe'"),
+    ("watch", "interval", "0.1", 0.1),
+    ("watch", "interval", " 2592000 ", 2592000.0),
+    ("watch", "interval", "0.09", "must be at least 0.1 s, got '0.09'"),
+    ("watch", "interval", "2592000.5", "must be a finite number of seconds up to 2592000, got "
+                                       "'2592000.5'"),
+    ("watch", "interval", "-inf", "must be a finite number of seconds up to 2592000, got '-inf'"),
+    ("watch", "interval", "30s", "must be a number of seconds, got '30s'"),
+    ("watch", "cooldown", "0", 0.0),
+    ("watch", "cooldown", "-1", "must be 0 or more, got '-1'"),
+    ("watch", "settle", "0", 0.0),
+    ("watch", "settle", "0.1", 0.1),
+    ("watch", "settle", "0.05", "must be 0 (act at first sight) or at least 0.1 s, got '0.05'"),
+    ("watch", "failure_threshold", " 1 ", 1),
+    ("watch", "failure_threshold", "1000000", 1_000_000),
+    ("watch", "failure_threshold", "0", "must be a whole number from 1 to 1000000, got '0'"),
+    ("watch", "failure_threshold", "1000001", "must be a whole number from 1 to 1000000, got "
+                                              "'1000001'"),
+    ("watch", "failure_threshold", "2.5", "must be a whole number from 1 to 1000000, got '2.5'"),
+    ("watch", "probe_timeout", "0.1", 0.1),
+    ("watch", "probe_timeout", "0", "must be at least 0.1 s, got '0'"),
+    ("watch", "source", " nvml ", "nvml"),
+    ("watch", "source", f"file:{EXAMPLE}", f"file:{EXAMPLE}"),
+    ("watch", "source", "file:", "unknown source 'file:' (expected 'nvml' or 'file:PATH')"),
+    ("watch", "source", "dcgm", "unknown source 'dcgm' (expected 'nvml' or 'file:PATH')"),
+    ("watch", "source", "file:/nonexistent/n.json", "'/nonexistent/n.json' is not a file (a "
+                                                    "`snapshot --json` document)"),
+    ("watch", "on_pending", " HOLD ", "hold"),
+    ("watch", "on_pending", "Ignore", "ignore"),
+    ("watch", "on_pending", "wait", "must be one of hold, ignore, got 'wait'"),
+    ("watch", "pending_timeout", "0.1", 0.1),
+    ("watch", "pending_timeout", "0", "must be at least 0.1 s, got '0'"),
+    ("child", "stop_timeout", "0", 0.0),
+    ("child", "stop_timeout", "-0.5", "must be 0 or more, got '-0.5'"),
+    *[("child", "parent_death_signal", raw, 0) for raw in ("", "0", "none", " NONE ")],
+    *[("child", "parent_death_signal", raw, 15) for raw in ("SIGTERM", "term", " sigterm ", "15")],
+    ("child", "parent_death_signal", "9", 9),
+    ("child", "parent_death_signal", "SIGFOO", "must be a signal name such as SIGTERM, got "
+                                               "'SIGFOO'"),
+    ("child", "parent_death_signal", "99", "must be a signal name such as SIGTERM, got '99'"),
+    ("log", "level", "debug", "DEBUG"),
+    ("log", "level", "loud", "must be one of TRACE, DEBUG, INFO, SUCCESS, WARNING, ERROR, "
+                             "CRITICAL, got 'loud'"),
+    ("log", "format", " Json ", "json"),
+    ("log", "format", "xml", "must be one of text, json, got 'xml'"),
+    ("report", "termination_log", "", ""),
+    ("report", "termination_log", "/var/log/x", "/var/log/x"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("section", "key", "raw", "expected"), RULES)
+def test_every_rule(section: str, key: str, raw: str, expected):
+    name = env_name(section, key)
+    if isinstance(expected, str) and expected.startswith(("must", "unknown", "'")):
+        with pytest.raises(ConfigError) as caught:
+            load({}, environ={name: raw})
+        assert str(caught.value) == f"environment {name}: {expected}"
+    else:
+        (field,) = [f for (s, k), (_, f, _) in EVERY_KEY.items() if (s, k) == (section, key)]
+        assert getattr(load({}, environ={name: raw}), field) == expected
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[watch]\nenabled = 1", "[watch] enabled: must be true or false, got 1"),
+        ("[watch]\ninterval = true", "[watch] interval: must be a number of seconds, got True"),
+        ("[watch]\ninterval = [1]", "[watch] interval: must be a number of seconds, got [1]"),
+        ("[watch]\nfailure_threshold = true", "failure_threshold: must be a whole number from 1"),
+        ("[watch]\nfailure_threshold = 1.0", "failure_threshold: must be a whole number from 1"),
+        ("[watch]\nsource = 1", "[watch] source: must be a string, got 1"),
+        ("[log]\nlevel = 1", "[log] level: must be one of TRACE"),
+        ("[child]\nparent_death_signal = true", "must be a signal name such as SIGTERM, got True"),
+        ("[child]\nparent_death_signal = 2.0", "must be a signal name such as SIGTERM, got 2.0"),
+        ("[report]\ntermination_log = 0", "[report] termination_log: must be a string, got 0"),
+        ("[bogus]\nx = 1", "unknown section [bogus] (known: [watch], [child], [log], [report])"),
+        ("[log]\ncolour = 1", "unknown key 'colour' in [log] (known: level, format)"),
+        ("log = 1", "log must be a table [log]"),
+    ],
+)
+def test_typed_values_from_a_file(tmp_path: Path, toml: str, message: str):
+    path = write(tmp_path, toml + "\n")
+    with pytest.raises(ConfigError) as caught:
+        load({}, str(path), environ={})
+    assert str(caught.value).startswith(f"config file {path}: ")
+    assert message in str(caught.value)
+
+
+def test_typed_values_a_file_may_hold(tmp_path: Path):
+    path = write(tmp_path, "[watch]\ninterval = 2\nfailure_threshold = 4\n"
+                           "[child]\nparent_death_signal = 15\n")  # fmt: skip
+    s = load({}, str(path), environ={})
+    assert (s.interval, s.failure_threshold, s.parent_death_signal) == (2.0, 4, 15)
+
+
+def test_a_file_of_exactly_the_size_limit_is_read(tmp_path: Path):
+    limit = 1024 * 1024
+    path = write(tmp_path, "[watch]\ninterval = 7\n" + "#" * (limit - 22) + "\n")
+    assert path.stat().st_size == limit and load({}, str(path), environ={}).interval == 7.0
+    path.write_text(path.read_text() + "\n")
+    with pytest.raises(ConfigError, match=f"larger than {limit} bytes; not a configuration"):
+        load({}, str(path), environ={})
+
+
+def test_where_the_configuration_file_is_looked_for(tmp_path: Path, monkeypatch):
+    good = write(tmp_path, "[watch]\ninterval = 9\n")
+    missing = str(tmp_path / "missing.toml")
+    monkeypatch.setattr(config, "DEFAULT_CONFIG", missing)
+    assert load({}, environ={}).config_file is None  # no default file: defaults, quietly
+    monkeypatch.setattr(config, "DEFAULT_CONFIG", str(good))
+    assert (load({}, environ={}).config_file, load({}, environ={}).interval) == (str(good), 9.0)
+    for flag, env in ((missing, {}), (None, {"GPU_SUPERVISE_CONFIG": missing})):
+        with pytest.raises(ConfigError, match=f"config file {missing}: not found"):
+            load({}, flag, environ=env)  # asked for by name: its absence is an error
+    other = tmp_path / "other.toml"
+    other.write_text("[watch]\ninterval = 8\n")
+    assert load({}, str(other), environ={"GPU_SUPERVISE_CONFIG": missing}).interval == 8.0
+
+
+def test_flag_names():
+    names = [flag_name(s, k) for s, keys in SCHEMA.items() for k in keys]
+    assert names == [
+        "--enabled", "--interval", "--cooldown", "--settle", "--failure-threshold",
+        "--probe-timeout", "--source", "--on-pending", "--pending-timeout", "--stop-timeout",
+        "--parent-death-signal", "--log-level", "--log-format", "--termination-log",
+    ]  # fmt: skip
+
+
+SERVICE_LINKS = {
+    "GPU_SUPERVISE_SERVICE_HOST": "10.96.12.7",
+    "GPU_SUPERVISE_SERVICE_PORT": "9400",
+    "GPU_SUPERVISE_SERVICE_PORT_METRICS": "9400",
+    "GPU_SUPERVISE_PORT": "tcp://10.96.12.7:9400",
+    "GPU_SUPERVISE_PORT_9400_TCP": "tcp://10.96.12.7:9400",
+    "GPU_SUPERVISE_PORT_9400_TCP_PROTO": "tcp",
+    "GPU_SUPERVISE_PORT_9400_TCP_PORT": "9400",
+    "GPU_SUPERVISE_PORT_9400_TCP_ADDR": "10.96.12.7",
+    # a Service named gpu-supervise-metrics, over IPv6
+    "GPU_SUPERVISE_METRICS_SERVICE_HOST": "fd00:10:96::7",
+    "GPU_SUPERVISE_METRICS_PORT": "tcp://[fd00:10:96::7]:9400",
+    "GPU_SUPERVISE_METRICS_PORT_9400_UDP_PROTO": "udp",
+    "GPU_SUPERVISE_METRICS_PORT_53_SCTP_PORT": "65535",
+}
+NOT_SERVICE_LINKS = [
+    ("GPU_SUPERVISE_WATCH_INTERVALL", "5"),  # a typo of a real setting
+    ("GPU_SUPERVISE_SERVICE_HOST", "gpu-node-1"),  # the name of a link, not its value
+    ("GPU_SUPERVISE_SERVICE_HOST", "[fd00::7]"),
+    ("GPU_SUPERVISE_PORT", "9400"),
+    ("GPU_SUPERVISE_PORT", "tcp://10.96.12.7"),
+    ("GPU_SUPERVISE_PORT", "tcp://10.96.12.7:99999"),
+    ("GPU_SUPERVISE_PORT", "http://10.96.12.7:80"),
+    ("GPU_SUPERVISE_PORT", "tcp://gpu-node:80"),
+    ("GPU_SUPERVISE_PORT_9400_TCP_PROTO", "http"),
+    ("GPU_SUPERVISE_PORT_9400_TCP_PORT", "65536"),
+    ("GPU_SUPERVISE_PORT_9400_TCP_PORT", "0"),
+    ("GPU_SUPERVISE_PORT_9400_TCP_ADDR", "localhost"),
+    ("GPU_SUPERVISE_SERVICE_PORT", "port"),
+]
+
+
+def test_service_links_are_recognised_by_name_and_value():
+    assert load({}, environ=SERVICE_LINKS) == load({}, environ={})
+    for name, value in NOT_SERVICE_LINKS:
+        assert not is_service_link(name, value), (name, value)
+        with pytest.raises(ConfigError, match=f"environment {name}: unknown setting"):
+            load({}, environ={name: value})
 
 
 BAD_FILES = [

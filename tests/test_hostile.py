@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from test_config import NOT_SERVICE_LINKS, SERVICE_LINKS
 
 from conftest import (
     AGENT,
@@ -191,37 +192,12 @@ def test_stderr_closed_under_a_topology_change_still_stops_the_agent(
 
 # -- Kubernetes service links ---------------------------------------------------------------------
 
-SERVICE_LINKS = {
-    "GPU_SUPERVISE_SERVICE_HOST": "10.96.12.7",
-    "GPU_SUPERVISE_SERVICE_PORT": "9400",
-    "GPU_SUPERVISE_SERVICE_PORT_METRICS": "9400",
-    "GPU_SUPERVISE_PORT": "tcp://10.96.12.7:9400",
-    "GPU_SUPERVISE_PORT_9400_TCP": "tcp://10.96.12.7:9400",
-    "GPU_SUPERVISE_PORT_9400_TCP_PROTO": "tcp",
-    "GPU_SUPERVISE_PORT_9400_TCP_PORT": "9400",
-    "GPU_SUPERVISE_PORT_9400_TCP_ADDR": "10.96.12.7",
-    # a Service named gpu-supervise-metrics, over IPv6
-    "GPU_SUPERVISE_METRICS_SERVICE_HOST": "fd00:10:96::7",
-    "GPU_SUPERVISE_METRICS_PORT": "tcp://[fd00:10:96::7]:9400",
-    "GPU_SUPERVISE_METRICS_PORT_9400_UDP_PROTO": "udp",
-}
-
-
 def test_kubernetes_service_links_are_not_settings():
     out = run([*PLAIN, "--", "sh", "-c", "exit 4"], clean_env(**SERVICE_LINKS))
     assert out.returncode == 4, out.stderr
 
 
-@pytest.mark.parametrize(
-    ("name", "value"),
-    [
-        ("GPU_SUPERVISE_WATCH_INTERVALL", "5"),  # a typo of a real setting
-        ("GPU_SUPERVISE_SERVICE_HOST", "gpu-node-1"),  # the name of a link, not its value
-        ("GPU_SUPERVISE_PORT", "9400"),
-        ("GPU_SUPERVISE_PORT_9400_TCP_PROTO", "http"),
-        ("GPU_SUPERVISE_PORT_9400_TCP_PORT", "99999"),
-    ],
-)
+@pytest.mark.parametrize(("name", "value"), NOT_SERVICE_LINKS)
 def test_a_variable_that_only_looks_like_a_service_link_is_an_error(name: str, value: str):
     out = run([*PLAIN, "--", "true"], clean_env(**{name: value}))
     assert out.returncode == 2 and out.stderr.count("\n") == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -100,6 +101,96 @@ def test_reconfiguration_reads_as_one_line_per_gpu():
     assert "added 3g.20gb GI 1/CI 0 MIG-x, 3g.20gb GI 2/CI 0 MIG-y" in line
 
 
+def test_diff_lines_word_for_word():
+    """Every line a change can give, exactly, so the log and the termination message read the
+    same from one release to the next."""
+    unnamed = Gpu(2, "GPU-c", "", "bus", True, True, ())
+    on_empty = replace(B, mig_current=True, mig_pending=True)
+    gained = replace(on_empty, mig_devices=(mig("GPU-b", 9, "MIG-3"), mig("GPU-b", 10, "MIG-4")))
+    two_changed = replace(
+        A,
+        mig_devices=(
+            mig("GPU-a", 7, "MIG-5", "2g.10gb", 2, 9856),
+            mig("GPU-a", 8, "MIG-6", "2g.10gb", 2, 9856),
+        ),
+    )
+    no_profile = replace(A, mig_devices=(replace(A.mig_devices[0], profile=""),))
+    unprofiled = replace(A, mig_devices=tuple(replace(m, profile="") for m in A.mig_devices))
+    cases = [
+        (BASE, Topology((A, on_empty)), [("GPU-b", f"{B.describe()}: MIG mode off -> on")]),
+        (Topology((A, on_empty)), BASE, [("GPU-b", f"{B.describe()}: MIG mode on -> off")]),
+        (
+            Topology((A, on_empty)),
+            Topology((A, gained)),
+            [("GPU-b", f"{B.describe()}: MIG devices none -> 2x1g.5gb; added 1g.5gb GI 9/CI 0 "
+                       "MIG-3, 1g.5gb GI 10/CI 0 MIG-4")],
+        ),
+        (
+            BASE,
+            Topology((two_changed, B)),
+            [("GPU-a", f"{A.describe()}: MIG devices 2x1g.5gb -> 2x2g.10gb; changed "
+                       "1g.5gb GI 7/CI 0 MIG-1 -> 2g.10gb GI 7/CI 0 MIG-5, "
+                       "1g.5gb GI 8/CI 0 MIG-2 -> 2g.10gb GI 8/CI 0 MIG-6")],
+        ),
+        (  # the profile is description (read from the name): only MIG-2's loss is a change
+            BASE,
+            Topology((no_profile, B)),
+            [("GPU-a", f"{A.describe()}: MIG devices 2x1g.5gb -> 1x?; removed 1g.5gb GI 8/CI 0 "
+                       "MIG-2")],
+        ),
+        (
+            Topology((A, B)),
+            Topology((A, B, unnamed, replace(on_empty, index=3, uuid="GPU-0"))),
+            [("GPU-c", "GPU 2 GPU-c: added (MIG on, no devices)"),
+             ("GPU-0", "GPU 3 GPU-0 (NVIDIA A100-SXM4-40GB): added (MIG on, no devices)")],
+        ),
+        (
+            Topology((A, B, unnamed, replace(gained, index=3, uuid="GPU-0"))),
+            Topology(()),
+            [("GPU-a", f"{A.describe()}: lost (MIG 2x1g.5gb)"), ("GPU-b", f"{B.describe()}: lost"),
+             ("GPU-c", "GPU 2 GPU-c: lost (MIG on, no devices)"),
+             ("GPU-0", "GPU 3 GPU-0 (NVIDIA A100-SXM4-40GB): lost (MIG 2x1g.5gb)")],
+        ),
+        (  # instances destroyed; two GPUs whose UUIDs sort the other way from their indices
+            Topology((replace(A, uuid="GPU-z"), gained)),
+            Topology((replace(A, uuid="GPU-z", mig_devices=()), on_empty)),
+            [("GPU-z", "GPU 0 GPU-z (NVIDIA A100-SXM4-40GB): MIG devices 2x1g.5gb -> none; "
+                       "removed 1g.5gb GI 7/CI 0 MIG-1, 1g.5gb GI 8/CI 0 MIG-2"),
+             ("GPU-b", f"{B.describe()}: MIG devices 2x1g.5gb -> none; removed 1g.5gb GI 9/CI 0 "
+                       "MIG-3, 1g.5gb GI 10/CI 0 MIG-4")],
+        ),
+        (  # two devices whose name gave no profile
+            Topology((replace(A, mig_devices=()), B)),
+            Topology((unprofiled, B)),
+            [("GPU-a", f"{A.describe()}: MIG devices none -> 2x?; added ? GI 7/CI 0 MIG-1, "
+                       "? GI 8/CI 0 MIG-2")],
+        ),
+        (Topology.absent(), Topology(()), [("", "NVML became usable")]),
+        (Topology(()), Topology.absent(), [("", "NVML is no longer usable")]),
+    ]  # fmt: skip
+    for old, new, lines in cases:
+        assert list(diff(old, new).gpu_lines) == lines
+
+
+def test_the_profiles_of_a_layout_are_counted_in_order():
+    mixed = replace(
+        A,
+        mig_devices=(
+            mig("GPU-a", 1, "MIG-x", "3g.20gb", 3, 19968),
+            mig("GPU-a", 7, "MIG-1"),
+            mig("GPU-a", 8, "MIG-2"),
+            replace(mig("GPU-a", 9, "MIG-3"), profile=""),
+        ),
+    )
+    assert Topology((mixed, B)).summary() == "GPU 0: MIG 1x3g.20gb, 2x1g.5gb, 1x?; GPU 1: MIG off"
+
+
+def test_no_usable_nvml_is_a_topology_of_its_own():
+    absent = Topology.absent()
+    assert (absent.gpus, absent.driver_version, absent.nvml) == ((), "", False)
+    assert absent.summary() == "no GPUs (no usable NVML)" and Topology(()).summary() == "no GPUs"
+
+
 def test_nvml_absent_is_no_gpus():
     assert Topology.absent().same_as(Topology(()))
     change = diff(Topology.absent(), BASE)
@@ -186,3 +277,86 @@ def test_any_change_of_a_mig_device_is_a_change(topo, field, pick):
 @given(topologies())
 def test_json_round_trip_any(topo):
     assert Topology.from_json(json.loads(topo.dumps())).same_as(topo)
+
+
+def test_the_json_document_defaults_what_a_hand_written_one_leaves_out():
+    """The file source reads documents operators edit by hand: only identity is required."""
+    doc = {
+        "gpus": [
+            {"index": 1, "uuid": "GPU-b"},
+            {
+                "index": 0,
+                "uuid": "GPU-a",
+                "mig": {"current": True, "pending": 1},
+                "mig_devices": [
+                    {"uuid": "MIG-2", "gpu_instance_id": 8, "compute_instance_id": 0},
+                    {"uuid": "MIG-1", "gpu_instance_id": 7, "compute_instance_id": 1, "index": 5},
+                ],
+            },
+        ]
+    }
+    topo = Topology.from_json(doc)
+    assert (topo.driver_version, topo.nvml) == ("", True)
+    b, a = topo.gpus
+    assert (b.name, b.pci_bus_id, b.mig_current, b.mig_pending) == ("", "", None, None)
+    assert b.mig_devices == ()
+    assert (a.mig_current, a.mig_pending) == (True, True)
+    assert [(m.index, m.uuid, m.parent_uuid, m.gpu_instance_id, m.compute_instance_id, m.slices,
+             m.memory_mb, m.profile, m.name) for m in a.mig_devices] == [
+        (0, "MIG-2", "GPU-a", 8, 0, 0, 0, "", ""),
+        (5, "MIG-1", "GPU-a", 7, 1, 0, 0, "", ""),
+    ]  # fmt: skip
+    assert Topology.from_json({"schema": 1, "nvml": False}) == Topology.absent()
+    assert Topology.from_json({"driver_version": 550}).driver_version == "550"
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ([], "the document is not a JSON object"),
+        ({"schema": 2}, "unsupported schema 2"),
+        ({"gpus": [{"index": 0}]}, "malformed topology document (KeyError: 'uuid')"),
+        ({"gpus": [{"uuid": "GPU-a"}]}, "malformed topology document (KeyError: 'index')"),
+        ({"gpus": [{"index": "x", "uuid": "u"}]}, "invalid literal for int()"),
+        ({"gpus": 3}, "malformed topology document (TypeError: 'int' object is not iterable)"),
+    ],
+)
+def test_a_document_that_is_not_a_topology_says_why(doc, message: str):
+    with pytest.raises(ValueError) as caught:
+        Topology.from_json(doc)
+    assert message in str(caught.value)
+
+
+def test_the_document_is_indented_json_with_its_schema_first():
+    text = BASE.dumps()
+    assert text.startswith('{\n  "schema": 1,\n  "nvml": true,\n  "driver_version": "550.54.15",')
+    assert Topology.absent().to_json()["nvml"] is False
+
+
+def test_a_mig_gpu_without_instances_says_so():
+    on_empty = Topology((replace(B, mig_current=True, mig_pending=True),))
+    assert on_empty.summary() == "GPU 1: MIG no MIG devices"
+
+
+def test_the_table_word_for_word():
+    topo = Topology(
+        (
+            replace(B, index=2, mig_current=None, mig_pending=None),
+            replace(A, mig_devices=(replace(mig("GPU-a", 8, "MIG-2"), index=3),
+                                    replace(mig("GPU-a", 7, "MIG-1", profile=""), index=1))),
+            Gpu(1, "GPU-c", "NVIDIA A100-SXM4-40GB", "00000000:01:00.0", False, True),
+        ),
+        "550.54.15",
+    )  # fmt: skip
+    pending = "off (pending on: needs GPU reset)"
+    assert render_table(topo).splitlines() == [
+        "GPU    NAME / PROFILE                 UUID   BUS ID / GI:CI    MIG",
+        "0      NVIDIA A100-SXM4-40GB          GPU-a  00000000:00:00.0  on",
+        "  0:1    ? (1 slices, 4864 MiB)       MIG-1    7:0",
+        "  0:3    1g.5gb (1 slices, 4864 MiB)  MIG-2    8:0",
+        f"1      NVIDIA A100-SXM4-40GB          GPU-c  00000000:01:00.0  {pending}",
+        "2      NVIDIA A100-SXM4-40GB          GPU-b  00000000:01:00.0  n/a",
+        "Driver 550.54.15",
+    ]
+    assert render_table(Topology(())) == "No GPUs."
+    assert render_table(Topology.absent()) == "No GPUs. (no usable NVML)"

@@ -47,10 +47,18 @@ POLICY = WatchPolicy(interval=30, cooldown=60, settle=5, failure_threshold=3, pe
 
 
 def step(w: Watcher, now: float, result: ProbeResult) -> Decision:
-    """One probe as the main loop runs it: started now, its result handed over now."""
+    """One probe as the main loop runs it: started now, its result handed over now. Checks what
+    holds for every decision: a time for the next probe, no probe left running, tuples."""
     seq = w.begin_probe(now)
+    assert w.in_flight == (seq, now + w.policy.probe_timeout)
     decision = w.observe(now, replace(result, seq=seq))
     assert decision is not None
+    assert isinstance(decision.next_probe_at, float) and decision.next_probe_at >= now
+    assert w.in_flight is None and w.wake_at() == decision.next_probe_at == w.next_probe_at
+    assert isinstance(decision.errors, tuple) and isinstance(decision.newly_pending, tuple)
+    assert w.probe_due(decision.next_probe_at) and (
+        decision.next_probe_at == now or not w.probe_due(now)
+    )
     return decision
 
 
@@ -92,6 +100,14 @@ def test_settle_zero_acts_at_first_sight():
     assert step(w, 1060.0, ok(BIG)).verdict is Verdict.CHANGED
 
 
+def test_a_settle_under_a_second_still_confirms():
+    w = started(replace(POLICY, settle=0.5))
+    d = step(w, 1060.0, ok(BIG))
+    assert (d.verdict, d.next_probe_at, d.change.new) == (Verdict.SETTLING, 1060.5, BIG)
+    assert d.newly_pending == ()
+    assert step(w, 1060.5, ok(BIG)).verdict is Verdict.CHANGED
+
+
 def test_multi_step_reconfiguration_folds_into_one_change():
     w = started()
     step1 = layout()  # instances destroyed
@@ -119,10 +135,20 @@ def test_one_or_two_failures_are_tolerated_and_a_success_resets():
     w = started()
     t = 1060.0
     for _ in range(10):
-        assert step(w, t, err()).verdict is Verdict.TOLERATED
+        d = step(w, t, err())
+        assert (d.verdict, d.next_probe_at, d.errors) == (
+            Verdict.TOLERATED,
+            t + 30,
+            ("Unknown Error",),
+        )
         assert step(w, t + 30, err()).verdict is Verdict.TOLERATED
         assert step(w, t + 60, ok(SMALL)).verdict is Verdict.STEADY
         t += 90
+
+
+def test_a_failure_without_a_message_still_says_what_failed():
+    w = started()
+    assert step(w, 1060.0, err("")).errors == ("probe failed",)
 
 
 def test_third_consecutive_failure_after_a_baseline_restarts_with_all_errors():
@@ -149,9 +175,10 @@ def test_failures_from_the_start_never_restart_and_are_reported_rarely():
     w = Watcher(POLICY, started_at=0.0)
     loud_at = []
     t = 0.0
-    for _ in range(10 * POLICY.failure_threshold):  # also well past REPORT_EVERY
+    for n in range(10 * POLICY.failure_threshold):  # also well past REPORT_EVERY
         d = step(w, t, err("RM has detected an NVML/RM version mismatch."))
         assert (d.verdict, d.action, d.next_probe_at) == (Verdict.BROKEN, Action.NONE, t + 30)
+        assert len(d.errors) == n + 1
         if d.loud:
             loud_at.append(t)
         t += 30
@@ -230,6 +257,20 @@ def test_the_next_probe_waits_for_the_running_one():
 # -- a MIG mode change pending a GPU reset -----------------------------------------------------
 
 
+def test_ignore_mode_reports_a_change_pending_at_the_baseline():
+    w = Watcher(replace(POLICY, on_pending="ignore"), started_at=1000.0)
+    d = step(w, 1000.0, ok(pending(OFF, True)))
+    assert (d.verdict, d.action) == (Verdict.BASELINE, Action.NONE)
+    assert [g.uuid for g in d.newly_pending] == ["GPU-0"]
+    assert step(w, 1060.0, ok(pending(OFF, True))).newly_pending == ()
+
+
+def test_ignore_mode_reports_a_pending_change_that_comes_with_a_change():
+    w = started(replace(POLICY, on_pending="ignore"))
+    d = step(w, 1060.0, ok(pending(BIG, False)))
+    assert d.verdict is Verdict.SETTLING and [g.uuid for g in d.newly_pending] == ["GPU-0"]
+
+
 def test_ignore_mode_reports_a_pending_change_once_and_keeps_going():
     w = started(replace(POLICY, on_pending="ignore"))
     d = step(w, 1060.0, ok(pending(SMALL, False)))
@@ -250,10 +291,35 @@ def test_a_pending_change_holds_and_the_reset_releases_with_one_restart():
     # the reset: MIG is on, no instances yet; confirmed `settle` later
     d = step(w, 1150.0, ok(ON_EMPTY))
     assert (d.verdict, d.action, d.next_probe_at) == (Verdict.SETTLING, Action.NONE, 1155.0)
+    assert d.change.new is ON_EMPTY  # what the log shows while confirming
     d = step(w, 1155.0, ok(ON_EMPTY))
     assert (d.verdict, d.action) == (Verdict.RELEASED, Action.RESTART)
     assert d.change.old is OFF and d.change.new is ON_EMPTY
-    assert w.hold is None
+    assert w.hold is None and w.candidate is None
+
+
+def test_with_settle_zero_the_release_needs_no_confirmation():
+    w = started(replace(POLICY, settle=0), first=ok(OFF))
+    step(w, 1060.0, ok(pending(OFF, True)))
+    assert step(w, 1090.0, ok(ON_EMPTY)).verdict is Verdict.RELEASED
+
+
+def test_with_a_short_settle_the_release_is_still_confirmed():
+    w = started(replace(POLICY, settle=0.5), first=ok(OFF))
+    step(w, 1060.0, ok(pending(OFF, True)))
+    d = step(w, 1090.0, ok(ON_EMPTY))
+    assert (d.verdict, d.next_probe_at) == (Verdict.SETTLING, 1090.5)
+    assert step(w, 1090.5, ok(ON_EMPTY)).verdict is Verdict.RELEASED
+
+
+def test_another_gpu_pending_during_a_hold_is_reported():
+    base = two_gpus(OFF, OFF)
+    w = started(first=ok(base))
+    step(w, 1060.0, ok(pending(base, True, index=0)))
+    both = pending(pending(base, True, index=0), True, index=1)
+    d = step(w, 1090.0, ok(both))
+    assert (d.verdict, d.action) == (Verdict.PENDING, Action.NONE)
+    assert [g.uuid for g in d.newly_pending] == ["GPU-1"]
 
 
 def test_the_release_waits_for_the_instances_created_right_after_the_reset():
@@ -301,9 +367,10 @@ def test_a_change_seen_while_settling_gives_way_to_the_hold():
 def test_failures_while_holding_never_restart():
     w = started(first=ok(OFF))
     step(w, 1060.0, ok(pending(OFF, True)))
-    for t in (1090.0, 1120.0, 1150.0, 1180.0):
+    for n, t in enumerate((1090.0, 1120.0, 1150.0, 1180.0)):
         d = step(w, t, err("GPU is lost"))  # a reset makes NVML fail for a while
         assert (d.verdict, d.action) == (Verdict.TOLERATED, Action.NONE)
+        assert d.errors == ("GPU is lost",) * (n + 1)
     assert step(w, 1210.0, ok(ON_EMPTY)).verdict is Verdict.SETTLING
 
 
@@ -338,5 +405,9 @@ def test_after_a_timeout_another_gpus_pending_change_holds():
 def test_a_hold_times_out_even_while_nvml_fails():
     w = started(first=ok(OFF))
     step(w, 1060.0, ok(pending(OFF, True)))
-    assert step(w, 1360.0, err()).action is Action.RESUME
+    d = step(w, 1360.0, err())
+    assert (d.action, d.next_probe_at) == (Action.RESUME, 1390.0)
     assert w.hold is None and w.errors == []
+    # the pending change it held for is not held for again once NVML answers
+    d = step(w, 1390.0, ok(pending(OFF, True)))
+    assert (d.verdict, d.action) == (Verdict.STEADY, Action.NONE)

@@ -95,7 +95,7 @@ class Topology:
     @classmethod
     def absent(cls) -> Topology:
         """No usable NVML: the same topology as a node with no GPUs."""
-        return cls(gpus=(), driver_version="", nvml=False)
+        return cls(nvml=False)
 
     @cached_property
     def identity(self) -> frozenset[tuple[Any, ...]]:

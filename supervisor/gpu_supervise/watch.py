@@ -85,8 +85,7 @@ class Decision:
 class Hold:
     """The agent is stopped so that a GPU reset can go ahead."""
 
-    since: float
-    until: float
+    until: float  # when to give the agent back anyway (pending_timeout)
     gpus: tuple[Gpu, ...]  # the GPUs whose pending mode change began it
 
 
@@ -212,7 +211,7 @@ class Watcher:
     def _begin_hold(
         self, now: float, pending: tuple[Gpu, ...], verdict: Verdict = Verdict.PENDING
     ) -> Decision:
-        self.hold = Hold(now, now + self.policy.pending_timeout, pending)
+        self.hold = Hold(now + self.policy.pending_timeout, pending)
         self.candidate = None
         self._pending_seen = frozenset(_key(g) for g in pending)
         return self._decide(

@@ -1,0 +1,179 @@
+"""Mutation testing of the pure modules (watch, topology, config) with mutmut.
+
+    python tests/mutation/run.py [--keep DIR]
+
+mutmut changes one thing at a time in the code (a `<` into `<=`, a `True` into `False`, a
+string into another) and runs the tests that cover the changed function: a mutant the tests do
+not notice "survives", and marks a rule nobody checks. This script
+
+1. copies the package into a scratch folder as a top-level `gpu_supervise/` (mutmut imports
+   mutants from its copy of `.` or `src/`, and our source root is `supervisor/`), with the fast
+   in-process tests of those modules;
+2. runs `mutmut run` there;
+3. prints a table per module and every survivor with its diff;
+4. exits 1 if a mutant survives in the policy (watch.py) or in the topology's identity and
+   diff, unless it is listed in EQUIVALENT below with the reason it changes nothing that can be
+   observed. Survivors elsewhere (message wording, the table for people) are reported, not
+   failed.
+
+It takes about three minutes on two CPUs; .ci/run runs it after the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+MODULES = ("watch", "topology", "config")
+TESTS = ("test_watch.py", "test_topology.py", "test_config.py")
+SUPPORT = ("conftest.py", "procfs.py", "fakenvml", "agents")
+
+# Where no mutant may survive: the whole policy, and the topology's identity and diff.
+STRICT = re.compile(
+    r"gpu_supervise\.watch\."
+    r"|gpu_supervise\.topology\.x(ǁTopologyǁ(identity|same_as|absent|pending_mig_changes)"
+    r"|ǁMigDeviceǁ(key|describe)|ǁGpuǁ(mig_enabled|mig_change_pending|describe)"
+    r"|ǁChangeǁ|_diff|__diff_lines|__gpu_diff|__mig_suffix|__profile_counts|__slot|__onoff)"
+)
+
+# Survivors that change nothing observable: (function, a piece of the mutated line) -> why.
+EQUIVALENT = {
+    ("Watcher.__init__", "self._seq = 1"): "probe numbers only need to be distinct",
+    ("Watcher.begin_probe", "self._seq -= 1"): "probe numbers only need to be distinct",
+    ("Watcher.begin_probe", "self._seq += 2"): "probe numbers only need to be distinct",
+    ("Watcher._holding", "assert self.hold is not None or self.baseline is not None"): (
+        "an assertion of an invariant (a hold always has a baseline): never false"
+    ),
+    ("Watcher._decide", "loud: bool = False"): (
+        "`loud` is read only for BROKEN decisions, which always pass it"
+    ),
+}
+
+PYPROJECT = """\
+[tool.pytest.ini_options]
+testpaths = ["tests"]
+addopts = "-p no:cacheprovider"
+
+[tool.mutmut]
+source_paths = ["gpu_supervise/"]
+only_mutate = {only}
+pytest_add_cli_args_test_selection = {tests}
+also_copy = ["examples/"]
+"""
+
+
+def scratch_copy(where: Path) -> None:
+    shutil.copytree(ROOT / "supervisor" / "gpu_supervise", where / "gpu_supervise",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    shutil.copytree(ROOT / "examples", where / "examples")
+    (where / "tests").mkdir()
+    for name in (*TESTS, *SUPPORT):
+        source = ROOT / "tests" / name
+        if source.is_dir():
+            shutil.copytree(source, where / "tests" / name,
+                            ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+        else:
+            shutil.copy2(source, where / "tests" / name)
+    only = [f"gpu_supervise/{m}.py" for m in MODULES]
+    tests = [f"tests/{t}" for t in TESTS]
+    (where / "pyproject.toml").write_text(PYPROJECT.format(only=only, tests=tests))
+
+
+def mutmut(where: Path, *args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "mutmut", *args], cwd=where,
+                         capture_output=True, text=True)  # fmt: skip
+    if out.returncode != 0:
+        raise SystemExit(f"mutmut {' '.join(args)} failed:\n{out.stdout[-3000:]}{out.stderr}")
+    return out.stdout
+
+
+def function_of(name: str) -> str:
+    """gpu_supervise.watch.xǁWatcherǁjudge__mutmut_6 -> Watcher.judge"""
+    core = name.split(".", 2)[2].rsplit("__mutmut_", 1)[0].removeprefix("x")
+    return ".".join(part for part in core.split("ǁ") if part).removeprefix("_").removeprefix("_")
+
+
+def mutant_sources(where: Path) -> dict[str, str]:
+    """Every function mutmut wrote into its copy of the modules, by its mutant name."""
+    sources = {}
+    for module in MODULES:
+        text = (where / "mutants" / "gpu_supervise" / f"{module}.py").read_text()
+        for node in ast.walk(ast.parse(text)):
+            if (
+                isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                and "__mutmut_" in node.name
+            ):
+                segment = ast.get_source_segment(text, node) or ""
+                body = segment.split("\n", 1)[1] if "\n" in segment else segment
+                sources[f"gpu_supervise.{module}.{node.name}"] = body
+    return sources
+
+
+def mutated_line(name: str, sources: dict[str, str]) -> str:
+    """What the mutant changed: the lines that differ from the original function."""
+    original = sources.get(name.rsplit("__mutmut_", 1)[0] + "__mutmut_orig", "")
+    changed = difflib.ndiff(original.splitlines(), sources.get(name, "").splitlines())
+    return " ".join(line[2:].strip() for line in changed if line.startswith("+ "))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--keep", type=Path, help="work in DIR and keep it (mutmut browse there)")
+    args = parser.parse_args()
+    where = args.keep or Path(tempfile.mkdtemp(prefix="gpu-supervise-mutation-"))
+    if args.keep and where.exists():
+        shutil.rmtree(where)
+    where.mkdir(parents=True, exist_ok=True)
+    try:
+        scratch_copy(where)
+        mutmut(where, "run")
+        results = mutmut(where, "results", "--all", "true")
+        statuses = dict(re.findall(r"^\s*(\S+): (.+)$", results, flags=re.M))
+        sources = mutant_sources(where)
+        table: dict[str, dict[str, int]] = {m: {} for m in MODULES}
+        failures, survivors = [], []
+        for name, status in sorted(statuses.items()):
+            module = name.split(".")[1]
+            table[module][status] = table[module].get(status, 0) + 1
+            if status == "killed":
+                continue
+            line = mutated_line(name, sources)
+            function = function_of(name)
+            why = next((r for (f, piece), r in EQUIVALENT.items()
+                        if f == function and piece in line), None)  # fmt: skip
+            strict = bool(STRICT.match(name))
+            survivors.append((status, function, line, why, strict))
+            if strict and why is None:
+                failures.append(name)
+        print("| module | mutants | killed | survived | other |")
+        print("| --- | --- | --- | --- | --- |")
+        for module, counts in table.items():
+            total = sum(counts.values())
+            killed, survived = counts.get("killed", 0), counts.get("survived", 0)
+            print(f"| {module} | {total} | {killed} ({100 * killed / max(total, 1):.0f} %) | "
+                  f"{survived} | {total - killed - survived} |")  # fmt: skip
+        print()
+        for status, function, line, why, strict in survivors:
+            tag = "EQUIVALENT" if why else ("FAIL" if strict else "report")
+            print(f"[{tag}] {status}: {function}: {line}" + (f"  ({why})" if why else ""))
+        if failures:
+            print(f"\n{len(failures)} mutant(s) survive where none may: strengthen the tests, or "
+                  "list a truly equivalent mutant in EQUIVALENT with the reason.")  # fmt: skip
+            return 1
+        print("\nNo unexplained survivor in the policy or in the topology's identity and diff.")
+        return 0
+    finally:
+        if not args.keep:
+            shutil.rmtree(where, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
