@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -100,6 +101,15 @@ def gpu_supervise_cmd() -> list[str]:
     if exe is None:
         pytest.fail("gpu-supervise is not installed (pip install -e '.[test]')")
     return [exe]
+
+
+@pytest.fixture(scope="session")
+def podman_runroot() -> Iterator[Path]:
+    """podman's --runroot, short: podman refuses one longer than 50 characters, and pytest's
+    temporary paths grow with every run (/tmp/pytest-of-root/pytest-1234/...)."""
+    path = Path(tempfile.mkdtemp(prefix="gs-run-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

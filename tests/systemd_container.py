@@ -234,6 +234,7 @@ def _outermost(paths: list[Path]) -> list[Path]:
 @contextmanager
 def booted(
     workdir: Path,
+    runroot: Path,
     flags: list[str],
     read_only: list[Path],
     binds: dict[Path, str],
@@ -242,9 +243,9 @@ def booted(
 ) -> Iterator[Container]:
     """Boot /lib/systemd/systemd as PID 1 of a container; remove the container on the way out.
 
-    read_only: host paths bound read-only at the same path; binds: host folder -> container path
-    (read-write); devices: host device -> container path. Raises CannotRun where podman or
-    systemd cannot run."""
+    runroot: podman's --runroot (at most 50 characters); read_only: host paths bound read-only
+    at the same path; binds: host folder -> container path (read-write); devices: host device ->
+    container path. Raises CannotRun where podman or systemd cannot run."""
     podman = shutil.which("podman")
     if podman is None or shutil.which("runc") is None:
         raise CannotRun(
@@ -252,9 +253,8 @@ def booted(
         )
     if not Path("/lib/systemd/systemd").exists():
         raise CannotRun("no /lib/systemd/systemd on this host (Debian package systemd)")
-    store = workdir / "podman"
-    base = [podman, "--storage-driver", "vfs", "--root", str(store / "root"),
-            "--runroot", str(store / "run")]  # fmt: skip
+    base = [podman, "--storage-driver", "vfs", "--root", str(workdir / "podman"),
+            "--runroot", str(runroot)]  # fmt: skip
     rootfs, extra = make_rootfs(workdir / "rootfs")
     args = [*extra]
     for path in _outermost(read_only):

@@ -229,7 +229,7 @@ def _copy_with_libraries(root: Path, paths: list[Path]) -> None:
 
 
 @pytest.fixture(scope="session")
-def podman(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+def podman(tmp_path_factory: pytest.TempPathFactory, podman_runroot: Path) -> list[str]:
     exe = shutil.which("podman")
     if exe is None or shutil.which("runc") is None:
         missing_capability(
@@ -237,7 +237,7 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
         )
     store = tmp_path_factory.mktemp("podman")
     cmd = [exe, "--storage-driver", "vfs", "--root", str(store / "root"),
-           "--runroot", str(store / "run")]  # fmt: skip
+           "--runroot", str(podman_runroot / "binary")]  # fmt: skip
     rootfs = store / "probe-rootfs"
     _copy_with_libraries(rootfs, [Path("/bin/true")])
     probe = subprocess.run(

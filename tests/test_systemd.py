@@ -111,7 +111,9 @@ PACKAGE = Form("package", PACKAGE_EXE or "gpu-supervise", [*AGENT])
 
 
 @pytest.fixture(scope="module")
-def box(tmp_path_factory: pytest.TempPathFactory, fake_lib_dir: Path) -> Iterator[Box]:
+def box(
+    tmp_path_factory: pytest.TempPathFactory, fake_lib_dir: Path, podman_runroot: Path
+) -> Iterator[Box]:
     if PACKAGE_EXE is None:
         pytest.fail("gpu-supervise is not installed (pip install -e '.[test]')")
     work = tmp_path_factory.mktemp("systemd")
@@ -129,6 +131,7 @@ def box(tmp_path_factory: pytest.TempPathFactory, fake_lib_dir: Path) -> Iterato
             container = stack.enter_context(
                 booted(
                     work,
+                    podman_runroot / "systemd",
                     flags=PODMAN_FLAGS,
                     read_only=[ROOT, *python_dirs, Path(PACKAGE.exe).parent],
                     binds={share: SHARE, opt: "/opt:ro"},
