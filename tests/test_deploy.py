@@ -46,19 +46,11 @@ def test_invalid_manifest_is_rejected():
         kubernetes_validate.validate(ds, "1.30.0", strict=True)
 
 
-def test_daemonset_has_what_gpu_nodes_need(tmp_path: Path):
+def test_daemonset_config_and_grace_period(tmp_path: Path):
     config_map = next(d for d in manifests() if d["kind"] == "ConfigMap")
     ds = next(d for d in manifests() if d["kind"] == "DaemonSet")
     pod = ds["spec"]["template"]["spec"]
     (agent,) = pod["containers"]
-    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
-        "tolerations"
-    ]
-    env = {e["name"]: e for e in agent["env"]}
-    assert env["NVIDIA_VISIBLE_DEVICES"]["value"] == "all"
-    assert env["NVIDIA_DRIVER_CAPABILITIES"]["value"] == "utility"
-    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
-    assert agent["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert agent["command"][0].startswith("/supervise/") and agent["command"][-1] == "--"
     # the ConfigMap's TOML is a valid configuration, and the grace period outlasts the stop
     path = tmp_path / "config.toml"
@@ -66,6 +58,168 @@ def test_daemonset_has_what_gpu_nodes_need(tmp_path: Path):
     settings = load({}, str(path), environ={})
     assert pod["terminationGracePeriodSeconds"] > settings.stop_timeout
     assert settings.termination_log == agent["terminationMessagePath"]
+
+
+def _container(pod: dict, name: str) -> dict:
+    return next(c for c in pod.get("initContainers", []) + pod["containers"] if c["name"] == name)
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+# What an SRE on a GPU Operator cluster needs in the DaemonSet, each a check and a way to drop
+# it: the manifest passes every check, and each dropped setting fails its own.
+def _drop_key(path: tuple, key: str):
+    def drop(ds: dict) -> None:
+        node = ds
+        for step in path:
+            node = node[step] if not callable(step) else step(node)
+        node.pop(key)
+
+    return drop
+
+
+POD = ("spec", "template", "spec")
+AGENT_CONTAINER = (*POD, lambda pod: _container(pod, "agent"))
+SETTINGS = {
+    "tolerates nvidia.com/gpu": (
+        lambda pod: {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+        in pod.get("tolerations", []),
+        _drop_key(POD, "tolerations"),
+    ),
+    "runtimeClassName nvidia": (
+        lambda pod: pod.get("runtimeClassName") == "nvidia",
+        _drop_key(POD, "runtimeClassName"),
+    ),
+    "no service links": (
+        lambda pod: pod.get("enableServiceLinks") is False,
+        _drop_key(POD, "enableServiceLinks"),
+    ),
+    "priority system-node-critical": (
+        lambda pod: pod.get("priorityClassName") == "system-node-critical",
+        _drop_key(POD, "priorityClassName"),
+    ),
+    "mig-manager opt-in label": (
+        lambda pod: pod.get("nodeSelector", {}).get("nvidia.com/gpu.deploy.client") == "true",
+        _drop_key((*POD, "nodeSelector"), "nvidia.com/gpu.deploy.client"),
+    ),
+    "seccomp RuntimeDefault": (
+        lambda pod: pod.get("securityContext", {}).get("seccompProfile")
+        == {"type": "RuntimeDefault"},
+        _drop_key((*POD, "securityContext"), "seccompProfile"),
+    ),
+    "waits for the container toolkit": (
+        lambda pod: any(
+            "/run/nvidia/validations/toolkit-ready" in " ".join(c.get("args", []))
+            and {"mountPath": "/run/nvidia", "mountPropagation": "HostToContainer",
+                 "name": "run-nvidia", "readOnly": True} in c["volumeMounts"]
+            for c in pod.get("initContainers", [])
+        )
+        and pod["initContainers"][0]["name"] == "toolkit-validation",
+        lambda ds: ds["spec"]["template"]["spec"]["initContainers"].pop(0),
+    ),  # fmt: skip
+    "installs gpu-supervise with no shell": (
+        lambda pod: "command" not in _container(pod, "install-gpu-supervise")
+        and {"name": "supervise-bin", "mountPath": "/supervise"}
+        in _container(pod, "install-gpu-supervise")["volumeMounts"],
+        lambda ds: _container(ds["spec"]["template"]["spec"], "install-gpu-supervise").update(
+            command=["cp", "-a", "/opt/gpu-supervise/.", "/supervise/"]
+        ),
+    ),
+    "init containers unprivileged": (
+        lambda pod: all(
+            c["securityContext"] == {
+                "runAsNonRoot": True, "runAsUser": 65534, "runAsGroup": 65534,
+                "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                "capabilities": {"drop": ["ALL"]},
+            }
+            for c in pod["initContainers"]
+        ),
+        lambda ds: ds["spec"]["template"]["spec"]["initContainers"][1].pop("securityContext"),
+    ),  # fmt: skip
+    "NVIDIA_VISIBLE_DEVICES all": (
+        lambda pod: _env(_container(pod, "agent"))["NVIDIA_VISIBLE_DEVICES"]["value"] == "all",
+        lambda ds: _container(ds["spec"]["template"]["spec"], "agent")["env"].pop(0),
+    ),
+    "NVIDIA_DRIVER_CAPABILITIES utility": (
+        lambda pod: _env(_container(pod, "agent")).get("NVIDIA_DRIVER_CAPABILITIES", {}).get(
+            "value") == "utility",
+        lambda ds: _container(ds["spec"]["template"]["spec"], "agent")["env"].pop(1),
+    ),  # fmt: skip
+    "MIG monitor devices, with SYS_ADMIN": (
+        lambda pod: _env(_container(pod, "agent")).get("NVIDIA_MIG_MONITOR_DEVICES", {}).get(
+            "value") == "all"
+        and _container(pod, "agent")["securityContext"]["capabilities"] == {"add": ["SYS_ADMIN"]},
+        lambda ds: _container(ds["spec"]["template"]["spec"], "agent")["securityContext"].pop(
+            "capabilities"),
+    ),  # fmt: skip
+    "no privilege escalation flag beside SYS_ADMIN": (
+        lambda pod: "allowPrivilegeEscalation" not in _container(pod, "agent")["securityContext"],
+        lambda ds: _container(ds["spec"]["template"]["spec"], "agent")["securityContext"].update(
+            allowPrivilegeEscalation=False
+        ),
+    ),
+    "agent's root filesystem read-only": (
+        lambda pod: _container(pod, "agent")["securityContext"].get("readOnlyRootFilesystem")
+        is True,
+        _drop_key(AGENT_CONTAINER, "securityContext"),
+    ),
+    "node name from the downward API": (
+        lambda pod: _env(_container(pod, "agent"))["NODE_NAME"]["valueFrom"]["fieldRef"][
+            "fieldPath"] == "spec.nodeName",
+        lambda ds: _container(ds["spec"]["template"]["spec"], "agent")["env"].pop(),
+    ),  # fmt: skip
+    "termination message": (
+        lambda pod: _container(pod, "agent").get("terminationMessagePolicy")
+        == "FallbackToLogsOnError",
+        _drop_key(AGENT_CONTAINER, "terminationMessagePolicy"),
+    ),
+}
+
+
+def _missing(ds: dict) -> list[str]:
+    pod = ds["spec"]["template"]["spec"]
+    out = []
+    for name, (check, _) in SETTINGS.items():
+        try:
+            ok = check(pod)
+        except (KeyError, StopIteration, IndexError):
+            ok = False
+        if not ok:
+            out.append(name)
+    return out
+
+
+def test_daemonset_has_what_a_gpu_operator_cluster_needs():
+    ds = next(d for d in manifests() if d["kind"] == "DaemonSet")
+    assert _missing(ds) == []
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_dropping_a_setting_is_caught(setting: str):
+    ds = next(d for d in manifests() if d["kind"] == "DaemonSet")
+    SETTINGS[setting][1](ds)
+    assert setting in _missing(ds)
+
+
+def test_the_older_gpu_operator_alternative_is_valid():
+    """The commented affinity that replaces the opt-in label before GPU Operator v26.7.0."""
+    text = (ROOT / "examples/kubernetes/daemonset.yaml").read_text()
+    block = text.split("# BEGIN older-gpu-operator\n")[1].split("# END older-gpu-operator")[0]
+    affinity = yaml.safe_load("\n".join(line.strip()[2:] for line in block.splitlines()))
+    ds = next(d for d in manifests() if d["kind"] == "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    del pod["nodeSelector"]["nvidia.com/gpu.deploy.client"]
+    pod.update(affinity)
+    kubernetes_validate.validate(ds, "1.30.0", strict=True)
+    (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ]
+    assert term["matchExpressions"] == [
+        {"key": "nvidia.com/mig.config.state", "operator": "NotIn",
+         "values": ["pending", "rebooting"]}
+    ]  # fmt: skip
 
 
 # -- systemd -------------------------------------------------------------------------------------
