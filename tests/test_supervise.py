@@ -312,3 +312,6 @@ def test_json_logs_carry_the_event_fields(start: Start, fake_node: FakeNode):
     assert gpu["message"].startswith("[GPU-Watcher]   GPU 0 ")
     (last,) = events[-1:]
     assert last["message"] == "exiting 1: restart me (GPU topology changed)"
+    assert (last["event"], last["code"], last["reason"]) == (
+        "exit", 1, "restart me (GPU topology changed)"
+    )  # fmt: skip

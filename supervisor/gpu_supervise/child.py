@@ -261,7 +261,7 @@ def _children_from_proc() -> list[int]:
     return out
 
 
-def signal_tree(pgid: int | None, sig: int) -> int:
+def signal_tree(pgid: int | None, sig: int, leader_ours: bool = False) -> int:
     """Send `sig` once to every process of the tree (the child's and everything below us),
     whole process groups in one call where that is safe, each other process on its own.
     Returns how many processes the tree had below us.
@@ -270,25 +270,38 @@ def signal_tree(pgid: int | None, sig: int) -> int:
     still gets it) when it is the child's group, or when it belongs to a session one of our
     descendants made with setsid: everything in such a session descends from us. A group is
     signalled only while one of its members is ours: once empty, its number is free and could
-    name somebody else's. Exactly once matters: many agents take a second SIGTERM or SIGINT as
-    "quit now, skip the clean shutdown"."""
+    name somebody else's. `leader_ours` says the child itself is not reaped yet, so its group
+    is ours for certain: it is signalled at once, before the walk of the tree (which loads
+    psutil and costs milliseconds). Exactly once matters: many agents take a second SIGTERM or
+    SIGINT as "quit now, skip the clean shutdown"."""
+    done: set[int | None] = set()
+    if pgid is not None and leader_ours:
+        _killpg(pgid, sig)
+        done.add(pgid)
     tree = descendants()
     own_session = os.getsid(0)
-    groups = {pid: _ids(pid) for pid in tree}
+    ids = {pid: _ids(pid) for pid in tree}
     whole = {
         group
-        for group, session in groups.values()
-        if group is not None and (group == pgid or (session is not None and session != own_session))
+        for group, session in ids.values()
+        if group is not None
+        and group not in done
+        and (group == pgid or (session is not None and session != own_session))
     }
     for group in whole:
-        try:
-            os.killpg(group, sig)
-        except OSError:
-            pass
+        _killpg(group, sig)
+    done |= whole
     for pid in tree:
-        if groups[pid][0] not in whole:
+        if ids[pid][0] not in done:
             _kill(pid, sig)
     return len(tree)
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except OSError:
+        pass
 
 
 def _ids(pid: int) -> tuple[int | None, int | None]:

@@ -109,7 +109,7 @@ class Supervisor:
         status = events.running_status(self.argv, self.pid, self.settings)
         self._notify(f"READY=1\nSTATUS={status}\nMAINPID={os.getpid()}")
         code, why = self._loop()
-        logger.info(f"exiting {code}: {why}")
+        logger.bind(event="exit", code=code, reason=why).info(f"exiting {code}: {why}")
         return code
 
     # -- the loop ------------------------------------------------------------------------------
@@ -176,8 +176,7 @@ class Supervisor:
         """SIGTERM or SIGINT from outside: a stop by the README's exit rules, whatever we
         were doing. A second one during a stop goes to the whole tree again."""
         if self.state is State.HOLDING:
-            code = child.exit_code(self.status) if self.status is not None else 0
-            self.exit = (code, f"stopped by {name} while holding")
+            self.exit = (self._agent_code(), f"stopped by {name} while holding")
         elif self.state is State.RUNNING:
             logger.info(f"received {name}: stopping the child")
             self._begin_stop(time.monotonic(), None, f"stopped by {name}", sig=sig)
@@ -186,7 +185,7 @@ class Supervisor:
             logger.info(f"received {name} during the stop: sending it to the child's tree too")
             self.stop.hold, self.stop.exit_code = False, None
             self.stop.reason = f"stopped by {name}"
-            child.signal_tree(self.pid, sig)
+            self._signal_tree(sig)
 
     def _reap(self) -> None:
         for reaped in child.reap():
@@ -205,7 +204,11 @@ class Supervisor:
         self.state = State.STOPPING
         self.stop = Stop(exit_code, reason, kill_at=now + self.settings.stop_timeout, hold=hold)
         self._notify("STATUS=stopping the agent: " + reason + ("" if hold else "\nSTOPPING=1"))
-        child.signal_tree(self.pid, sig)
+        self._signal_tree(sig)
+
+    def _signal_tree(self, sig: int) -> int:
+        """The agent's tree; its group at once while the agent is not reaped (so surely ours)."""
+        return child.signal_tree(self.pid, sig, leader_ours=self.status is None)
 
     def _advance_stop(self, now: float) -> None:
         """Wait for the tree to go; SIGKILL what is left after stop_timeout, and whatever
@@ -216,14 +219,14 @@ class Supervisor:
             return self._stopped(stop)
         if stop.give_up_at is None:
             if now >= stop.kill_at:
-                left = child.signal_tree(self.pid, signal.SIGKILL)
+                left = self._signal_tree(signal.SIGKILL)
                 stop.give_up_at = now + max(self.settings.stop_timeout, MIN_KILL_WAIT)
                 logger.warning(
                     f"{left} process(es) still running {self.settings.stop_timeout:g} s after "
                     "SIGTERM: sent SIGKILL"
                 )
             return None
-        child.signal_tree(self.pid, signal.SIGKILL)  # newcomers forked since get it too
+        self._signal_tree(signal.SIGKILL)  # newcomers forked since get it too
         if now >= stop.give_up_at:
             for survivor in child.survivors():
                 logger.error(
@@ -243,9 +246,13 @@ class Supervisor:
         if stop.exit_code is not None:
             self.exit = (stop.exit_code, stop.reason)
         elif self.status is not None:
-            self.exit = (child.exit_code(self.status), stop.reason)
-        else:  # the agent itself survived SIGKILL: report it as killed by it
-            self.exit = (128 + signal.SIGKILL, stop.reason + "; the agent survived SIGKILL")
+            self.exit = (self._agent_code(), stop.reason)
+        else:
+            self.exit = (self._agent_code(), stop.reason + "; the agent survived SIGKILL")
+
+    def _agent_code(self) -> int:
+        """The agent's exit code; an agent that survived SIGKILL counts as killed by it."""
+        return child.exit_code(self.status) if self.status is not None else 128 + signal.SIGKILL
 
     def _resume(self) -> None:
         """The hold timed out: start the agent again, in this process."""

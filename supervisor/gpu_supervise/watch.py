@@ -76,10 +76,6 @@ class Decision:
     action: Action = Action.NONE
     loud: bool = True  # BROKEN: whether this one is worth an ERROR line (rate-limited)
 
-    @property
-    def restart(self) -> bool:
-        return self.action is Action.RESTART
-
 
 @dataclass
 class Hold:
