@@ -208,6 +208,40 @@ class Bench:
             "bound_ms": round(interval * 1000 + settle * 1000 + 2 * probe, 1),
         }
 
+    # -- a permanently broken NVML under a restart policy --------------------------------------
+
+    def broken_nvml(self) -> None:
+        """A restart policy (a shell loop) around gpu-supervise while NVML breaks for good after
+        the first baseline: how many restarts, over how many probe intervals."""
+        window, interval = (15.0 if self.quick else 40.0), 0.2
+        node_path = self.tmp / "broken.txt"
+        node = dgx_a100(count=1)
+        node.write(node_path)
+        gs = self.wrappers["gpu-supervise -- (8x7 MIG, NVML)"][0]
+        loop = 'while :; do echo start; "$@"; sleep 0.1; done'
+        cmd = [gs, "--interval", str(interval), "--settle", "0.2", *FAST, "--", "sleep", "3600"]
+        policy = subprocess.Popen(
+            ["sh", "-c", loop, "restart-policy", *cmd],
+            env={**self.env, "FAKE_NVML_NODE": str(node_path)},
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+        )  # fmt: skip
+        time.sleep(2)  # a baseline, then steady probes
+        node.fail("*", 18)  # RM has detected an NVML/RM version mismatch: a driver upgrade
+        node.write(node_path)
+        time.sleep(window)
+        # SIGTERM to the policy's whole session: gpu-supervise stops its agent (which holds the
+        # pipe too, in a process group of its own) and the loop ends
+        subprocess.run(["pkill", "-TERM", "-s", str(policy.pid)], check=False)
+        starts = policy.communicate(timeout=60)[0].split().count("start")
+        intervals = window / interval
+        self.results["broken_nvml"] = {
+            "window_s": window,
+            "interval_s": interval,
+            "restarts": starts - 1,
+            "probe_intervals": intervals,
+            "default_minutes": round(intervals * 30 / 60),
+        }
+
     # -- signals ---------------------------------------------------------------------------------
 
     def forwarding(self) -> None:
@@ -274,6 +308,12 @@ def markdown(r: dict) -> str:
     ]
     for key in ("interval 1 s", "interval 30 s"):
         lines.append(f"| CPU seconds over {idle['window_s']:g} s idle, {key} | {idle[key]:.3f} |")
+    b = r["broken_nvml"]
+    lines.append(
+        f"| NVML broken for good after the baseline, under a restart loop: restarts in "
+        f"{b['window_s']:g} s at interval {b['interval_s']:g} s ({b['probe_intervals']:.0f} "
+        f"probe intervals, {b['default_minutes']} min at the default 30 s) | {b['restarts']} |"
+    )
     lines.append(
         f"| detection: node file rewritten → exit 1, ms (interval {d['interval_s']:g} s, "
         f"settle {d['settle_s']:g} s, {d['n']} trials) | {_fmt(d)}, max {d['max']:.0f}; "
@@ -291,7 +331,8 @@ def main() -> int:
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md")
     args = parser.parse_args()
     bench = Bench(args.quick, args.binary)
-    steps = [bench.start_overhead, bench.memory, bench.probe_cost, bench.forwarding]
+    steps = [bench.start_overhead, bench.memory, bench.probe_cost, bench.forwarding,
+             bench.broken_nvml]  # fmt: skip
     for step in steps:
         print(f"... {step.__name__}", flush=True)
         step()

@@ -57,6 +57,10 @@ EQUIVALENT = {
     ),
 }
 
+# What counts as the tests noticing a mutant: they failed, or never finished (an endless loop),
+# or the mutant crashed the interpreter.
+CAUGHT = {"killed", "timeout", "segfault", "caught by type check"}
+
 PYPROJECT = """\
 [tool.pytest.ini_options]
 testpaths = ["tests"]
@@ -124,9 +128,18 @@ def mutated_line(name: str, sources: dict[str, str]) -> str:
     return " ".join(line[2:].strip() for line in changed if line.startswith("+ "))
 
 
+def _write_readme(table: str) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- mutation:start -->", "<!-- mutation:end -->"
+    head, rest = text.split(start, 1)
+    readme.write_text(head + start + "\n" + table + "\n" + end + rest.split(end, 1)[1])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keep", type=Path, help="work in DIR and keep it (mutmut browse there)")
+    parser.add_argument("--readme", action="store_true", help="write the score into README.md")
     args = parser.parse_args()
     where = args.keep or Path(tempfile.mkdtemp(prefix="gpu-supervise-mutation-"))
     if args.keep and where.exists():
@@ -143,25 +156,29 @@ def main() -> int:
         for name, status in sorted(statuses.items()):
             module = name.split(".")[1]
             table[module][status] = table[module].get(status, 0) + 1
-            if status == "killed":
+            if status in CAUGHT:
                 continue
             line = mutated_line(name, sources)
             function = function_of(name)
             why = next((r for (f, piece), r in EQUIVALENT.items()
                         if f == function and piece in line), None)  # fmt: skip
             strict = bool(STRICT.match(name))
-            survivors.append((status, function, line, why, strict))
+            survivors.append((module, status, function, line, why, strict))
             if strict and why is None:
                 failures.append(name)
-        print("| module | mutants | killed | survived | other |")
-        print("| --- | --- | --- | --- | --- |")
+        rows = ["| module | mutants | caught | survived | of which equivalent |",
+                "| --- | --- | --- | --- | --- |"]  # fmt: skip
         for module, counts in table.items():
             total = sum(counts.values())
-            killed, survived = counts.get("killed", 0), counts.get("survived", 0)
-            print(f"| {module} | {total} | {killed} ({100 * killed / max(total, 1):.0f} %) | "
-                  f"{survived} | {total - killed - survived} |")  # fmt: skip
-        print()
-        for status, function, line, why, strict in survivors:
+            killed = sum(n for status, n in counts.items() if status in CAUGHT)
+            survived = total - killed
+            equivalent = sum(1 for m, *_, why, _ in survivors if why and m == module)
+            rows.append(f"| `{module}.py` | {total} | {killed} ({100 * killed / max(total, 1):.0f} "
+                        f"%) | {survived} | {equivalent} |")  # fmt: skip
+        print("\n".join(rows) + "\n")
+        if args.readme:
+            _write_readme("\n".join(rows))
+        for _, status, function, line, why, strict in survivors:
             tag = "EQUIVALENT" if why else ("FAIL" if strict else "report")
             print(f"[{tag}] {status}: {function}: {line}" + (f"  ({why})" if why else ""))
         if failures:
