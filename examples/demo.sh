@@ -15,6 +15,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     as_root apt-get update -qq
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
+if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
+    echo "gpu-supervise needs Python 3.10 or later, and python3 is $(python3 -V 2>&1):" \
+        "use Debian 12 or Ubuntu 22.04 or later" >&2
+    exit 1
+fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q -e .

@@ -17,18 +17,25 @@
 # Copy the folder whole (symbolic links included): `gpu-supervise install DIR` does it from a
 # running copy, for init containers and images with no shell or cp.
 #
-# usage: packaging/build-binary.sh [DIST]     (default DIST: dist)
-# needs: PyInstaller (the test extra), gcc with a static libc (Debian: gcc libc6-dev), binutils
+# usage: [PYTHON=.venv/bin/python] packaging/build-binary.sh [DIST]     (default DIST: dist)
+# needs: a Python (>= 3.10) with gpu-supervise's dependencies and PyInstaller (`pip install .
+# pyinstaller`, or the test extra), gcc with a static libc (Debian: gcc libc6-dev), binutils
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 dist=$(realpath -m "${1:-$root/dist}")
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$root"
+python=${PYTHON:-python3}
+if ! "$python" -c 'import PyInstaller, pynvml, psutil, loguru' 2>/dev/null; then
+    echo "build-binary.sh: $python lacks PyInstaller or gpu-supervise's dependencies:" \
+        "pip install . pyinstaller (in a venv), then PYTHON=.venv/bin/python $0" >&2
+    exit 2
+fi
 
 # PyInstaller's folder with no contents subdirectory: it becomes _internal/ below, its own
 # executable _internal/gpu-supervise next to its libraries.
-python -m PyInstaller --noconfirm --clean --log-level WARN --onedir --name gpu-supervise \
+"$python" -m PyInstaller --noconfirm --clean --log-level WARN --onedir --name gpu-supervise \
     --contents-directory . --strip \
     --distpath "$work/pyinstaller" --workpath "$work/build" --specpath "$work" \
     --paths "$root/supervisor" --collect-submodules gpu_supervise --hidden-import pynvml \
@@ -40,7 +47,7 @@ python -m PyInstaller --noconfirm --clean --log-level WARN --onedir --name gpu-s
 internal="$work/pyinstaller/gpu-supervise"
 
 # Prints the glibc floor, bundles glibc, checks that every needed library is in the folder.
-python "$root/packaging/bundle_glibc.py" "$internal"
+"$python" "$root/packaging/bundle_glibc.py" "$internal"
 
 loader=$(basename "$(readlink "$internal/ld/gpu-supervise")")
 "${CC:-gcc}" -static -Os -s -Wall -Werror -DLOADER_NAME="\"$loader\"" \

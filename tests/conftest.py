@@ -113,6 +113,22 @@ def podman_runroot() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
+def binary_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """(the executable, what build-binary.sh printed)."""
+    dist = tmp_path_factory.mktemp("dist")
+    out = subprocess.run(
+        ["bash", str(TESTS.parent / "packaging/build-binary.sh"), str(dist)],
+        env={**os.environ, "PYTHON": sys.executable},  # the interpreter running the tests
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    if out.returncode != 0:
+        pytest.fail(f"build-binary.sh exited {out.returncode}:\n{out.stdout}\n{out.stderr[-3000:]}")
+    exe = dist / "gpu-supervise" / "gpu-supervise"
+    assert exe.is_file() and os.access(exe, os.X_OK)
+    return exe, out.stdout
+
+
+@pytest.fixture(scope="session")
 def fake_lib_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_library(tmp_path_factory.mktemp("fakenvml")).parent
 

@@ -30,21 +30,6 @@ GLIBC_FILES = re.compile(
 
 
 @pytest.fixture(scope="session")
-def binary_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """(the executable, what build-binary.sh printed)."""
-    dist = tmp_path_factory.mktemp("dist")
-    out = subprocess.run(
-        ["bash", str(ROOT / "packaging/build-binary.sh"), str(dist)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    if out.returncode != 0:
-        pytest.fail(f"build-binary.sh exited {out.returncode}:\n{out.stdout}\n{out.stderr[-3000:]}")
-    exe = dist / "gpu-supervise" / "gpu-supervise"
-    assert exe.is_file() and os.access(exe, os.X_OK)
-    return exe, out.stdout
-
-
-@pytest.fixture(scope="session")
 def binary(binary_build: tuple[Path, str]) -> Path:
     """The executable of the shipped folder: DIST/gpu-supervise/gpu-supervise."""
     return binary_build[0]
@@ -300,6 +285,7 @@ def images(binary: Path, podman: list[str], tmp_path_factory: pytest.TempPathFac
     shutil.copytree(binary.parent, context / "dist/gpu-supervise", symlinks=True)
     (context / "examples").mkdir()
     shutil.copy2(ROOT / "examples/config.toml", context / "examples")
+    shutil.copy2(ROOT / ".dockerignore", context)  # the recipes build with it in force
     tag = f"localhost/gpu-supervise-test-{os.getpid()}"
     built: dict[str, str] = {}
     try:

@@ -186,6 +186,7 @@ def test_every_rule(section: str, key: str, raw: str, expected):
         ("[bogus]\nx = 1", "unknown section [bogus] (known: [watch], [child], [log], [report])"),
         ("[log]\ncolour = 1", "unknown key 'colour' in [log] (known: level, format)"),
         ("log = 1", "log must be a table [log]"),
+        ("interval = 5", "interval belongs in its section: [watch]"),
     ],
 )
 def test_typed_values_from_a_file(tmp_path: Path, toml: str, message: str):

@@ -23,3 +23,10 @@ def test_demo_tells_the_whole_story():
     )
     assert line and line[1].split(", ") == old and line[2].split(", ") == new
     assert "gpu-supervise exited with code 1" in out.stdout
+
+
+def test_demo_refuses_a_change_before_the_baseline():
+    for value in ("0", "-5", "1.9", "soon"):
+        out = run(["demo", "--change-after", value], clean_env(), timeout=30)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+        assert "--change-after: must be from 2 to 3600 seconds" in out.stderr

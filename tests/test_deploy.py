@@ -232,7 +232,7 @@ def _unit_for_this_machine(tmp_path: Path, text: str) -> Path:
     exe = gpu_supervise_cmd()[0]
     unit = tmp_path / "gpu-agent.service"
     unit.write_text(
-        text.replace("/usr/local/bin/gpu-supervise", exe).replace(
+        text.replace("/opt/gpu-supervise/gpu-supervise", exe).replace(
             "/usr/bin/gpu-agent", "/bin/sleep infinity"
         )
     )
@@ -395,7 +395,10 @@ def test_file_source_unreadable_document_is_a_failure(start: Start, tmp_path: Pa
     proc.wait_for("[GPU-Watcher] baseline: 0 GPU(s)")
     saved.write_text("{not json")
     assert proc.wait() == 1
-    assert "topology probe failed (1/3 consecutive)" in proc.output
+    out = proc.output
+    assert "topology probe failed (1/3 consecutive)" in out
+    assert f"the topology source (file:{saved}) failed 3 consecutive probes" in out
+    assert "NVML failed" not in out
 
 
 def test_a_file_source_that_vanishes_later_reads_as_no_source(start: Start, tmp_path: Path):

@@ -10,10 +10,8 @@ the one-folder PyInstaller binary, in front of tests/agents/agent.py or a shell 
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -146,20 +144,10 @@ def box(
 
 
 @pytest.fixture(scope="module")
-def binary_form(box: Box, tmp_path_factory: pytest.TempPathFactory) -> Form:
+def binary_form(box: Box, binary_build: tuple[Path, str]) -> Form:
     """The folder packaging/build-binary.sh makes, copied to /opt/gpu-supervise as an operator
-    would. Built here rather than through test_binary's fixtures: only the script and the
-    folder's layout are the interface."""
-    dist = tmp_path_factory.mktemp("systemd-dist")
-    # the script runs `python -m PyInstaller`: the interpreter running the tests has it
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    out = subprocess.run(
-        ["bash", str(ROOT / "packaging/build-binary.sh"), str(dist)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    if out.returncode != 0:
-        pytest.fail(f"build-binary.sh exited {out.returncode}:\n{out.stdout}{out.stderr[-3000:]}")
-    assert (dist / "gpu-supervise/gpu-supervise").is_file()
+    would."""
+    dist = binary_build[0].parent.parent
     shutil.copytree(dist / "gpu-supervise", box.opt / "gpu-supervise", symlinks=True)
     return Form("binary", BINARY, [f"{SHARE}/agent.sh"])
 
@@ -206,8 +194,8 @@ def drop_in(
     fast watch settings, and whatever a test adds."""
     (line,) = [x for x in UNIT_FILE.read_text().splitlines() if x.startswith("ExecStart=")]
     shipped = line.removeprefix("ExecStart=")
-    assert "/usr/local/bin/gpu-supervise" in shipped and "/usr/bin/gpu-agent" in shipped
-    command = shipped.replace("/usr/local/bin/gpu-supervise", form.exe).replace(
+    assert "/opt/gpu-supervise/gpu-supervise" in shipped and "/usr/bin/gpu-agent" in shipped
+    command = shipped.replace("/opt/gpu-supervise/gpu-supervise", form.exe).replace(
         "/usr/bin/gpu-agent", " ".join(agent or form.agent)
     )
     if wrapper:

@@ -307,6 +307,14 @@ def test_the_json_document_defaults_what_a_hand_written_one_leaves_out():
         (5, "MIG-1", "GPU-a", 7, 1, 0, 0, "", ""),
     ]  # fmt: skip
     assert Topology.from_json({"schema": 1, "nvml": False}) == Topology.absent()
+    # MIG devices listed without a "mig" object: MIG is on, with nothing pending
+    minimal = {
+        "index": 0,
+        "uuid": "GPU-a",
+        "mig_devices": [{"uuid": "MIG-1", "gpu_instance_id": 7, "compute_instance_id": 0}],
+    }
+    (gpu,) = Topology.from_json({"gpus": [minimal]}).gpus
+    assert (gpu.mig_current, gpu.mig_pending, gpu.mig_change_pending) == (True, True, False)
     assert Topology.from_json({"driver_version": 550}).driver_version == "550"
 
 

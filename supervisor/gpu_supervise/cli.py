@@ -41,15 +41,17 @@ SNAPSHOT_FLAGS = ("--source", "--probe-timeout")
 USAGE = f"{PROG} [OPTIONS] -- COMMAND [ARGS...]"
 EPILOG = f"""\
 exit codes:
-  1        the GPU topology changed, or NVML failed failure_threshold probes in a row after
-           a good one: restart me
+  1        restart me: the GPU topology changed (NVML working again after failing since start
+           is one), NVML failed failure_threshold probes in a row after a good one, or a hold
+           for a pending MIG mode change ended
   child's  the agent exited by itself (128+N if signal N killed it); also after SIGTERM/SIGINT
   2        usage or configuration error (one line on stderr; nothing is started)
   126/127  the command cannot be executed / was not found
 
 configuration: --config PATH, else ${ENV_CONFIG}, else {DEFAULT_CONFIG} if it exists;
   environment GPU_SUPERVISE_<SECTION>_<KEY> overrides the file, flags override both.
-other commands: {PROG} snapshot [--json] (the node's topology), {PROG} demo (a simulated node)
+other commands: {PROG} snapshot [--json] (the node's topology), {PROG} demo (a simulated node),
+  {PROG} install DIR (copy the self-contained binary into DIR, for init containers)
 """
 
 
@@ -90,7 +92,7 @@ def supervise_parser() -> Parser:
         "Run COMMAND as a supervised child; stop it and exit 1 when the GPU topology changes.",
         EPILOG,
     )
-    parser.usage = f"{USAGE}\n       {PROG} snapshot|demo --help"
+    parser.usage = f"{USAGE}\n       {PROG} snapshot|demo|install --help"
     parser.add_argument("--no-watch", action="store_true", help="plain supervisor: no NVML at all")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return parser

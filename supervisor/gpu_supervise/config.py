@@ -346,6 +346,9 @@ def _from_file(path: str, explicit: bool) -> dict[tuple[str, str], Any]:
     out: dict[tuple[str, str], Any] = {}
     for section, table in doc.items():
         if section not in SCHEMA:
+            homes = [f"[{s}]" for s, keys in SCHEMA.items() if section in keys]
+            if homes and not isinstance(table, dict):
+                raise ConfigError(f"{where}: {section} belongs in its section: {homes[0]}")
             known = ", ".join(f"[{s}]" for s in SCHEMA)
             raise ConfigError(f"{where}: unknown section [{clip(section)}] (known: {known})")
         if not isinstance(table, dict):

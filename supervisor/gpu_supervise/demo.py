@@ -84,13 +84,36 @@ def agent(node_file: Path) -> int:
     return 0
 
 
+def _after_baseline(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 2.0 <= seconds <= 3600.0:
+        raise argparse.ArgumentTypeError(f"must be from 2 to 3600 seconds, got {text!r}")
+    return seconds
+
+
+def _wait(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    """The demo never hangs: a run that does not end in time is stopped, and says so."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        say(f"gpu-supervise did not exit within {timeout:g} s; stopping it")
+        proc.kill()
+        return proc.wait()
+
+
 def main(argv: list[str]) -> int:
     from .cli import Parser  # usage errors as one line, like every other command
 
     parser = Parser(prog="gpu-supervise demo", description=__doc__)
     parser.add_argument("--agent", metavar="NODE_FILE", help=argparse.SUPPRESS)
     parser.add_argument(
-        "--change-after", type=float, default=4.0, help="seconds before the MIG change"
+        "--change-after",
+        type=_after_baseline,
+        default=4.0,
+        help="seconds before the MIG change (at least 2: after the baseline and cool-down)",
     )
     args = parser.parse_args(argv)
     if args.agent:
@@ -116,7 +139,7 @@ def main(argv: list[str]) -> int:
         time.sleep(args.change_after)
         say("operator reconfigures GPU 0: 1g.5gb x7 -> 3g.20gb x2 (as mig-parted would)")
         write_node(node, simulated_node("3g.20gb", 2, generation=2))
-        code = first.wait()
+        code = _wait(first, 60)
         say(f"gpu-supervise exited with code {code}: the restart policy starts it again")
         if code != 1:
             say("unexpected exit code; a restart policy would still restart it")
@@ -125,7 +148,7 @@ def main(argv: list[str]) -> int:
         time.sleep(3)
         say("the new agent sees the new UUIDs; stopping the demo (SIGTERM, as `kubectl delete`)")
         second.send_signal(signal.SIGTERM)
-        final = second.wait()
+        final = _wait(second, 60)
         say(
             f"done: first run exited {code} on the MIG change, second run stopped cleanly ({final})"
         )

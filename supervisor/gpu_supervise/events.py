@@ -39,10 +39,16 @@ def _pending_gpus(gpus: tuple[Gpu, ...]) -> str:
     return ", ".join(f"GPU {g.index} ({g.uuid}: MIG {_mode(g)})" for g in gpus)
 
 
-def restart_reason(decision: Decision) -> str:
+def source_name(settings: Settings) -> str:
+    """What the probes read: NVML, or the file of a dry run."""
+    return "NVML" if settings.source == "nvml" else f"the topology source ({settings.source})"
+
+
+def restart_reason(decision: Decision, settings: Settings) -> str:
     """Why we exit 1, for the last line of the log."""
     if decision.verdict is Verdict.FAILING:
-        return f"restart me (NVML failed {len(decision.errors)} consecutive probes)"
+        failed = f"{source_name(settings)} failed {len(decision.errors)} consecutive probes"
+        return f"restart me ({failed})"
     if decision.verdict is Verdict.RELEASED and decision.change is None:
         return "restart me (the pending MIG mode change was withdrawn)"
     if decision.verdict is Verdict.RELEASED:
@@ -50,14 +56,10 @@ def restart_reason(decision: Decision) -> str:
     return "restart me (GPU topology changed)"
 
 
-def termination_message(decision: Decision) -> str:
+def termination_message(decision: Decision, settings: Settings) -> str:
     if decision.verdict is Verdict.FAILING:
-        return "\n".join(
-            [
-                f"gpu-supervise: NVML failed {len(decision.errors)} consecutive probes:",
-                *decision.errors,
-            ]
-        )
+        what = f"{source_name(settings)} failed {len(decision.errors)} consecutive probes"
+        return "\n".join([f"gpu-supervise: {what}:", *decision.errors])
     lines = []
     if decision.verdict is Verdict.RELEASED:
         lines.append(
@@ -187,16 +189,16 @@ def log_decision(
         logger.bind(
             event="nvml_failing", errors=list(decision.errors), old_uuids=old, restarting=True
         ).error(
-            f"{TAG} NVML failed {len(decision.errors)} consecutive probes "
+            f"{TAG} {source_name(settings)} failed {len(decision.errors)} consecutive probes "
             f"(errors: {'; '.join(decision.errors)}). Initiating self-restart."
         )
     elif v is Verdict.BROKEN:
         bound = logger.bind(event="nvml_failing", errors=[decision.errors[-1]], restarting=False)
         text = (
-            f"{TAG} NVML has failed every probe since start ({len(decision.errors)} so far; "
-            f"last: {decision.errors[-1]}). Not restarting: a restart cannot give the agent a "
-            f"working NVML. Probing every {settings.interval:g} s; the agent is restarted once "
-            "NVML works."
+            f"{TAG} {source_name(settings)} has failed every probe since start "
+            f"({len(decision.errors)} so far; last: {decision.errors[-1]}). Not restarting: a "
+            f"restart cannot give the agent a working NVML. Probing every {settings.interval:g} "
+            "s; the agent is restarted once it works."
         )
         if decision.loud:
             bound.error(text)

@@ -291,9 +291,9 @@ class Supervisor:
         now = time.monotonic()
         if decision.action is Action.RESTART:
             report.write_termination_message(
-                self.settings.termination_log, events.termination_message(decision)
+                self.settings.termination_log, events.termination_message(decision, self.settings)
             )
-            self._begin_stop(now, EXIT_RESTART, events.restart_reason(decision))
+            self._begin_stop(now, EXIT_RESTART, events.restart_reason(decision, self.settings))
         elif decision.action is Action.HOLD:
             self._begin_stop(now, None, "a MIG mode change is pending a GPU reset", hold=True)
         elif decision.action is Action.RESUME:

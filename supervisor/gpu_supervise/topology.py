@@ -179,7 +179,8 @@ class Topology:
                 raise ValueError(f"unsupported schema {doc.get('schema')!r}")
             gpus = []
             for g in doc.get("gpus", []):
-                mig = g.get("mig") or {}
+                # A hand-written document that lists MIG devices means MIG on.
+                mig = g.get("mig") or ({"current": True} if g.get("mig_devices") else {})
                 gpus.append(
                     Gpu(
                         index=int(g["index"]),
@@ -187,7 +188,7 @@ class Topology:
                         name=str(g.get("name", "")),
                         pci_bus_id=str(g.get("pci_bus_id", "")),
                         mig_current=_opt_bool(mig.get("current")),
-                        mig_pending=_opt_bool(mig.get("pending")),
+                        mig_pending=_opt_bool(mig.get("pending", mig.get("current"))),
                         mig_devices=tuple(
                             MigDevice(
                                 index=int(m.get("index", i)),
