@@ -12,6 +12,7 @@ import subprocess
 import sys
 import termios
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -24,6 +25,7 @@ from conftest import (
     Proc,
     clean_env,
     gpu_supervise_cmd,
+    kill_marked,
     missing_capability,
     pid_alive,
     run,
@@ -258,15 +260,17 @@ class Terminal:
     """gpu-supervise on a pseudo-terminal as its controlling terminal: the test plays the
     terminal emulator (`docker run -it`, an operator's shell)."""
 
-    def __init__(self, args: list[str]) -> None:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
         self.master, slave = pty.openpty()
+        self.mark = uuid.uuid4().hex
 
         def controlling_terminal() -> None:
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
         self.proc = subprocess.Popen(
             [*gpu_supervise_cmd(), *args],
-            stdin=slave, stdout=slave, stderr=slave, env=clean_env(),
+            stdin=slave, stdout=slave, stderr=slave,
+            env={**(env or clean_env()), Proc.MARK: self.mark},
             start_new_session=True, preexec_fn=controlling_terminal,
         )  # fmt: skip
         os.close(slave)
@@ -276,6 +280,7 @@ class Terminal:
         return self
 
     def __exit__(self, *_: object) -> None:
+        kill_marked(Proc.MARK, self.mark)  # the agents too, whatever their group or session
         self.proc.kill()
         self.proc.wait()
         os.close(self.master)
@@ -283,17 +288,17 @@ class Terminal:
     def type(self, data: bytes) -> None:
         os.write(self.master, data)
 
-    def expect(self, marker: bytes, timeout: float = 30.0) -> None:
-        """Read what the terminal shows until `marker` appears."""
+    def expect(self, marker: bytes, timeout: float = 30.0, count: int = 1) -> None:
+        """Read what the terminal shows until `marker` has appeared `count` times."""
         deadline = time.monotonic() + timeout
-        while marker not in self.seen and time.monotonic() < deadline:
+        while self.seen.count(marker) < count and time.monotonic() < deadline:
             ready, _, _ = select.select([self.master], [], [], 0.1)
             if ready:
                 try:
                     self.seen += os.read(self.master, 4096)
                 except OSError:  # every writer is gone and all was read
                     break
-        assert marker in self.seen, self.seen.decode(errors="replace")
+        assert self.seen.count(marker) >= count, self.seen.decode(errors="replace")
 
 
 def test_child_owns_the_terminal_like_docker_run_it():

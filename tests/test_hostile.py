@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -22,6 +23,7 @@ from test_config import NOT_SERVICE_LINKS, SERVICE_LINKS
 
 from conftest import (
     AGENT,
+    SESSION_MARK,
     FakeNode,
     Proc,
     clean_env,
@@ -31,7 +33,7 @@ from conftest import (
     run,
 )
 from fakenvml import dgx_a100
-from gpu_supervise.logs import LINE_LIMIT
+from gpu_supervise.logs import LINE_LIMIT, _fit_json
 
 Start = Callable[..., Proc]
 PLAIN = ["--no-watch"]
@@ -314,3 +316,194 @@ def test_the_parent_death_signal(start: Start, tmp_path: Path, option: list[str]
     assert pid_alive(agent_pid) is survives
     if not survives:
         assert "got SIGTERM" in proc.output
+
+
+# -- systemd's notify socket, whatever it is ------------------------------------------------------
+
+
+def test_a_command_name_that_is_not_utf8_reaches_systemd_escaped(start_cmd, tmp_path: Path):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.settimeout(30)
+    agent = tmp_path / "agent\udcff"  # a file name with the byte 0xff
+    agent.write_text("#!/bin/sh\necho agent-up\nexec sleep 60\n")
+    agent.chmod(0o755)
+    try:
+        proc = start_cmd([*gpu_supervise_cmd(), *PLAIN, "--", str(agent)],
+                         clean_env(NOTIFY_SOCKET=str(tmp_path / "notify")))  # fmt: skip
+        ready = sock.recv(4096)
+        assert ready.startswith(b"READY=1\nSTATUS=running ") and b"agent\\udcff" in ready
+        proc.wait_for("agent-up")
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(60) == 143 and "Traceback" not in proc.output
+    finally:
+        sock.close()
+
+
+def test_a_notify_socket_that_is_full_never_blocks_the_loop(start_cmd, tmp_path: Path):
+    """systemd stalled: its socket's queue is full. The message is dropped, not waited for."""
+    path = str(tmp_path / "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    filler.connect(path)
+    try:
+        while True:
+            filler.send(b"x" * 1024, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        pass
+    try:
+        proc = start_cmd([*gpu_supervise_cmd(), *PLAIN, "--", *AGENT, "--no-nvml"],
+                         clean_env(NOTIFY_SOCKET=path))  # fmt: skip
+        proc.wait_for("ready")
+        proc.wait_for("started ")
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(60) == 143
+    finally:
+        filler.close()
+        sock.close()
+
+
+# -- odd inputs at start ---------------------------------------------------------------------------
+
+RAW_ENV = r"""
+#include <unistd.h>
+int main(int argc, char **argv) {
+    char *env[] = {"=weird=x", "PATH=/usr/bin:/bin", argv[1], 0};
+    execve(argv[2], argv + 2, env);
+    return 127;
+}
+"""
+
+
+def test_an_environment_entry_exec_cannot_take_is_dropped(tmp_path: Path):
+    """A C program can pass an envp entry named "=weird": the agent still starts."""
+    source = tmp_path / "rawenv.c"
+    source.write_text(RAW_ENV)
+    subprocess.run(["gcc", "-o", str(tmp_path / "rawenv"), str(source)], check=True)
+    mark = f"{SESSION_MARK}={os.environ[SESSION_MARK]}"
+    out = subprocess.run(
+        [str(tmp_path / "rawenv"), mark, *gpu_supervise_cmd(), *PLAIN, "--termination-log", "",
+         "--", "sh", "-c", 'echo "seen=${PATH}"; exit 4'],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 4, out.stderr
+    assert "seen=/usr/bin:/bin" in out.stdout and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "/dev/zero"])
+def test_a_config_file_that_is_not_a_file_is_one_line(tmp_path: Path, kind: str):
+    path = tmp_path / "config.toml"
+    if kind == "fifo":
+        os.mkfifo(path)  # opened for reading, it would block until a writer came
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        path = Path(kind)
+    out = run(["--config", str(path), "--", "true"], clean_env(), timeout=30)
+    assert out.returncode == 2
+    assert out.stderr == f"gpu-supervise: config file {path}: cannot read (not a regular file)\n"
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        ("/nonexistent\nFAKE LOG LINE", "/nonexistent\\nFAKE LOG LINE: command not found"),
+        ("/x\x1b[31mRED", "/x\\x1b[31mRED: command not found"),
+        ("/" + "a" * 120_000, " characters)"),
+    ],
+)
+def test_a_start_failure_is_one_clean_line(command: str, shown: str):
+    out = run([*PLAIN, "--", command], clean_env())
+    assert out.returncode in (126, 127)
+    assert out.stderr.count("\n") == 1 and "\x1b" not in out.stderr
+    assert shown in out.stderr and len(out.stderr) < 1100
+
+
+def test_a_file_source_replaced_by_a_device_is_a_failed_probe(start: Start, tmp_path: Path):
+    """Never read without a limit: /dev/zero would fill memory."""
+    saved = tmp_path / "node.json"
+    saved.write_text(json.dumps({"schema": 1, "gpus": [{"index": 0, "uuid": "GPU-a"}]}))
+    proc = start([*FAST, "--source", f"file:{saved}", "--", *AGENT, "--no-nvml"], clean_env())
+    proc.wait_for("[GPU-Watcher] baseline")
+    tmp = tmp_path / "swap"
+    tmp.symlink_to("/dev/zero")
+    os.replace(tmp, saved)
+    assert proc.wait(60) == 1
+    assert f"cannot read {saved}: not a regular file" in proc.output
+    big = tmp_path / "big.json"
+    big.write_bytes(b" " * (4 * 1024 * 1024 + 1))
+    out = run(["snapshot", "--source", f"file:{big}"], clean_env())
+    assert out.returncode == 1 and "larger than 4194304 bytes" in out.stderr
+
+
+# -- a stderr nobody reads ------------------------------------------------------------------
+
+
+def test_a_stderr_nobody_reads_never_stops_a_stop(fake_node: FakeNode, tmp_path: Path):
+    """The log pipe is full (a stalled collector): log lines wait in their own thread, and
+    SIGTERM still stops the agent and ends gpu-supervise."""
+    fake_node.write(dgx_a100())
+    out = tmp_path / "out"
+    # the agent fills the pipe itself (its own write given up after 2 s), then idles
+    agent = "timeout 2 head -c 200000 /dev/zero >&2; echo up; exec sleep 300"
+    cmd = [*gpu_supervise_cmd(), *FAST, "--log-level", "DEBUG", "--", "sh", "-c", agent]
+    with open(out, "wb") as stdout:
+        proc = subprocess.Popen(cmd, env=fake_node.env, stdout=stdout, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while b"up" not in out.read_bytes():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(1)  # five probes of DEBUG lines: the log writer is blocked
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 143  # never read: the last lines are given up after 2 s
+    finally:
+        proc.kill()
+        proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+def test_a_json_line_of_wide_characters_still_fits():
+    doc = {"time": "t", "level": "INFO", "message": "\u2603" * 20000, "program": "p", "pid": 1,
+           "gpu": "GPU-a", "note": "\u2603" * 20000}  # fmt: skip
+    line = _fit_json(doc)
+    assert len(line.encode()) < LINE_LIMIT
+    parsed = json.loads(line)
+    assert parsed["truncated"] == ["note"] and parsed["message"].endswith(" [truncated]")
+
+
+# -- signals before gpu-supervise is loaded -----------------------------------------------
+
+
+def test_signals_are_held_from_the_entry_point_on(tmp_path: Path):
+    """The entry point holds the signals gpu-supervise handles before it loads anything else: a
+    SIGINT or SIGTSTP in the tens of milliseconds of loading neither kills it with a traceback
+    nor stops it. Shown with the rest of the program replaced by a slow stand-in."""
+    fake = tmp_path / "fake"
+    (fake / "gpu_supervise").mkdir(parents=True)
+    package = ROOT / "supervisor" / "gpu_supervise"
+    for name in ("__init__.py", "entry.py", "signals.py"):
+        shutil.copy2(package / name, fake / "gpu_supervise" / name)
+    (fake / "gpu_supervise" / "cli.py").write_text(
+        "import os, signal, sys, time\n"
+        "def run():\n"
+        "    print('loading', flush=True)\n"
+        "    time.sleep(2)  # the imports, slowed down\n"
+        "    pending = signal.sigpending()\n"
+        "    print('pending', sorted(int(s) for s in pending), flush=True)\n"
+        "    os._exit(0)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from gpu_supervise.entry import run; run()"],
+        env=clean_env(PYTHONPATH=str(fake)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stdout.readline() == "loading\n"
+    for sig in (signal.SIGINT, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTERM):
+        proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in err  # neither killed nor stopped
+    held = [int(x) for x in out.split("[")[1].split("]")[0].split(",")]
+    assert sorted(held) == sorted([signal.SIGINT, signal.SIGTERM, signal.SIGTSTP])

@@ -195,3 +195,20 @@ def test_ignore_keeps_the_agent_and_so_the_reset_waits(start: Start, fake_node: 
     proc.wait_for("MIG mode change to on is pending a GPU reset; it counts once it takes effect")
     time.sleep(1)
     assert agent_pid(proc) in holders(fake_node.path) and proc.popen.poll() is None
+
+
+def test_the_agent_started_again_after_a_hold_gets_the_terminal(fake_node: FakeNode):
+    """On a terminal (docker run -it), the agent started again after a timed-out hold is the
+    foreground group again: it can read the terminal instead of being stopped by SIGTTIN."""
+    from test_child import Terminal
+
+    node = dgx_a100(count=1)
+    node.gpu(0).request_mig(True)  # pending from the start: hold, then time out
+    fake_node.write(node)
+    agent = "echo agent-up; read line; echo got:$line; sleep 30"
+    args = [*FAST, "--pending-timeout", "1", "--stop-timeout", "0.5", "--", "sh", "-c", agent]
+    with Terminal(args, env=fake_node.env) as term:
+        term.expect(b"still pending after 1 s")
+        term.expect(b"agent-up", count=2)  # the agent started again
+        term.type(b"hello\n")
+        term.expect(b"got:hello")

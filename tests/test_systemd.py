@@ -10,18 +10,19 @@ the one-folder PyInstaller binary, in front of tests/agents/agent.py or a shell 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import re
 import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from systemd_container import PODMAN_FLAGS, CannotRun, Container, Unit, booted
 
-from conftest import AGENT, missing_capability
+from conftest import missing_capability
 from fakenvml import dgx_a100
 
 pytestmark = pytest.mark.slow
@@ -85,6 +86,7 @@ class Form:
     name: str
     exe: str
     agent: list[str]
+    env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -98,11 +100,27 @@ class Box:
         return self.container.unit(UNIT)
 
 
-# The console script next to the interpreter running the tests (the venv), else on PATH.
-PACKAGE_EXE = shutil.which("gpu-supervise", path=str(Path(sys.executable).parent)) or shutil.which(
-    "gpu-supervise"
+# The package as an operator installs it outside /tmp (which the unit's PrivateTmp hides, and
+# where a clone may well be): the source and its runtime dependencies copied into SITE, run by
+# the interpreter the tests run with, and the test agent beside them.
+PYTHON = str(Path(sys.executable).resolve())
+SITE = f"{SHARE}/py"
+PACKAGE = Form(
+    "package", f"{PYTHON} -m gpu_supervise", [PYTHON, f"{SHARE}/agent.py"], {"PYTHONPATH": SITE}
 )
-PACKAGE = Form("package", PACKAGE_EXE or "gpu-supervise", [*AGENT])
+RUNTIME = ("gpu_supervise", "psutil", "loguru", "pynvml")
+
+
+def _install_package(site: Path) -> None:
+    for name in RUNTIME:
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.origin is not None, name
+        origin = Path(spec.origin)
+        if origin.name == "__init__.py":
+            skip = shutil.ignore_patterns("__pycache__")
+            shutil.copytree(origin.parent, site / name, ignore=skip)
+        else:
+            shutil.copy2(origin, site / origin.name)
 
 
 # -- the container -------------------------------------------------------------------------------
@@ -112,8 +130,6 @@ PACKAGE = Form("package", PACKAGE_EXE or "gpu-supervise", [*AGENT])
 def box(
     tmp_path_factory: pytest.TempPathFactory, fake_lib_dir: Path, podman_runroot: Path
 ) -> Iterator[Box]:
-    if PACKAGE_EXE is None:
-        pytest.fail("gpu-supervise is not installed (pip install -e '.[test]')")
     work = tmp_path_factory.mktemp("systemd")
     share, opt = work / "share", work / "opt"
     (share / "nvml").mkdir(parents=True)
@@ -123,7 +139,9 @@ def box(
                        ("slow-start.sh", SLOW_START_WRAPPER)]:  # fmt: skip
         (share / name).write_text(text)
         (share / name).chmod(0o755)
-    python_dirs = [Path(sys.prefix), Path(sys.base_prefix), Path(sys.executable).resolve().parent]
+    _install_package(share / "py")
+    shutil.copy2(TESTS / "agents" / "agent.py", share / "agent.py")
+    python_dirs = [Path(sys.base_prefix), Path(PYTHON).parent]
     with contextlib.ExitStack() as stack:
         try:
             container = stack.enter_context(
@@ -131,7 +149,7 @@ def box(
                     work,
                     podman_runroot / "systemd",
                     flags=PODMAN_FLAGS,
-                    read_only=[ROOT, *python_dirs, Path(PACKAGE.exe).parent],
+                    read_only=python_dirs,
                     binds={share: SHARE, opt: "/opt:ro"},
                     devices={"/dev/null": "/dev/nvidiactl"},  # stands in for the GPU's node
                 )
@@ -201,7 +219,7 @@ def drop_in(
     if wrapper:
         command = f"{wrapper} {command}"
     variables = {"LD_LIBRARY_PATH": f"{SHARE}/nvml", "FAKE_NVML_NODE": f"{SHARE}/node.txt"}
-    variables |= FAST | (env or {})
+    variables |= FAST | form.env | (env or {})
     lines = ["[Service]", "ExecStart=", f"ExecStart={command}"]
     lines += [f'Environment="{k}={v}"' for k, v in variables.items()]
     return "\n".join([*lines, *extra, ""])
@@ -304,7 +322,7 @@ def test_stop_is_clean_and_takes_the_whole_tree(box: Box, gpu_agent: Install):
     and a setsid grandchild that ignores SIGTERM; the unit ends inactive, not failed (143 is a
     success), and systemd finds nothing left to kill."""
     unit = gpu_agent(
-        agent=[*AGENT, "--grandchild", "--pidfile", f"{SHARE}/pids"],
+        agent=[*PACKAGE.agent, "--grandchild", "--pidfile", f"{SHARE}/pids"],
         env={"GPU_SUPERVISE_CHILD_STOP_TIMEOUT": "1"},
     )
     after = box.container.cursor()
@@ -468,7 +486,7 @@ def test_status_says_what_a_hold_waits_for(box: Box, gpu_agent: Install):
     active: `systemctl status` shows why, through StatusText."""
     node = dgx_a100(count=1)
     node.write(box.share / "node.txt")
-    unit = gpu_agent(agent=[*AGENT, "--hold-nvml"])
+    unit = gpu_agent(agent=[*PACKAGE.agent, "--hold-nvml"])
     after = box.container.cursor()
     box.container.systemctl("start", UNIT)
     running = unit.wait(ActiveState="active", SubState="running")

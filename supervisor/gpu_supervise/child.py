@@ -11,7 +11,6 @@ What tini and dumb-init taught, and what this module keeps:
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import signal
@@ -19,21 +18,8 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-# Every signal a process can catch is passed on to the child as it arrives, as tini does,
-# except: faults our own code raises (the kernel aims them at the faulting thread), those our
-# own I/O raises (SIGPIPE, SIGXFSZ: ignored, as CPython ignores them), SIGTTIN and SIGTTOU (a
-# terminal's job control: ignored, so that gpu-supervise is never stopped by its terminal, as
-# tini does), SIGCHLD (ours: reaping), and the two nobody can catch. SIGTSTP and SIGCONT go to
-# the child: ^Z stops the agent, not its supervisor.
-NOT_FORWARDED = frozenset(
-    {
-        signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGTRAP,
-        signal.SIGSYS, signal.SIGABRT, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGTTIN,
-        signal.SIGTTOU, signal.SIGCHLD, signal.SIGKILL, signal.SIGSTOP,
-    }
-)  # fmt: skip
-FORWARDED = tuple(sorted(signal.valid_signals() - NOT_FORWARDED))
-IGNORED = (signal.SIGTTIN, signal.SIGTTOU)
+from .signals import FORWARDED, IGNORED
+
 # A disposition set to "ignore" survives exec; the child gets every signal at its default,
 # like a child of any shell would.
 _RESET_TO_DEFAULT = (*FORWARDED, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, *IGNORED)
@@ -54,24 +40,13 @@ def become_subreaper() -> bool:
     grandchild whose parent died is still ours to stop and reap."""
     if os.getpid() == 1:
         return True
+    import ctypes
+
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
-
-
-def block_signals() -> None:
-    """Hold every signal we handle until the handlers are in place: the child starts before the
-    rest of gpu-supervise is loaded, and a SIGTERM in that window must not kill us (and orphan
-    the child). Signals arriving meanwhile stay pending; spawn() gives the child a clean mask."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {*FORWARDED, signal.SIGCHLD})
-    for sig in IGNORED:  # from the start: a stop signal that arrives now must not stop us
-        signal.signal(sig, signal.SIG_IGN)
-
-
-def unblock_signals() -> None:
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {*FORWARDED, signal.SIGCHLD})
 
 
 def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
@@ -81,7 +56,9 @@ def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
     LD_LIBRARY_PATH and adds _PYI_* variables; an agent inheriting them could load our bundled
     libraries instead of its own, and a frozen child would take itself for a sub-process.
     """
-    env = dict(environ)
+    # A name with "=" (an envp entry "=x=y" that a C program can pass) or an empty one cannot be
+    # handed to exec: drop it rather than fail to start the agent.
+    env = {name: value for name, value in environ.items() if name and "=" not in name}
     if getattr(sys, "frozen", False):
         original = env.pop("LD_LIBRARY_PATH_ORIG", None)
         if original is None:
@@ -102,7 +79,7 @@ def spawn(argv: list[str], env: dict[str, str], death_signal: int = 0) -> int:
     a parent-death signal.
     """
     try:
-        foreground = _owns_terminal()
+        foreground = owns_terminal()
         if foreground or death_signal:
             return _spawn_forked(argv, env, foreground, death_signal)
         return os.posix_spawnp(
@@ -115,6 +92,8 @@ def spawn(argv: list[str], env: dict[str, str], death_signal: int = 0) -> int:
         )
     except OSError as exc:
         raise _spawn_error(argv[0], exc) from None
+    except ValueError as exc:  # what exec cannot take (the checks above should leave none)
+        raise SpawnError(126, f"{argv[0]}: cannot execute: {exc}") from None
 
 
 def _spawn_error(command: str, exc: OSError) -> SpawnError:
@@ -125,12 +104,24 @@ def _spawn_error(command: str, exc: OSError) -> SpawnError:
     return SpawnError(126, f"{command}: cannot execute: {exc.strerror}")
 
 
-def _owns_terminal() -> bool:
+def owns_terminal() -> bool:
     """Whether stdin is a terminal whose foreground group is ours (`docker run -it`, a shell)."""
     try:
         return os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp()
     except OSError:
         return False
+
+
+def take_terminal_back(agent_group: int) -> bool:
+    """If the terminal's foreground group is still the agent's (gone now), make it ours again,
+    so that the agent started next takes it over (spawn). SIGTTOU, ignored, does not stop us."""
+    try:
+        if os.isatty(0) and os.tcgetpgrp(0) == agent_group:
+            os.tcsetpgrp(0, os.getpgrp())
+            return True
+    except OSError:
+        pass
+    return False
 
 
 PR_SET_PDEATHSIG = 1
@@ -146,6 +137,8 @@ def _spawn_forked(argv: list[str], env: dict[str, str], foreground: bool, death_
     - death_signal: the kernel sends it to the agent when the thread that forked it exits; we
       fork from the main thread, which lives as long as gpu-supervise. If we died before the
       request took effect, the child sends it to itself."""
+    import ctypes
+
     prctl = ctypes.CDLL(None, use_errno=True).prctl if death_signal else None
     parent = os.getpid()
     rfd, wfd = os.pipe2(os.O_CLOEXEC)

@@ -132,6 +132,10 @@ def parse_supervise(argv: list[str]) -> tuple[Settings, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("snapshot", "demo", "install"):
+        from .signals import unblock_signals
+
+        unblock_signals()  # only supervising holds signals until its handlers are in place
     try:
         if argv and argv[0] == "snapshot":
             return _snapshot(argv[1:])
@@ -156,16 +160,16 @@ def _supervise(settings: Settings, command: list[str]) -> int:
     Signals are held from before the spawn until the supervisor's handlers are in place, and we
     are a subreaper before the child can fork anything.
     """
-    from . import child, report
+    from . import child, report, signals
 
     env = child.child_environment(os.environ)
     notify_socket = report.take_notify_socket(env)
-    child.block_signals()
+    signals.block_signals()
     child.become_subreaper()
     try:
         pid = child.spawn(command, env, settings.parent_death_signal)
     except child.SpawnError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
+        print(f"{PROG}: {clip(str(exc), 1000)}", file=sys.stderr)  # one line, no escapes
         return exc.code
     from . import logs
     from .supervise import Supervisor
@@ -187,7 +191,8 @@ def _snapshot(argv: list[str]) -> int:
 
     result = probe_once(open_source(settings.source), settings.probe_timeout)
     if result.failed:
-        print(f"{PROG}: cannot read the GPU topology: {result.error}", file=sys.stderr)
+        print(f"{PROG}: cannot read the GPU topology: {clip(result.error or '', 1000)}",
+              file=sys.stderr)  # fmt: skip
         return 1
     if result.unavailable:
         hint = (
@@ -225,9 +230,12 @@ def safe_stdio() -> None:
 
 
 def run() -> NoReturn:
-    """Console-script entry point."""
+    """Console-script entry point (through entry.run, which holds signals first)."""
     safe_stdio()
     code = main()
+    logs = sys.modules.get(f"{__package__}.logs")
+    if logs is not None:
+        logs.flush(2.0)  # the last lines, if stderr is being read at all
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -8,6 +8,7 @@ line naming where the value came from; the CLI turns it into exit 2 before anyth
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
@@ -318,11 +319,32 @@ def _config_path(flag: str | None, environ: Mapping[str, str]) -> tuple[str | No
     return None, False
 
 
+def read_regular_file(path: str, limit: int) -> bytes:
+    """At most `limit` bytes of a regular file. Opened without blocking and checked first: a
+    FIFO (which would block until a writer comes), a device or a directory raises OSError
+    (EINVAL), whatever the name says."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        chunks, size = [], 0
+        while size < limit:
+            chunk = os.read(fd, limit - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def _from_file(path: str, explicit: bool) -> dict[tuple[str, str], Any]:
     where = f"config file {clip(path, 200)}"
     try:
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_FILE_BYTES + 1)
+        data = read_regular_file(path, MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         if not explicit:
             return {}

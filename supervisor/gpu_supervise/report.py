@@ -53,10 +53,13 @@ def sd_notify(address: str | None, message: str) -> bool:
     import socket  # only when systemd asked for it: not on the way to starting the child
 
     target = "\0" + address[1:] if address.startswith("@") else address
+    data = message.encode("utf-8", "backslashreplace")  # an argv that is not UTF-8, say
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.connect(target)
-            sock.sendall(message.encode())
-    except OSError:
+            # Never wait: a socket whose queue is full (systemd stalled) drops this message
+            # rather than the main loop, which must go on handling signals and stops.
+            sock.send(data, socket.MSG_DONTWAIT)
+    except (OSError, ValueError):
         return False
     return True

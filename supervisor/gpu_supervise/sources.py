@@ -11,7 +11,11 @@ import json
 from pathlib import Path
 from typing import Protocol
 
+from .config import read_regular_file
 from .topology import ProbeError, SourceUnavailable, Topology
+
+# A 64-GPU node with 16 MIG devices each is about 100 KB: anything this big is something else.
+MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
 
 
 class Source(Protocol):
@@ -29,14 +33,16 @@ class FileSource:
 
     def probe(self) -> Topology:
         try:
-            text = self.path.read_text()
+            data = read_regular_file(str(self.path), MAX_DOCUMENT_BYTES + 1)
         except FileNotFoundError:
             raise SourceUnavailable(f"{self.path} does not exist") from None
         except OSError as exc:
             raise ProbeError(f"cannot read {self.path}: {exc.strerror}") from None
+        if len(data) > MAX_DOCUMENT_BYTES:
+            raise ProbeError(f"{self.path}: larger than {MAX_DOCUMENT_BYTES} bytes")
         try:
-            return Topology.from_json(json.loads(text))
-        except ValueError as exc:  # json.JSONDecodeError is a ValueError
+            return Topology.from_json(json.loads(data))
+        except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise ProbeError(f"{self.path}: {exc}") from None
 
 

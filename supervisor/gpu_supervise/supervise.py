@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from loguru import logger
 
-from . import child, events, report
+from . import child, events, report, signals
 from .config import Settings
 from .probe import Prober, ProbeResult, failed
 from .sources import open_source
@@ -88,7 +88,7 @@ class Supervisor:
 
     def _install_signals(self) -> None:
         # PID 1 gets no default actions: every signal we forward needs a handler of its own.
-        for sig in (*child.FORWARDED, signal.SIGCHLD):
+        for sig in (*signals.FORWARDED, signal.SIGCHLD):
             signal.signal(sig, self._record)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
 
@@ -100,7 +100,7 @@ class Supervisor:
 
     def run(self) -> int:
         self._install_signals()
-        child.unblock_signals()  # anything that arrived since the spawn is handled now
+        signals.unblock_signals()  # anything that arrived since the spawn is handled now
         logger.info(f"started {self.argv[0]} as pid {self.pid}")
         if self.settings.watch_enabled:
             self.watcher = Watcher(self.settings.policy, time.monotonic())
@@ -255,7 +255,9 @@ class Supervisor:
         return child.exit_code(self.status) if self.status is not None else 128 + signal.SIGKILL
 
     def _resume(self) -> None:
-        """The hold timed out: start the agent again, in this process."""
+        """The hold timed out: start the agent again, in this process (with the terminal, if
+        the first one had it)."""
+        child.take_terminal_back(self.pid)
         try:
             self.pid = child.spawn(self.argv, self.env, self.settings.parent_death_signal)
         except child.SpawnError as exc:

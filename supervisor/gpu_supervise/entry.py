@@ -1,0 +1,23 @@
+"""The console script's entry point: hold the signals gpu-supervise handles before anything else
+is loaded.
+
+Loading the rest takes tens of milliseconds. A SIGINT in that window would end in a
+KeyboardInterrupt traceback, a SIGTSTP would stop gpu-supervise itself instead of the agent it
+is about to start, SIGTTIN or SIGTTOU from a terminal would stop it too. So from here they are
+held (blocked: pending until the handlers are in place, then handled or forwarded) or ignored;
+`snapshot`, `demo` and `install` get them back at once (cli.main). What comes before this, the
+interpreter's own start-up, no Python code can shorten.
+"""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+
+def run() -> NoReturn:
+    from .signals import block_signals  # imports nothing but `signal`
+
+    block_signals()
+    from .cli import run as cli_run
+
+    cli_run()
