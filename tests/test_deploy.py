@@ -4,6 +4,7 @@ termination message, and the file topology source."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -355,16 +356,26 @@ def test_termination_message_on_nvml_failures(start: Start, fake_node: FakeNode,
     assert len(lines) == 4 and all("GPU is lost" in line for line in lines[1:])
 
 
-def test_termination_message_file_is_never_created(start: Start, fake_node: FakeNode, tmp_path):
-    log = tmp_path / "termination-log"  # does not exist: not on Kubernetes
+@pytest.mark.parametrize("kind", ["absent", "fifo", "directory"])
+def test_a_termination_log_that_is_not_a_regular_file_is_left_alone(
+    start: Start, fake_node: FakeNode, tmp_path: Path, kind: str
+):
+    """Absent: not on Kubernetes, and never created on a host. A FIFO nobody reads would block
+    a writer: it is never opened for a write that could wait."""
+    log = tmp_path / "termination-log"
+    if kind == "fifo":
+        os.mkfifo(log)
+    elif kind == "directory":
+        log.mkdir()
     node = dgx_a100()
     fake_node.write(node)
     proc = start([*FAST, "--termination-log", str(log), "--", *AGENT, "--no-nvml"], fake_node.env)
     proc.wait_for("[GPU-Watcher] baseline")
     node.gpus.pop()
     fake_node.write(node)
-    assert proc.wait() == 1
-    assert not log.exists()
+    assert proc.wait(30) == 1
+    assert "exiting 1: restart me (GPU topology changed)" in proc.output
+    assert log.exists() is (kind != "absent")
 
 
 # -- the file source -------------------------------------------------------------------------------

@@ -279,22 +279,6 @@ def test_every_line_fits_the_runtimes_16_kib_on_a_16x7_node(
         ]
 
 
-# -- the termination log --------------------------------------------------------------------------
-
-
-def test_a_termination_log_that_is_a_fifo_never_blocks(start: Start, fake_node: FakeNode, tmp_path):
-    fifo = tmp_path / "termination-log"
-    os.mkfifo(fifo)  # nobody reads it
-    node = dgx_a100()
-    fake_node.write(node)
-    proc = start([*FAST, "--termination-log", str(fifo), "--", *AGENT, "--no-nvml"], fake_node.env)
-    proc.wait_for("baseline")
-    node.gpus.pop()
-    fake_node.write(node)
-    assert proc.wait(30) == 1
-    assert "exiting 1: restart me (GPU topology changed)" in proc.output
-
-
 # -- gpu-supervise itself killed ------------------------------------------------------------------
 
 

@@ -30,6 +30,16 @@ def supervise(start: Start, fake_node: FakeNode, *opts: str, agent: tuple[str, .
     return proc
 
 
+def enable_requested(start: Start, fake_node: FakeNode, *opts: str, agent: tuple[str, ...] = ()):
+    """An A100 with MIG off, supervised; the operator then asks for MIG on (pending a reset)."""
+    node = dgx_a100(count=1)
+    fake_node.write(node)
+    proc = supervise(start, fake_node, *opts, agent=agent)
+    node.gpu(0).request_mig(True)
+    fake_node.write(node)
+    return proc, node
+
+
 def agent_pid(proc: Proc) -> int:
     return int(re.findall(r"agent (\d+): UUIDs", proc.output)[-1])
 
@@ -135,11 +145,7 @@ def test_a_withdrawn_pending_change_restarts_the_agent_it_stopped(
 
 
 def test_a_reset_that_never_comes_gives_the_agent_back_once(start: Start, fake_node: FakeNode):
-    node = dgx_a100(count=1)
-    fake_node.write(node)
-    proc = supervise(start, fake_node, "--pending-timeout", "2")
-    node.gpu(0).request_mig(True)
-    fake_node.write(node)
+    proc, node = enable_requested(start, fake_node, "--pending-timeout", "2")
     proc.wait_for(HOLDING)
     proc.wait_for("still pending after 2 s: the GPU reset did not happen")
     proc.wait_for("again as pid")
@@ -160,11 +166,7 @@ def test_a_reset_that_never_comes_gives_the_agent_back_once(start: Start, fake_n
 
 
 def test_sigterm_while_holding_exits_at_once(start: Start, fake_node: FakeNode):
-    node = dgx_a100(count=1)
-    fake_node.write(node)
-    proc = supervise(start, fake_node)
-    node.gpu(0).request_mig(True)
-    fake_node.write(node)
+    proc, node = enable_requested(start, fake_node)
     proc.wait_for(HOLDING)
     proc.wait_for("was killed by SIGTERM")  # the agent is gone: gpu-supervise holds
     sent = time.monotonic()
@@ -175,11 +177,7 @@ def test_sigterm_while_holding_exits_at_once(start: Start, fake_node: FakeNode):
 
 
 def test_an_agent_that_ignores_sigterm_is_killed_for_the_reset(start: Start, fake_node):
-    node = dgx_a100(count=1)
-    fake_node.write(node)
-    proc = supervise(start, fake_node, "--stop-timeout", "1", agent=("--ignore-term",))
-    node.gpu(0).request_mig(True)
-    fake_node.write(node)
+    proc, node = enable_requested(start, fake_node, "--stop-timeout", "1", agent=("--ignore-term",))
     operator_resets(fake_node, node, 0, agent_pid(proc))
     assert proc.wait(60) == 1
     assert "still running 1 s after SIGTERM: sent SIGKILL" in proc.output
@@ -187,11 +185,7 @@ def test_an_agent_that_ignores_sigterm_is_killed_for_the_reset(start: Start, fak
 
 
 def test_ignore_keeps_the_agent_and_so_the_reset_waits(start: Start, fake_node: FakeNode):
-    node = dgx_a100(count=1)
-    fake_node.write(node)
-    proc = supervise(start, fake_node, "--on-pending", "ignore")
-    node.gpu(0).request_mig(True)
-    fake_node.write(node)
+    proc, node = enable_requested(start, fake_node, "--on-pending", "ignore")
     proc.wait_for("MIG mode change to on is pending a GPU reset; it counts once it takes effect")
     time.sleep(1)
     assert agent_pid(proc) in holders(fake_node.path) and proc.popen.poll() is None

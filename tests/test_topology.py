@@ -333,6 +333,15 @@ def test_a_document_that_is_not_a_topology_says_why(doc, message: str):
     with pytest.raises(ValueError) as caught:
         Topology.from_json(doc)
     assert message in str(caught.value)
+    assert str(caught.value).startswith(message[:8])
+
+
+def test_a_pending_mode_survives_the_document():
+    waiting = Topology((replace(B, mig_current=False, mig_pending=True),))
+    doc = waiting.to_json()
+    assert doc["gpus"][0]["mig"] == {"current": False, "pending": True}
+    assert Topology.from_json(doc) == waiting
+    assert Topology.from_json(doc).pending_mig_changes() == list(waiting.gpus)
 
 
 def test_the_document_is_indented_json_with_its_schema_first():
