@@ -482,3 +482,21 @@ def test_a_daemon_that_keeps_forking_cannot_hold_up_the_stop(
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_the_tree_is_found_from_proc_alone_too():
+    """Under systemd's ProcSubset=pid psutil cannot read /proc/stat; the walk that replaces it
+    finds the same processes."""
+    from gpu_supervise import child
+
+    tree = subprocess.Popen(["sh", "-c", "sleep 30 & sleep 30 & wait"])
+    try:
+        deadline = time.monotonic() + 30
+        while len(child.descendants()) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert sorted(child._children_from_proc()) == sorted(child.descendants())
+    finally:
+        subprocess.run(["pkill", "-KILL", "-P", str(tree.pid)])
+        tree.kill()
+        tree.wait()

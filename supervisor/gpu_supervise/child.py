@@ -235,14 +235,20 @@ def descendants() -> list[int]:
     return [p.pid for p in procs]
 
 
+def _stat_fields(pid: int) -> list[bytes]:
+    """/proc/PID/stat after the command name (which may hold spaces and parentheses): [0] is
+    the state letter, [1] the parent's pid."""
+    with open(f"/proc/{pid}/stat", "rb") as fh:
+        return fh.read().rsplit(b")", 1)[1].split()
+
+
 def _children_from_proc() -> list[int]:
     """The walk psutil does, from /proc/PID/stat alone."""
     parents: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                with open(f"/proc/{entry}/stat", "rb") as fh:
-                    ppid = int(fh.read().rsplit(b")", 1)[1].split()[1])
+                ppid = int(_stat_fields(int(entry))[1])
             except (OSError, IndexError, ValueError):
                 continue
             parents.setdefault(ppid, []).append(int(entry))
@@ -334,8 +340,7 @@ def survivors() -> list[Survivor]:
     out = []
     for pid in descendants():
         try:
-            with open(f"/proc/{pid}/stat", "rb") as fh:
-                state = fh.read().rsplit(b")", 1)[1].split()[0].decode()
+            state = _stat_fields(pid)[0].decode()
             with open(f"/proc/{pid}/cmdline", "rb") as fh:
                 argv = fh.read().rstrip(b"\0").split(b"\0")
         except (OSError, IndexError):
