@@ -116,11 +116,10 @@ def parse_supervise(argv: list[str]) -> tuple[Settings, list[str]]:
     else:
         options, command = argv, []
     ns, extra = supervise_parser().parse_known_args(options)
-    if extra and not extra[0].startswith("-"):
-        given = clip(shlex.join(extra), 200)
-        raise ConfigError(f"put -- before the command: {PROG} [OPTIONS] -- {given}")
     if extra:
         given = clip(shlex.join(extra), 200)
+        if not extra[0].startswith("-"):
+            raise ConfigError(f"put -- before the command: {PROG} [OPTIONS] -- {given}")
         raise ConfigError(f"unrecognized arguments: {given} (see {PROG} --help)")
     if not command:
         raise ConfigError(
