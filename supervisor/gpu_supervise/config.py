@@ -407,36 +407,11 @@ def _from_env(environ: Mapping[str, str]) -> dict[tuple[str, str], Any]:
 # A name can have two readings (GPU_SUPERVISE_SERVICE_PORT: the port of Service gpu-supervise,
 # or the URL of Service gpu-supervise-service), so each shape is tried with its value's shape.
 _SVC = r"GPU_SUPERVISE(?:_[A-Z0-9_]+)?"
-_PORT_ID = r"_PORT_[0-9]+_(?:TCP|UDP|SCTP)"
+_PROTO_PORT = r"_[0-9]+_(?:TCP|UDP|SCTP)"  # _443_TCP
 _PORT = re.compile(r"[1-9][0-9]{0,4}")
-_URL = re.compile(r"(?:tcp|udp|sctp)://(?P<ip>\[[0-9a-fA-F:.]+\]|[0-9.]+):[1-9][0-9]{0,4}")
-
-
-def _is_port(value: str) -> bool:
-    return _PORT.fullmatch(value) is not None and int(value) <= 65535
-
-
-def _is_url(value: str) -> bool:
-    match = _URL.fullmatch(value)
-    return (
-        match is not None and _is_ip(match["ip"].strip("[]")) and _is_port(value.rsplit(":", 1)[1])
-    )
-
-
-_SERVICE_LINKS: tuple[tuple[re.Pattern[str], Callable[[str], bool]], ...] = (
-    (re.compile(_SVC + r"_SERVICE_HOST"), lambda v: _is_ip(v)),
-    (re.compile(_SVC + r"_SERVICE_PORT(?:_[A-Z0-9_]+)?"), _is_port),
-    (re.compile(_SVC + r"_PORT(?:_[0-9]+_(?:TCP|UDP|SCTP))?"), _is_url),
-    (re.compile(_SVC + _PORT_ID + r"_PROTO"), lambda v: v in ("tcp", "udp", "sctp")),
-    (re.compile(_SVC + _PORT_ID + r"_PORT"), _is_port),
-    (re.compile(_SVC + _PORT_ID + r"_ADDR"), lambda v: _is_ip(v)),
+_URL = re.compile(
+    r"(?:tcp|udp|sctp)://(?:\[(?P<ip6>[0-9a-fA-F:.]+)\]|(?P<ip4>[0-9.]+)):(?P<port>[1-9][0-9]{0,4})"
 )
-
-
-def is_service_link(name: str, value: str) -> bool:
-    """Exactly the variables Kubernetes' service links make, with values of their shape: one
-    that only looks like one (a mistyped setting) stays an error."""
-    return any(shape.fullmatch(name) and valid(value) for shape, valid in _SERVICE_LINKS)
 
 
 def _is_ip(text: str) -> bool:
@@ -447,3 +422,28 @@ def _is_ip(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _is_port(value: str) -> bool:
+    return _PORT.fullmatch(value) is not None and int(value) <= 65535
+
+
+def _is_url(value: str) -> bool:
+    match = _URL.fullmatch(value)
+    return match is not None and _is_ip(match["ip6"] or match["ip4"]) and _is_port(match["port"])
+
+
+_SERVICE_LINKS: tuple[tuple[re.Pattern[str], Callable[[str], bool]], ...] = (
+    (re.compile(_SVC + r"_SERVICE_HOST"), _is_ip),
+    (re.compile(_SVC + r"_SERVICE_PORT(?:_[A-Z0-9_]+)?"), _is_port),
+    (re.compile(_SVC + rf"_PORT(?:{_PROTO_PORT})?"), _is_url),
+    (re.compile(_SVC + rf"_PORT{_PROTO_PORT}_PROTO"), lambda v: v in ("tcp", "udp", "sctp")),
+    (re.compile(_SVC + rf"_PORT{_PROTO_PORT}_PORT"), _is_port),
+    (re.compile(_SVC + rf"_PORT{_PROTO_PORT}_ADDR"), _is_ip),
+)
+
+
+def is_service_link(name: str, value: str) -> bool:
+    """Exactly the variables Kubernetes' service links make, with values of their shape: one
+    that only looks like one (a mistyped setting) stays an error."""
+    return any(shape.fullmatch(name) and valid(value) for shape, valid in _SERVICE_LINKS)

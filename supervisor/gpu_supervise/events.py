@@ -44,11 +44,15 @@ def source_name(settings: Settings) -> str:
     return "NVML" if settings.source == "nvml" else f"the topology source ({settings.source})"
 
 
+def _failed(decision: Decision, settings: Settings) -> str:
+    """`NVML failed 3 consecutive probes`, as the log, the last line and the message say it."""
+    return f"{source_name(settings)} failed {len(decision.errors)} consecutive probes"
+
+
 def restart_reason(decision: Decision, settings: Settings) -> str:
     """Why we exit 1, for the last line of the log."""
     if decision.verdict is Verdict.FAILING:
-        failed = f"{source_name(settings)} failed {len(decision.errors)} consecutive probes"
-        return f"restart me ({failed})"
+        return f"restart me ({_failed(decision, settings)})"
     if decision.verdict is Verdict.RELEASED and decision.change is None:
         return "restart me (the pending MIG mode change was withdrawn)"
     if decision.verdict is Verdict.RELEASED:
@@ -58,8 +62,7 @@ def restart_reason(decision: Decision, settings: Settings) -> str:
 
 def termination_message(decision: Decision, settings: Settings) -> str:
     if decision.verdict is Verdict.FAILING:
-        what = f"{source_name(settings)} failed {len(decision.errors)} consecutive probes"
-        return "\n".join([f"gpu-supervise: {what}:", *decision.errors])
+        return "\n".join([f"gpu-supervise: {_failed(decision, settings)}:", *decision.errors])
     lines = []
     if decision.verdict is Verdict.RELEASED:
         lines.append(
@@ -189,8 +192,8 @@ def log_decision(
         logger.bind(
             event="nvml_failing", errors=list(decision.errors), old_uuids=old, restarting=True
         ).error(
-            f"{TAG} {source_name(settings)} failed {len(decision.errors)} consecutive probes "
-            f"(errors: {'; '.join(decision.errors)}). Initiating self-restart."
+            f"{TAG} {_failed(decision, settings)} (errors: {'; '.join(decision.errors)}). "
+            "Initiating self-restart."
         )
     elif v is Verdict.BROKEN:
         bound = logger.bind(event="nvml_failing", errors=[decision.errors[-1]], restarting=False)
