@@ -319,16 +319,23 @@ def _config_path(flag: str | None, environ: Mapping[str, str]) -> tuple[str | No
     return None, False
 
 
-def read_regular_file(path: str, limit: int) -> bytes:
-    """At most `limit` bytes of a regular file. Opened without blocking and checked first: a
-    FIFO (which would block until a writer comes), a device or a directory raises OSError
+def open_regular_file(path: str, flags: int) -> int:
+    """A descriptor on a regular file, opened without blocking and checked before any use: a
+    FIFO (which would block until the other side comes), a device or a directory raises OSError
     (EINVAL), whatever the name says."""
     import stat
 
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file")
+    return fd
+
+
+def read_regular_file(path: str, limit: int) -> bytes:
+    """At most `limit` bytes of a regular file (open_regular_file)."""
+    fd = open_regular_file(path, os.O_RDONLY)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
         chunks, size = [], 0
         while size < limit:
             chunk = os.read(fd, limit - size)

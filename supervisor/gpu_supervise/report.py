@@ -4,7 +4,8 @@ systemd notify protocol. Both are best effort: they must never stop a restart fr
 from __future__ import annotations
 
 import os
-import stat
+
+from .config import open_regular_file
 
 TERMINATION_LOG_LIMIT = 4096  # kubelet reads at most this many bytes
 
@@ -20,14 +21,11 @@ def write_termination_message(path: str, text: str) -> bool:
         marker = b"\n[truncated]"
         data = data[: TERMINATION_LOG_LIMIT - len(marker)]
         data = data.decode("utf-8", errors="ignore").encode() + marker
-    flags = os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
     try:
-        fd = os.open(path, flags)
-    except OSError:  # absent, not ours to write, or a FIFO nobody reads (ENXIO)
+        fd = open_regular_file(path, os.O_WRONLY)
+    except OSError:  # absent, not ours to write, or not a regular file
         return False
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return False
         os.ftruncate(fd, 0)
         view = memoryview(data)
         while view:
