@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import NoReturn
 
@@ -166,28 +168,49 @@ def fake_node(tmp_path: Path, fake_lib_dir: Path) -> FakeNode:
 
 
 class Proc:
-    """A running gpu-supervise whose combined output is collected line by line. Everything it
-    starts carries a mark of its own, so close() stops all of it, orphans included."""
+    """A running gpu-supervise (or any command) with its stdout and stderr collected apart.
+
+    gpu-supervise logs to stderr and the agent writes to stdout: two writers on one stream can
+    interleave within a line (an unbuffered Python agent writes a line and its newline in two
+    calls), so timings and markers of gpu-supervise's log are read from `log` alone, and the
+    agent's lines from `stdout`. `output` is both, for "does this appear anywhere". Everything
+    it starts carries a mark of its own, so close() stops all of it, orphans included."""
 
     MARK = "GS_TEST_PROC"
 
     def __init__(self, args: list[str], env: dict[str, str], cwd: Path | None = None) -> None:
-        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"gs-{os.getpid()}-{id(self)}.log"
-        self._log = open(self.log_path, "w+b")  # noqa: SIM115 - closed in close()
+        base = Path(os.environ.get("TMPDIR", "/tmp")) / f"gs-{os.getpid()}-{id(self)}"
+        self.log_path = base.with_name(base.name + ".log")
+        self.stdout_path = base.with_name(base.name + ".out")
+        self._files = [open(p, "w+b") for p in (self.stdout_path, self.log_path)]  # noqa: SIM115
         self.mark = uuid.uuid4().hex
         self.popen = subprocess.Popen(
             args,
             env={**env, self.MARK: self.mark},
             cwd=cwd,
             stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
+            stdout=self._files[0],
+            stderr=self._files[1],
         )
         self.pid = self.popen.pid
 
     @property
-    def output(self) -> str:
+    def log(self) -> str:
+        """stderr: gpu-supervise's log (and whatever the agent writes to stderr)."""
         return self.log_path.read_bytes().decode(errors="replace")
+
+    @property
+    def stdout(self) -> str:
+        """stdout: the agent's output (gpu-supervise writes nothing there)."""
+        return self.stdout_path.read_bytes().decode(errors="replace")
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.log
+
+    def log_lines(self) -> list[str]:
+        """gpu-supervise's own log lines: those that start with its timestamp (text format)."""
+        return [line for line in self.log.splitlines() if LOG_LINE.match(line)]
 
     def wait_for(self, text: str, timeout: float = 30.0, count: int = 1) -> str:
         deadline = time.monotonic() + timeout
@@ -223,8 +246,20 @@ class Proc:
         self.popen.kill()
         self.popen.wait()
         kill_marked(self.MARK, self.mark)  # anything forked meanwhile
-        self._log.close()
+        for fh in self._files:
+            fh.close()
         self.log_path.unlink(missing_ok=True)
+        self.stdout_path.unlink(missing_ok=True)
+
+
+# A text log line: `2026-11-30T05:45:23.361+00:00 gpu-supervise[PID] LEVEL   message`.
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d gpu-supervise\[\d+\] ")
+
+
+def log_stamp(lines: list[str], marker: str) -> datetime:
+    """The log's own timestamp of the first gpu-supervise line holding `marker`."""
+    line = next(line for line in lines if marker in line and LOG_LINE.match(line))
+    return datetime.fromisoformat(line.split()[0])
 
 
 @pytest.fixture

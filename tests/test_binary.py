@@ -12,12 +12,13 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
 import pytest
 
-from conftest import FakeNode, missing_capability, run
+from conftest import FakeNode, Proc, missing_capability, run
 from fakenvml import dgx_a100
 
 ROOT = Path(__file__).parent.parent
@@ -46,30 +47,25 @@ def test_binary_snapshot_matches_the_package(binary: Path, fake_node: FakeNode):
     )
 
 
-def test_binary_supervises_through_a_topology_change(binary: Path, fake_node: FakeNode, tmp_path):
+def test_binary_supervises_through_a_topology_change(
+    binary: Path, fake_node: FakeNode, tmp_path: Path, start_cmd: Callable[..., Proc]
+):
     node = dgx_a100(["1g.5gb"] * 7)
     fake_node.write(node)
     env_dump = tmp_path / "child-env"
-    proc = subprocess.Popen(
+    proc = start_cmd(
         [str(binary), *FAST, "--", "sh", "-c",
          f'env > {env_dump}; echo "parent $PPID"; echo "agent up"; exec sleep 60'],
-        env=fake_node.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        fake_node.env,
     )  # fmt: skip
-    try:
-        out = ""
-        for line in proc.stdout:  # type: ignore[union-attr]
-            out += line
-            if "[GPU-Watcher] baseline" in out and "agent up" in out:
-                break
-        node.gpu(0).set_layout(["3g.20gb"] * 2)
-        fake_node.write(node)
-        out += proc.communicate(timeout=60)[0]
-    finally:
-        proc.kill()
-    assert proc.returncode == 1, out
-    assert "MIG configuration change detected" in out
+    proc.wait_for("agent up")
+    proc.wait_for("[GPU-Watcher] baseline")
+    node.gpu(0).set_layout(["3g.20gb"] * 2)
+    fake_node.write(node)
+    assert proc.wait(60) == 1, proc.output
+    assert "MIG configuration change detected" in proc.log
     # one process: the launcher became gpu-supervise, the agent's parent is the PID we started
-    assert f"parent {proc.pid}\n" in out
+    assert f"parent {proc.pid}\n" in proc.stdout
     # the agent got the environment we were given, not the bootloader's nor the launcher's
     child_env = dict(
         line.split("=", 1) for line in env_dump.read_text().splitlines() if "=" in line

@@ -60,7 +60,7 @@ def test_the_json_event_says_it_is_not_restarting(start: Start, fake_node: FakeN
     assert '"event": "nvml_failing"' in out and '"level": "ERROR"' in out
 
 
-def test_a_restart_loop_over_a_broken_nvml_restarts_once(fake_node: FakeNode):
+def test_a_restart_loop_over_a_broken_nvml_restarts_once(fake_node: FakeNode, tmp_path):
     """What a restart policy does (Kubernetes, systemd, podman --restart on-failure): start again
     on every exit 1. NVML works at first, then breaks for good: the PRD's 3-failure rule restarts
     once, and the new gpu-supervise, whose NVML never worked, keeps its agent running."""
@@ -72,11 +72,13 @@ def test_a_restart_loop_over_a_broken_nvml_restarts_once(fake_node: FakeNode):
     )
     cmd = [*gpu_supervise_cmd(), "--interval", "0.2", "--cooldown", "0", "--settle", "0.2",
            "--", *AGENT, "--no-nvml"]  # fmt: skip
-    policy = subprocess.Popen(
-        ["sh", "-c", loop, "restart-policy", *cmd],
-        env=fake_node.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )  # fmt: skip
+    log = tmp_path / "log"
+    with open(log, "wb") as stderr:  # gpu-supervise's log apart from the policy's own lines
+        policy = subprocess.Popen(
+            ["sh", "-c", loop, "restart-policy", *cmd],
+            env=fake_node.env, stdout=subprocess.PIPE, stderr=stderr, text=True,
+            start_new_session=True,
+        )  # fmt: skip
     try:
         time.sleep(3)  # a baseline, then steady probes
         fake_node.write(node.copy().fail("*", LIB_RM_VERSION_MISMATCH))  # broken for good
@@ -86,4 +88,5 @@ def test_a_restart_loop_over_a_broken_nvml_restarts_once(fake_node: FakeNode):
         out = policy.communicate(timeout=60)[0]
     exits = re.findall(r"^exit (\d+)$", out, flags=re.M)
     assert exits[:1] == ["1"] and len(re.findall(r"^start \d+$", out, flags=re.M)) == 2, out
-    assert "NVML failed 3 consecutive probes" in out and BROKEN in out
+    logged = log.read_text()
+    assert "NVML failed 3 consecutive probes" in logged and BROKEN in logged

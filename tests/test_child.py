@@ -14,7 +14,6 @@ import termios
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from conftest import (
     clean_env,
     gpu_supervise_cmd,
     kill_marked,
+    log_stamp,
     missing_capability,
     pid_alive,
     run,
@@ -135,7 +135,7 @@ def test_sigterm_to_us_stops_the_child_and_returns_its_code(start: Start):
     proc.wait_for("ready")
     proc.signal(signal.SIGTERM)
     assert proc.wait() == 143
-    assert proc.output.splitlines()[-1].endswith("INFO    exiting 143: stopped by SIGTERM")
+    assert proc.log_lines()[-1].endswith("INFO    exiting 143: stopped by SIGTERM")
 
 
 def test_sigint_to_us_is_forwarded_and_escalates_after_stop_timeout(start: Start):
@@ -154,7 +154,7 @@ def test_each_process_gets_exactly_one_sigterm(start: Start):
     proc.wait_for("up")
     proc.signal(signal.SIGTERM)
     assert proc.wait() == 137
-    assert proc.output.splitlines().count("TERM") == 1
+    assert proc.stdout.splitlines().count("TERM") == 1
 
 
 def test_a_second_sigterm_during_the_stop_reaches_the_tree_again(start: Start):
@@ -169,8 +169,8 @@ def test_a_second_sigterm_during_the_stop_reaches_the_tree_again(start: Start):
     proc.signal(signal.SIGTERM)
     proc.wait_for("TERM\n", count=2)
     assert proc.wait() == 137
-    out = proc.output
-    assert out.splitlines().count("TERM") == 2
+    assert proc.stdout.splitlines().count("TERM") == 2
+    out = proc.log
     assert "received SIGTERM during the stop: sending it to the child's tree too" in out
     assert "still running 3 s after SIGTERM: sent SIGKILL" in out
 
@@ -399,10 +399,9 @@ def freezer() -> Iterator[Freezer]:
         made.release()
 
 
-def _stamp(out: str, marker: str) -> float:
-    """The log's own timestamp of the first line holding `marker`, in seconds."""
-    line = next(line for line in out.splitlines() if marker in line)
-    return datetime.fromisoformat(line.split()[0]).timestamp()
+def _stamp(lines: list[str], marker: str) -> float:
+    """The log's own timestamp of the first line of gpu-supervise's holding `marker`, in s."""
+    return log_stamp(lines, marker).timestamp()
 
 
 def test_a_child_that_survives_sigkill_is_logged_and_the_stop_still_ends(
@@ -421,11 +420,11 @@ def test_a_child_that_survives_sigkill_is_logged_and_the_stop_still_ends(
     node.gpu(0).set_layout(None)
     fake_node.write(node)
     assert proc.wait(60) == 1
-    out = proc.output
-    survived = [line for line in out.splitlines() if "ERROR   pid" in line]
+    lines = proc.log_lines()
+    survived = [line for line in lines if "ERROR   pid" in line]
     assert len(survived) == 1 and f"pid {frozen} survived SIGKILL (state " in survived[0]
     assert "agent.py --no-nvml --pidfile" in survived[0]
-    took = _stamp(out, "exiting 1:") - _stamp(out, "Initiating self-restart")
+    took = _stamp(lines, "exiting 1:") - _stamp(lines, "Initiating self-restart")
     assert took <= 2 * 1 + 1  # within 2x stop_timeout + 1 s
 
 
@@ -476,8 +475,8 @@ def test_a_daemon_that_keeps_forking_cannot_hold_up_the_stop(
         node.gpus.pop()
         fake_node.write(node)
         assert proc.wait(60) == 1
-        text = log.read_text()
-        took = _stamp(text, "exiting 1:") - _stamp(text, "Initiating self-restart")
+        lines = log.read_text().splitlines()
+        took = _stamp(lines, "exiting 1:") - _stamp(lines, "Initiating self-restart")
         assert took <= 2 * 1 + 1
     finally:
         proc.kill()

@@ -121,7 +121,7 @@ def test_a_change_pending_at_start_holds_at_once(start: Start, fake_node: FakeNo
     reset_gpu(fake_node.path, node, 0, timeout=60)  # the hold may have begun already
     assert proc.wait(60) == 1
     out = proc.output
-    assert out.index("[GPU-Watcher] baseline") < out.index(HOLDING)
+    assert proc.log.index("[GPU-Watcher] baseline") < proc.log.index(HOLDING)
     assert "got SIGTERM" in out and "MIG mode off -> on" in out
 
 

@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from datetime import datetime
 
 import pytest
 
-from conftest import AGENT, FakeNode, Proc, pid_alive
+from conftest import AGENT, FakeNode, Proc, log_stamp, pid_alive
 from fakenvml import GPU_IS_LOST, UNKNOWN, Node, dgx_a100
 
 FAST = ["--interval", "0.2", "--cooldown", "0", "--settle", "0.3", "--log-level", "DEBUG"]
@@ -142,19 +141,15 @@ def test_cooldown_is_respected(start: Start, fake_node: FakeNode):
     proc.wait_for("[GPU-Watcher] baseline")
     fake_node.write(new)  # changed right after the baseline, well inside the cool-down
     assert proc.wait(60) == 1
+    lines = proc.log_lines()
     stamps = {
-        key: _stamp(proc.output, marker)
+        key: log_stamp(lines, marker)
         # "started" is logged before the watcher's clock starts: a strict lower bound
         for key, marker in (("start", "INFO    started "), ("act", "Initiating self-restart"))
     }
     took = (stamps["act"] - stamps["start"]).total_seconds()
     assert took >= 3.0 - 0.002  # ms-rounded stamps
     assert took <= 3.0 + 2.0  # and the first comparison comes at its end, not much later
-
-
-def _stamp(out: str, marker: str) -> datetime:
-    line = next(line for line in out.splitlines() if marker in line)
-    return datetime.fromisoformat(line.split()[0])
 
 
 # -- QA 4: noise and failures --------------------------------------------------------------
@@ -294,7 +289,7 @@ def test_json_logs_carry_the_event_fields(start: Start, fake_node: FakeNode):
     new.gpu(0).set_layout(["3g.20gb"] * 2)
     fake_node.write(new)
     assert proc.wait() == 1
-    events = [json.loads(line) for line in proc.output.splitlines() if line.startswith("{")]
+    events = [json.loads(line) for line in proc.log.splitlines() if line.startswith("{")]
     assert all({"time", "level", "message"} <= set(e) for e in events)
     (baseline,) = [e for e in events if e.get("event") == "baseline"]
     assert baseline["uuids"] == old.uuids()
