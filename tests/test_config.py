@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from conftest import clean_env, run
 from gpu_supervise import cli, config
 from gpu_supervise.config import SCHEMA, ConfigError, env_name, flag_name, is_service_link, load
+from gpu_supervise.watch import WatchPolicy
 
 GOOD = """
 [watch]
@@ -45,7 +46,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_defaults_are_the_prds():
     s = load({}, environ={})
-    p = s.policy
+    p = WatchPolicy.from_settings(s)
     assert (p.interval, p.cooldown, p.settle, p.failure_threshold) == (30.0, 60.0, 5.0, 3)
     assert (s.watch_enabled, s.probe_timeout, s.stop_timeout) == (True, 10.0, 10.0)
     assert (s.log_level, s.log_format, s.source) == ("INFO", "text", "nvml")
@@ -54,18 +55,18 @@ def test_defaults_are_the_prds():
 def test_file_then_environment_then_flags(tmp_path: Path):
     path = write(tmp_path, GOOD)
     s = load({}, str(path), environ={})
-    assert (s.policy.interval, s.policy.cooldown, s.policy.failure_threshold) == (15.0, 2.5, 5)
+    assert (s.interval, s.cooldown, s.failure_threshold) == (15.0, 2.5, 5)
     assert (s.log_level, s.log_format, s.stop_timeout) == ("DEBUG", "json", 20.0)
     env = {"GPU_SUPERVISE_WATCH_INTERVAL": "7", "GPU_SUPERVISE_CHILD_STOP_TIMEOUT": "4"}
     s = load({}, str(path), environ=env)
-    assert (s.policy.interval, s.stop_timeout) == (7.0, 4.0)
+    assert (s.interval, s.stop_timeout) == (7.0, 4.0)
     s = load({("watch", "interval"): "2"}, str(path), environ=env)
-    assert (s.policy.interval, s.stop_timeout, s.policy.cooldown) == (2.0, 4.0, 2.5)
+    assert (s.interval, s.stop_timeout, s.cooldown) == (2.0, 4.0, 2.5)
 
 
 def test_config_path_from_environment(tmp_path: Path):
     path = write(tmp_path, "[watch]\ninterval = 9\n")
-    assert load({}, environ={"GPU_SUPERVISE_CONFIG": str(path)}).policy.interval == 9.0
+    assert load({}, environ={"GPU_SUPERVISE_CONFIG": str(path)}).interval == 9.0
 
 
 # A valid value other than the default for every key, and the Settings field it lands in.
@@ -380,7 +381,7 @@ def test_help_and_version():
 def test_example_config_is_valid_and_holds_every_key():
     example = Path(__file__).parent.parent / "examples" / "config.toml"
     s = load({}, str(example), environ={})
-    assert s.policy.interval == 30.0
+    assert s.interval == 30.0
     text = example.read_text()
     for section, keys in SCHEMA.items():
         assert f"[{section}]" in text

@@ -16,7 +16,6 @@ import os
 import signal
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from .signals import FORWARDED, IGNORED
 
@@ -195,10 +194,14 @@ def signame(sig: int) -> str:
         return f"signal {sig}"
 
 
-@dataclass
 class Reaped:
-    pid: int
-    status: int
+    """A child collected by waitpid (a plain class: `dataclasses` is not loaded before the
+    agent starts)."""
+
+    __slots__ = ("pid", "status")
+
+    def __init__(self, pid: int, status: int) -> None:
+        self.pid, self.status = pid, status
 
 
 def reap() -> list[Reaped]:
@@ -328,11 +331,14 @@ def send(pid: int, sig: int) -> str | None:
     return _kill(pid, sig)
 
 
-@dataclass(frozen=True)
 class Survivor:
-    pid: int
-    state: str  # the state letter of /proc/PID/stat: D (uninterruptible), T (stopped)...
-    cmdline: str
+    """A process still alive after SIGKILL; `state` is the state letter of /proc/PID/stat: D
+    (uninterruptible), T (stopped)..."""
+
+    __slots__ = ("pid", "state", "cmdline")
+
+    def __init__(self, pid: int, state: str, cmdline: str) -> None:
+        self.pid, self.state, self.cmdline = pid, state, cmdline
 
 
 def survivors() -> list[Survivor]:

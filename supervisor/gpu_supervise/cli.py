@@ -13,9 +13,9 @@ import argparse
 import os
 import shlex
 import sys
-from typing import Any, NoReturn
 
 from . import __version__
+from .args import EXIT_USAGE, PROG, Parser
 from .config import (
     DEFAULT_CONFIG,
     ENV_CONFIG,
@@ -27,8 +27,9 @@ from .config import (
     load,
 )
 
-EXIT_USAGE = 2
-PROG = "gpu-supervise"
+TYPE_CHECKING = False  # typing costs the agent's start milliseconds: only for type checkers
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
 
 # Flags that set a configuration key (all but watch.enabled, which is --no-watch).
 FLAGS: dict[str, tuple[str, str]] = {
@@ -53,16 +54,6 @@ configuration: --config PATH, else ${ENV_CONFIG}, else {DEFAULT_CONFIG} if it ex
 other commands: {PROG} snapshot [--json] (the node's topology), {PROG} demo (a simulated node),
   {PROG} install DIR (copy the self-contained binary into DIR, for init containers)
 """
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line (exit 2 in main), never a usage dump."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(allow_abbrev=False, **kwargs)
-
-    def error(self, message: str) -> NoReturn:
-        raise ConfigError(clip(message, 300))
 
 
 def _parser(prog: str, flags: tuple[str, ...], description: str, epilog: str = "") -> Parser:

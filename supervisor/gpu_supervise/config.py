@@ -8,17 +8,16 @@ line naming where the value came from; the CLI turns it into exit 2 before anyth
 
 from __future__ import annotations
 
-import errno
 import math
 import os
-import re
 import sys
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
+from .files import read_regular_file
+
+TYPE_CHECKING = False  # typing costs the agent's start milliseconds: only for type checkers
 if TYPE_CHECKING:
-    from .watch import WatchPolicy
+    from collections.abc import Callable, Mapping
+    from typing import Any
 
 DEFAULT_CONFIG = "/etc/gpu-supervise/config.toml"  # a plain str: pathlib costs start time
 ENV_PREFIX = "GPU_SUPERVISE_"
@@ -168,11 +167,14 @@ def _signal(value: Any) -> int:
     return int(number)
 
 
-@dataclass(frozen=True)
 class Key:
-    default: Any
-    check: Callable[[Any], Any]
-    help: str
+    """One configuration key: its default, the check every layer's value goes through, and the
+    help text --help shows."""
+
+    __slots__ = ("default", "check", "help")
+
+    def __init__(self, default: Any, check: Callable[[Any], Any], help: str) -> None:
+        self.default, self.check, self.help = default, check, help
 
 
 SCHEMA: dict[str, dict[str, Key]] = {
@@ -215,60 +217,72 @@ SCHEMA: dict[str, dict[str, Key]] = {
 }
 
 
-@dataclass(frozen=True)
+def attr_name(section: str, key: str) -> str:
+    """The Settings attribute of a key: the key's own name, but where it reads badly alone."""
+    return f"{section}_{key}" if (section, key) in _PREFIXED else key
+
+
+_PREFIXED = {("watch", "enabled"), ("log", "level"), ("log", "format")}
+
+
 class Settings:
-    watch_enabled: bool = True
-    interval: float = 30.0
-    cooldown: float = 60.0
-    settle: float = 5.0
-    failure_threshold: int = 3
-    probe_timeout: float = 10.0
-    source: str = "nvml"
-    on_pending: str = "hold"
-    pending_timeout: float = 300.0
-    stop_timeout: float = 10.0
-    parent_death_signal: int = 0
-    log_level: str = "INFO"
-    log_format: str = "text"
-    termination_log: str = "/dev/termination-log"
-    config_file: str | None = None
+    """Every setting, validated and merged, frozen once loaded.
 
-    @property
-    def policy(self) -> WatchPolicy:
-        from .watch import WatchPolicy  # the policy module is not needed to start the child
+    A plain class, not a dataclass: it is built before the agent starts, and importing
+    `dataclasses` (with `inspect`) would cost the agent's start about 8 ms. One attribute per
+    SCHEMA key (attr_name), plus where the configuration file was read from."""
 
-        return WatchPolicy(
-            self.interval,
-            self.cooldown,
-            self.settle,
-            self.failure_threshold,
-            self.on_pending,
-            self.pending_timeout,
-            self.probe_timeout,
-        )
+    watch_enabled: bool
+    interval: float
+    cooldown: float
+    settle: float
+    failure_threshold: int
+    probe_timeout: float
+    source: str
+    on_pending: str
+    pending_timeout: float
+    stop_timeout: float
+    parent_death_signal: int
+    log_level: str
+    log_format: str
+    termination_log: str
+    config_file: str | None
+
+    __slots__ = (
+        *(attr_name(s, k) for s, keys in SCHEMA.items() for k in keys),
+        "config_file",
+    )
+
+    def __init__(self, config_file: str | None = None, **values: Any) -> None:
+        for section, keys in SCHEMA.items():
+            for key, spec in keys.items():
+                name = attr_name(section, key)
+                object.__setattr__(self, name, values.pop(name, spec.default))
+        object.__setattr__(self, "config_file", config_file)
+        if values:
+            raise TypeError(f"unknown settings: {', '.join(sorted(values))}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"Settings are frozen: cannot set {name}")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Settings) and self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._values()))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={value!r}" for name, value in self._values())
+        return f"Settings({fields})"
+
+    def _values(self) -> list[tuple[str, Any]]:
+        return [(name, getattr(self, name)) for name in self.__slots__]
 
     @classmethod
     def from_values(
         cls, values: Mapping[tuple[str, str], Any], config_file: str | None
     ) -> Settings:
-        v = values
-        return cls(
-            watch_enabled=v["watch", "enabled"],
-            interval=v["watch", "interval"],
-            cooldown=v["watch", "cooldown"],
-            settle=v["watch", "settle"],
-            failure_threshold=v["watch", "failure_threshold"],
-            probe_timeout=v["watch", "probe_timeout"],
-            source=v["watch", "source"],
-            on_pending=v["watch", "on_pending"],
-            pending_timeout=v["watch", "pending_timeout"],
-            stop_timeout=v["child", "stop_timeout"],
-            parent_death_signal=v["child", "parent_death_signal"],
-            log_level=v["log", "level"],
-            log_format=v["log", "format"],
-            termination_log=v["report", "termination_log"],
-            config_file=config_file,
-        )
+        return cls(config_file, **{attr_name(s, k): v for (s, k), v in values.items()})
 
 
 def flag_name(section: str, key: str) -> str:
@@ -317,35 +331,6 @@ def _config_path(flag: str | None, environ: Mapping[str, str]) -> tuple[str | No
     if os.path.exists(DEFAULT_CONFIG):
         return DEFAULT_CONFIG, False
     return None, False
-
-
-def open_regular_file(path: str, flags: int) -> int:
-    """A descriptor on a regular file, opened without blocking and checked before any use: a
-    FIFO (which would block until the other side comes), a device or a directory raises OSError
-    (EINVAL), whatever the name says."""
-    import stat
-
-    fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(errno.EINVAL, "not a regular file")
-    return fd
-
-
-def read_regular_file(path: str, limit: int) -> bytes:
-    """At most `limit` bytes of a regular file (open_regular_file)."""
-    fd = open_regular_file(path, os.O_RDONLY)
-    try:
-        chunks, size = [], 0
-        while size < limit:
-            chunk = os.read(fd, limit - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
 
 
 def _from_file(path: str, explicit: bool) -> dict[tuple[str, str], Any]:
@@ -415,9 +400,9 @@ def _from_env(environ: Mapping[str, str]) -> dict[tuple[str, str], Any]:
 # or the URL of Service gpu-supervise-service), so each shape is tried with its value's shape.
 _SVC = r"GPU_SUPERVISE(?:_[A-Z0-9_]+)?"
 _PROTO_PORT = r"_[0-9]+_(?:TCP|UDP|SCTP)"  # _443_TCP
-_PORT = re.compile(r"[1-9][0-9]{0,4}")
-_URL = re.compile(
-    r"(?:tcp|udp|sctp)://(?:\[(?P<ip6>[0-9a-fA-F:.]+)\]|(?P<ip4>[0-9.]+)):(?P<port>[1-9][0-9]{0,4})"
+_PORT = r"[1-9][0-9]{0,4}"
+_URL = (
+    r"(?:tcp|udp|sctp)://(?:\[(?P<ip6>[0-9a-fA-F:.]+)\]|(?P<ip4>[0-9.]+)):(?P<port>" + _PORT + ")"
 )
 
 
@@ -432,25 +417,32 @@ def _is_ip(text: str) -> bool:
 
 
 def _is_port(value: str) -> bool:
-    return _PORT.fullmatch(value) is not None and int(value) <= 65535
+    import re
+
+    return re.fullmatch(_PORT, value) is not None and int(value) <= 65535
 
 
 def _is_url(value: str) -> bool:
-    match = _URL.fullmatch(value)
+    import re
+
+    match = re.fullmatch(_URL, value)
     return match is not None and _is_ip(match["ip6"] or match["ip4"]) and _is_port(match["port"])
 
 
-_SERVICE_LINKS: tuple[tuple[re.Pattern[str], Callable[[str], bool]], ...] = (
-    (re.compile(_SVC + r"_SERVICE_HOST"), _is_ip),
-    (re.compile(_SVC + r"_SERVICE_PORT(?:_[A-Z0-9_]+)?"), _is_port),
-    (re.compile(_SVC + rf"_PORT(?:{_PROTO_PORT})?"), _is_url),
-    (re.compile(_SVC + rf"_PORT{_PROTO_PORT}_PROTO"), lambda v: v in ("tcp", "udp", "sctp")),
-    (re.compile(_SVC + rf"_PORT{_PROTO_PORT}_PORT"), _is_port),
-    (re.compile(_SVC + rf"_PORT{_PROTO_PORT}_ADDR"), _is_ip),
+_SERVICE_LINKS: tuple[tuple[str, Callable[[str], bool]], ...] = (
+    (_SVC + r"_SERVICE_HOST", _is_ip),
+    (_SVC + r"_SERVICE_PORT(?:_[A-Z0-9_]+)?", _is_port),
+    (_SVC + rf"_PORT(?:{_PROTO_PORT})?", _is_url),
+    (_SVC + rf"_PORT{_PROTO_PORT}_PROTO", lambda v: v in ("tcp", "udp", "sctp")),
+    (_SVC + rf"_PORT{_PROTO_PORT}_PORT", _is_port),
+    (_SVC + rf"_PORT{_PROTO_PORT}_ADDR", _is_ip),
 )
 
 
 def is_service_link(name: str, value: str) -> bool:
     """Exactly the variables Kubernetes' service links make, with values of their shape: one
-    that only looks like one (a mistyped setting) stays an error."""
-    return any(shape.fullmatch(name) and valid(value) for shape, valid in _SERVICE_LINKS)
+    that only looks like one (a mistyped setting) stays an error. (`re` is loaded only here:
+    only a pod with such a Service pays for it before the agent starts.)"""
+    import re
+
+    return any(re.fullmatch(shape, name) and valid(value) for shape, valid in _SERVICE_LINKS)

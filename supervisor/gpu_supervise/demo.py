@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .args import Parser
 from .child import child_environment
 from .sources import FileSource
 from .topology import Gpu, MigDevice, Topology
@@ -105,8 +106,6 @@ def _wait(proc: subprocess.Popen[bytes], timeout: float) -> int:
 
 
 def main(argv: list[str]) -> int:
-    from .cli import Parser  # usage errors as one line, like every other command
-
     parser = Parser(prog="gpu-supervise demo", description=__doc__)
     parser.add_argument("--agent", metavar="NODE_FILE", help=argparse.SUPPRESS)
     parser.add_argument(

@@ -11,7 +11,9 @@ interpreter's own start-up, no Python code can shorten.
 
 from __future__ import annotations
 
-from typing import NoReturn
+TYPE_CHECKING = False  # `typing` alone costs the agent's start milliseconds
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 
 def run() -> NoReturn:

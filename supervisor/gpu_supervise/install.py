@@ -22,11 +22,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .args import EXIT_USAGE, PROG, Parser
 from .config import ConfigError
 
 EXIT_FAILED = 1
-EXIT_USAGE = 2
-PROG = "gpu-supervise"
 
 
 @dataclass(frozen=True)
@@ -58,8 +57,6 @@ def running_bundle() -> Bundle | None:
 
 
 def _parse(argv: list[str]) -> Path:
-    from .cli import Parser  # usage errors as one line, like every other command
-
     parser = Parser(
         prog=f"{PROG} install",
         description="Copy this self-contained gpu-supervise into DIR (created if missing), for "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from .config import open_regular_file
+from .files import open_regular_file
 
 TERMINATION_LOG_LIMIT = 4096  # kubelet reads at most this many bytes
 

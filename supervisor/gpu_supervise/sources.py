@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Protocol
 
-from .config import read_regular_file
+from .files import read_regular_file
 from .topology import ProbeError, SourceUnavailable, Topology
 
 # A 64-GPU node with 16 MIG devices each is about 100 KB: anything this big is something else.

@@ -30,7 +30,7 @@ from . import child, events, report, signals
 from .config import Settings
 from .probe import Prober, ProbeResult, failed
 from .sources import open_source
-from .watch import Action, Decision, Watcher
+from .watch import Action, Decision, Watcher, WatchPolicy
 
 EXIT_RESTART = 1
 # After SIGKILL a process needs a moment to die and be reaped, even with stop_timeout 0.
@@ -103,7 +103,7 @@ class Supervisor:
         signals.unblock_signals()  # anything that arrived since the spawn is handled now
         logger.info(f"started {self.argv[0]} as pid {self.pid}")
         if self.settings.watch_enabled:
-            self.watcher = Watcher(self.settings.policy, time.monotonic())
+            self.watcher = Watcher(WatchPolicy.from_settings(self.settings), time.monotonic())
             self.prober = Prober(open_source(self.settings.source), notify=self._wake)
             self._watch(time.monotonic())  # the baseline probe starts while the agent does
         status = events.running_status(self.argv, self.pid, self.settings)

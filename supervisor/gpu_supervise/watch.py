@@ -24,9 +24,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .probe import ProbeResult
 from .topology import Change, Gpu, Topology, diff
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 # While NVML fails from the start, the failure is logged loudly once, then at this period.
 REPORT_EVERY = 600.0
@@ -43,6 +47,18 @@ class WatchPolicy:
     on_pending: str = "hold"  # "hold": stop the agent while a MIG mode change waits; "ignore"
     pending_timeout: float = 300.0
     probe_timeout: float = 10.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WatchPolicy:
+        return cls(
+            interval=settings.interval,
+            cooldown=settings.cooldown,
+            settle=settings.settle,
+            failure_threshold=settings.failure_threshold,
+            on_pending=settings.on_pending,
+            pending_timeout=settings.pending_timeout,
+            probe_timeout=settings.probe_timeout,
+        )
 
 
 class Verdict(enum.Enum):

@@ -1,0 +1,24 @@
+"""Command-line parsing shared by every command: usage errors as one line, never a usage dump."""
+
+from __future__ import annotations
+
+import argparse
+
+from .config import ConfigError, clip
+
+TYPE_CHECKING = False  # typing costs the agent's start milliseconds: only for type checkers
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
+
+PROG = "gpu-supervise"
+EXIT_USAGE = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (exit 2 in main), never a usage dump."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(clip(message, 300))

@@ -1,0 +1,91 @@
+"""The package's modules form layers: each imports only modules below it, so there is no
+import cycle and the order in which things load (before and after the agent starts) stays
+readable. The order is the one gpu_supervise/__init__.py documents."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).parent.parent / "supervisor" / "gpu_supervise"
+
+# Top to bottom: a module may import only modules that come after it.
+LAYERS = [
+    "__main__", "entry", "cli", "demo", "install", "supervise", "events", "watch", "probe",
+    "sources", "nvml", "child", "report", "args", "config", "logs", "topology", "files",
+    "signals", "__init__",
+]  # fmt: skip
+
+
+def imports_of(module: str) -> set[str]:
+    """Every module of the package that `module` imports, at the top or inside a function."""
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 0 and node.module and node.module.startswith("gpu_supervise"):
+                name = node.module.partition(".")[2] or "__init__"
+            elif node.level == 1:
+                name = node.module or ""
+            else:
+                continue
+            if name:
+                found.add(name.split(".")[0])
+            else:  # from . import a, b: submodules, or names of __init__
+                for alias in node.names:
+                    sub = alias.name
+                    found.add(sub if (PACKAGE / f"{sub}.py").exists() else "__init__")
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("gpu_supervise."):
+                    found.add(alias.name.split(".")[1])
+    return found
+
+
+def test_every_module_has_its_layer():
+    assert sorted(LAYERS) == sorted(p.stem for p in PACKAGE.glob("*.py"))
+
+
+@pytest.mark.parametrize("module", LAYERS)
+def test_a_module_imports_only_modules_below_it(module: str):
+    below = set(LAYERS[LAYERS.index(module) + 1 :])
+    upward = imports_of(module) - below
+    assert not upward, f"{module} imports {sorted(upward)}, which are not below it"
+
+
+def test_the_layer_check_sees_a_lazy_import(tmp_path: Path):
+    """The check reads imports inside functions too (they are where cycles hide)."""
+    assert "cli" in imports_of("entry")  # entry imports cli inside run()
+    assert "install" in imports_of("demo")  # inside self_command()
+
+
+def test_no_import_cycle_at_run_time():
+    """Importing every module, each in a fresh interpreter, works in any order."""
+    for module in LAYERS:
+        if module == "__main__":
+            continue
+        name = "gpu_supervise" if module == "__init__" else f"gpu_supervise.{module}"
+        out = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True,
+                             text=True)  # fmt: skip
+        assert out.returncode == 0, f"import {name}:\n{out.stderr}"
+
+
+def test_the_path_to_the_agents_start_loads_little():
+    """What runs before the agent is started (parse, load the settings, spawn) must not load
+    the heavy general-purpose modules: typing and dataclasses (with inspect) cost the agent's
+    start several milliseconds each. The agent's start waits for exactly this path."""
+    probe = (
+        "import sys; from gpu_supervise import entry, signals; signals.block_signals(); "
+        "from gpu_supervise import cli; cli.parse_supervise(['--', 'true']); "
+        "from gpu_supervise import child, report; "
+        "print(' '.join(sorted(m for m in ('typing', 'dataclasses', 'inspect', 'loguru', "
+        "'psutil', 'pynvml', 'json', 'threading', 'ctypes') if m in sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin"})  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == []
