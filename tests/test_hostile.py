@@ -15,6 +15,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from conftest import (
     Proc,
     clean_env,
     gpu_supervise_cmd,
+    marked,
     missing_capability,
     pid_alive,
     run,
@@ -324,6 +326,36 @@ def test_a_command_name_that_is_not_utf8_reaches_systemd_escaped(start_cmd, tmp_
         sock.close()
 
 
+def test_no_notify_field_can_be_injected_through_the_command(start_cmd, tmp_path: Path):
+    """systemd reads one field a line: an argv[0] holding a newline must not add STOPPING=1
+    (or anything else) to READY=1. Every field's value is escaped, as the log lines are."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.settimeout(30)
+    agent = tmp_path / "agent\nSTOPPING=1\nSTATUS=pwned"
+    agent.write_text("#!/bin/sh\necho agent-up\nexec sleep 60\n")
+    agent.chmod(0o755)
+    try:
+        proc = start_cmd([*gpu_supervise_cmd(), *PLAIN, "--", str(agent)],
+                         clean_env(NOTIFY_SOCKET=str(tmp_path / "notify")))  # fmt: skip
+        messages = [sock.recv(4096).decode()]
+        proc.wait_for("agent-up")
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(60) == 143
+        sock.setblocking(False)
+        while True:
+            try:
+                messages.append(sock.recv(4096).decode())
+            except BlockingIOError:
+                break
+    finally:
+        sock.close()
+    fields = [[line.split("=", 1)[0] for line in m.split("\n")] for m in messages]
+    assert fields[0] == ["READY", "STATUS", "MAINPID"]
+    assert "\\nSTOPPING=1\\nSTATUS=pwned" in messages[0]
+    assert fields[1:] == [["STATUS", "STOPPING"]]  # the stop's own message, once
+
+
 def test_a_notify_socket_that_is_full_never_blocks_the_loop(start_cmd, tmp_path: Path):
     """systemd stalled: its socket's queue is full. The message is dropped, not waited for."""
     path = str(tmp_path / "notify")
@@ -491,3 +523,122 @@ def test_signals_are_held_from_the_entry_point_on(tmp_path: Path):
     assert proc.returncode == 0 and "Traceback" not in err  # neither killed nor stopped
     held = [int(x) for x in out.split("[")[1].split("]")[0].split(",")]
     assert sorted(held) == sorted([signal.SIGINT, signal.SIGTERM, signal.SIGTSTP])
+
+
+# -- an in-place upgrade under a running supervisor ---------------------------------------------
+
+# Records every module import (the audit event fires only for a module not loaded yet) with the
+# time it happened, on the system-wide monotonic clock the test reads too.
+AUDIT_IMPORTS = """
+import os, sys, time
+_fd = os.open(os.environ["GS_TEST_IMPORTS"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+def _hook(event, args, _fd=_fd, _write=os.write, _now=time.monotonic):
+    if event == "import":
+        _write(_fd, f"{os.getpid()} {_now():.6f} {args[0]}\\n".encode())
+sys.addaudithook(_hook)
+"""
+
+
+def imports_after(log: Path, pid: int, since: float) -> list[str]:
+    """What process `pid` imported after `since` (the agent, Python too, records its own)."""
+    lines = [line.split() for line in log.read_text().splitlines()]
+    return [name for who, stamp, name in lines if int(who) == pid and float(stamp) > since]
+
+
+def test_stopping_holding_and_starting_again_import_nothing(
+    start: Start, fake_node: FakeNode, tmp_path: Path
+):
+    """A module imported at the moment of a stop would be read from disk long after start:
+    after an in-place upgrade, the new version's (or, in the binary, a different archive read at
+    the old offsets: a zlib error, the stop failing, the agent left running). So a whole run
+    - a hold for a pending MIG mode change (the agent's tree stopped), its timeout (the agent
+    started again, with a parent-death signal), a topology change (stopped again, exit 1) -
+    imports nothing once the first probes are done."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(AUDIT_IMPORTS)
+    log = tmp_path / "imports"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    node = dgx_a100(["1g.5gb"] * 7, count=2)
+    fake_node.write(node)
+    env = {**fake_node.env, "PYTHONPATH": str(tmp_path / "site"), "GS_TEST_IMPORTS": str(log),
+           "NOTIFY_SOCKET": str(tmp_path / "notify")}  # fmt: skip
+    opts = ["--settle", "0.2", "--pending-timeout", "1", "--parent-death-signal", "TERM"]
+    try:
+        proc = start([*FAST, *opts, "--", *AGENT, "--no-nvml"], env)
+        proc.wait_for("ready")
+        proc.wait_for("[GPU-Watcher] baseline")
+        time.sleep(1.0)  # a few probes
+        since = time.monotonic()
+        node.gpu(1).request_mig(True)  # pending a reset that never comes: hold, then resume
+        fake_node.write(node)
+        proc.wait_for("started ", count=2)  # ...again as pid N
+        node.gpu(1).pending = None
+        node.gpu(0).set_layout(["3g.20gb"] * 2)
+        fake_node.write(node)
+        assert proc.wait(60) == 1, proc.output
+        assert "Traceback" not in proc.log
+        assert proc.output.count("ready") == 2  # the agent ran twice
+        assert imports_after(log, proc.pid, since) == []
+        assert imports_after(log, proc.pid, 0)  # the audit works: start-up did import
+    finally:
+        sock.close()
+
+
+# -- gpu-supervise itself failing: the agent is stopped, one line says why -----------------------
+
+
+def test_a_failure_right_after_the_spawn_stops_the_agent_in_one_line(tmp_path: Path):
+    """With 5 file descriptors, the agent starts, then loading the rest of gpu-supervise fails
+    (no descriptor to read a module with). The agent must not be left running unsupervised (as
+    PID 1 nothing would ever stop it), and the reason is one line, not a traceback."""
+    import resource
+
+    mark = uuid.uuid4().hex
+    out = subprocess.run(
+        [*gpu_supervise_cmd(), *PLAIN, "--stop-timeout", "5", "--", "sleep", "60"],
+        env=clean_env(GS_TEST_AGENT=mark), capture_output=True, text=True, timeout=60,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (5, 5)),
+    )  # fmt: skip
+    assert out.returncode == 70, out.stderr
+    (line,) = out.stderr.splitlines()
+    assert line.startswith("gpu-supervise: internal error after starting the agent (OSError: ")
+    assert "Too many open files" in line
+    assert "exit code 143); exiting 70" in line  # the agent ran, and got SIGTERM
+    assert marked("GS_TEST_AGENT", mark) == []
+
+
+# Raises once, in gpu-supervise only, at its first os.kill after the file named by
+# GS_TEST_BREAK appears: a bug inside the main loop, planted through the interpreter's own
+# audit hooks rather than by editing the code.
+BREAK_ONCE = """
+import os, sys
+_armed = [os.environ.get("GS_TEST_BREAK"), os.environ.get("GS_TEST_BREAK_PID")]
+def _hook(event, args):
+    if event == "os.kill" and _armed[0] and os.path.exists(_armed[0]):
+        if str(os.getpid()) == open(_armed[1]).read().strip():
+            _armed[0] = None
+            raise RuntimeError("planted failure in the loop")
+sys.addaudithook(_hook)
+"""
+
+
+def test_a_failure_inside_the_loop_stops_the_agents_tree(start: Start, tmp_path: Path):
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(BREAK_ONCE)
+    pidfile = tmp_path / "pids"
+    env = clean_env(PYTHONPATH=str(tmp_path / "site"), GS_TEST_BREAK=str(tmp_path / "break"),
+                    GS_TEST_BREAK_PID=str(tmp_path / "gs.pid"))  # fmt: skip
+    proc = start([*PLAIN, "--", *AGENT, "--no-nvml", "--grandchild", "--pidfile", str(pidfile)],
+                 env)  # fmt: skip
+    (tmp_path / "gs.pid").write_text(str(proc.pid))
+    proc.wait_for("ready")
+    agent, grandchild = map(int, pidfile.read_text().split())
+    (tmp_path / "break").touch()
+    proc.signal(signal.SIGHUP)  # forwarded with os.kill: the planted failure
+    assert proc.wait(60) == 70, proc.output
+    assert "CRITICAL internal error (RuntimeError: planted failure in the loop at " in proc.log
+    assert "stopping the agent's tree and exiting 70" in proc.log
+    assert "Traceback" not in proc.log
+    assert "got SIGTERM" in proc.stdout  # stopped the usual way first
+    assert not pid_alive(agent) and not pid_alive(grandchild)  # the whole tree

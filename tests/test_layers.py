@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).parent.parent / "supervisor" / "gpu_supervise"
 LAYERS = [
     "__main__", "entry", "cli", "demo", "install", "supervise", "events", "watch", "probe",
     "sources", "nvml", "child", "report", "args", "config", "logs", "topology", "files",
-    "signals", "__init__",
+    "signals", "text", "__init__",
 ]  # fmt: skip
 
 

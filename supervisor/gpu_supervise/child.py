@@ -174,6 +174,33 @@ def _spawn_forked(argv: list[str], env: dict[str, str], foreground: bool, death_
     return pid
 
 
+def stop_group_now(pid: int, timeout: float) -> int:
+    """The last resort when gpu-supervise itself fails right after starting the agent: SIGTERM
+    to the agent's group, SIGKILL after `timeout`, and the agent's exit code (137 if it could
+    not be reaped). Only system calls: whatever broke (a module that cannot be loaded, no file
+    descriptor left) must not stop this."""
+    import time  # a built-in module: nothing to read from disk
+
+    _killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    killed_at = None
+    while True:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return 128 + signal.SIGKILL
+        if done:
+            _killpg(pid, signal.SIGKILL)  # what the agent left in its group
+            return exit_code(status)
+        now = time.monotonic()
+        if killed_at is None and now >= deadline:
+            _killpg(pid, signal.SIGKILL)
+            killed_at = now
+        elif killed_at is not None and now >= killed_at + 1.0:
+            return 128 + signal.SIGKILL
+        time.sleep(0.01)
+
+
 def exit_code(status: int) -> int:
     """The shell's convention, as tini and dumb-init: the code, or 128+N for death by signal N."""
     code = os.waitstatus_to_exitcode(status)

@@ -15,17 +15,17 @@ import shlex
 import sys
 
 from . import __version__
-from .args import EXIT_USAGE, PROG, Parser
+from .args import EXIT_INTERNAL, EXIT_USAGE, PROG, Parser, describe_failure
 from .config import (
     DEFAULT_CONFIG,
     ENV_CONFIG,
     SCHEMA,
     ConfigError,
     Settings,
-    clip,
     flag_name,
     load,
 )
+from .text import clip
 
 TYPE_CHECKING = False  # typing costs the agent's start milliseconds: only for type checkers
 if TYPE_CHECKING:
@@ -161,11 +161,19 @@ def _supervise(settings: Settings, command: list[str]) -> int:
     except child.SpawnError as exc:
         print(f"{PROG}: {clip(str(exc), 1000)}", file=sys.stderr)  # one line, no escapes
         return exc.code
-    from . import logs
-    from .supervise import Supervisor
+    try:
+        from . import logs
+        from .supervise import Supervisor
 
-    logs.setup(settings.log_level, settings.log_format)
-    return Supervisor(settings, command, pid, env, notify_socket).run()
+        logs.setup(settings.log_level, settings.log_format)
+        supervisor = Supervisor(settings, command, pid, env, notify_socket)
+    except Exception as exc:  # the agent runs: it must not outlive a supervisor that failed
+        code = child.stop_group_now(pid, settings.stop_timeout)
+        print(f"{PROG}: internal error after starting the agent ({describe_failure(exc)}); "
+              f"stopped the agent (pid {pid}, exit code {code}); exiting {EXIT_INTERNAL}",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_INTERNAL
+    return supervisor.run()
 
 
 def _snapshot(argv: list[str]) -> int:
@@ -174,9 +182,9 @@ def _snapshot(argv: list[str]) -> int:
     ns = parser.parse_args(argv)
     settings = load(_flag_values(ns), ns.config)
 
-    from .logs import printable
     from .probe import probe_once
     from .sources import open_source
+    from .text import printable
     from .topology import render_table
 
     result = probe_once(open_source(settings.source), settings.probe_timeout)
@@ -222,7 +230,11 @@ def safe_stdio() -> None:
 def run() -> NoReturn:
     """Console-script entry point (through entry.run, which holds signals first)."""
     safe_stdio()
-    code = main()
+    try:
+        code = main()
+    except Exception as exc:  # a bug or a resource gone, before any agent was started
+        print(f"{PROG}: internal error ({describe_failure(exc)})", file=sys.stderr)
+        code = EXIT_INTERNAL
     logs = sys.modules.get(f"{__package__}.logs")
     if logs is not None:
         logs.flush(2.0)  # the last lines, if stderr is being read at all

@@ -13,6 +13,7 @@ import os
 import sys
 
 from .files import read_regular_file
+from .text import clip
 
 TYPE_CHECKING = False  # typing costs the agent's start milliseconds: only for type checkers
 if TYPE_CHECKING:
@@ -38,12 +39,6 @@ MAX_THRESHOLD = 1_000_000
 
 
 MAX_FILE_BYTES = 1024 * 1024
-
-
-def clip(text: str, limit: int = 60) -> str:
-    """A piece of user input as an error message shows it: one line, never a page of it."""
-    text = text.encode("unicode_escape").decode() if not text.isprintable() else text
-    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text)} characters)"
 
 
 def _show(value: Any) -> str:

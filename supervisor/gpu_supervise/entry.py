@@ -20,6 +20,11 @@ def run() -> NoReturn:
     from .signals import block_signals  # imports nothing but `signal`
 
     block_signals()
-    from .cli import run as cli_run
+    try:
+        from .cli import run as cli_run
+    except Exception as exc:  # no file descriptor left to read a module, a damaged install
+        import os
 
+        os.write(2, f"gpu-supervise: cannot start: {type(exc).__name__}: {exc}\n".encode())
+        os._exit(70)  # args.EXIT_INTERNAL; nothing was started
     cli_run()

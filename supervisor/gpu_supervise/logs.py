@@ -27,6 +27,8 @@ from typing import Any
 
 from loguru import logger
 
+from .text import printable
+
 PROGRAM = "gpu-supervise"
 LINE_LIMIT = 16 * 1024  # bytes, the newline included: the runtimes' split point
 CORE = ("time", "level", "message", "program", "pid")  # in every JSON line, never dropped
@@ -93,13 +95,6 @@ def _write(line: str) -> None:
 def flush(timeout: float = 1.0) -> None:
     if _writer is not None:
         _writer.flush(timeout)
-
-
-def printable(text: str) -> str:
-    """`text` with every character that is not printable written as an escape (\\x1b)."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def _fit_text(line: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from .files import open_regular_file
+from .text import printable
 
 TERMINATION_LOG_LIMIT = 4096  # kubelet reads at most this many bytes
 
@@ -43,14 +44,22 @@ def take_notify_socket(environ: dict[str, str]) -> str | None:
     return environ.pop("NOTIFY_SOCKET", None) or None
 
 
-def sd_notify(address: str | None, message: str) -> bool:
-    """Send one datagram per the sd_notify protocol (`@` = abstract socket); no libsystemd."""
+def escape(value: str) -> str:
+    """A notify field's value on one line: a newline in it (an argv[0] holding "\\nSTOPPING=1")
+    would be read by systemd as a field of its own."""
+    return printable(value)
+
+
+def sd_notify(address: str | None, **fields: str) -> bool:
+    """Send one datagram per the sd_notify protocol (`@` = abstract socket); no libsystemd.
+    Each field is `NAME=value` on a line of its own, the value escaped (escape())."""
     if not address:
         return False
 
-    import socket  # only when systemd asked for it: not on the way to starting the child
+    import socket  # only when systemd asked for it (and then loaded at start: Supervisor)
 
     target = "\0" + address[1:] if address.startswith("@") else address
+    message = "\n".join(f"{name}={escape(value)}" for name, value in fields.items())
     data = message.encode("utf-8", "backslashreplace")  # an argv that is not UTF-8, say
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:

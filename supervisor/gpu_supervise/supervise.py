@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from loguru import logger
 
 from . import child, events, report, signals
+from .args import EXIT_INTERNAL, PROG, describe_failure
 from .config import Settings
 from .probe import Prober, ProbeResult, failed
 from .sources import open_source
@@ -35,6 +36,30 @@ from .watch import Action, Decision, Watcher, WatchPolicy
 EXIT_RESTART = 1
 # After SIGKILL a process needs a moment to die and be reaped, even with stop_timeout 0.
 MIN_KILL_WAIT = 1.0
+
+
+def load_what_a_stop_needs() -> None:
+    """Import now everything that stopping, holding and starting the agent again will use.
+
+    Imported lazily at the moment of a stop, a module would be read from disk long after start:
+    after an in-place upgrade (a new package, a new binary folder over the running one) it is
+    the new version's file, or in the binary a different archive at the old offsets (zlib
+    errors), and the stop fails with the agent's tree still running. tests/test_hostile.py
+    audits that a whole run imports nothing after this."""
+    import ctypes  # noqa: F401  (child: the parent-death signal of an agent started again)
+    import socket  # noqa: F401  (report: systemd's notify socket)
+
+    import psutil  # noqa: F401  (child: the tree walk of every stop)
+
+    "".encode("unicode_escape")  # text.printable's codec, a module of its own
+
+
+def _write_stderr(line: str) -> None:
+    """One line straight to fd 2, for when the logger itself is what failed."""
+    try:
+        os.write(2, (line + "\n").encode("utf-8", "backslashreplace"))
+    except OSError:
+        pass
 
 
 class State(enum.Enum):
@@ -78,6 +103,7 @@ class Supervisor:
         os.set_blocking(self._wake_w, False)
         self.watcher: Watcher | None = None
         self.prober: Prober | None = None
+        load_what_a_stop_needs()
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -99,6 +125,12 @@ class Supervisor:
             pass  # the loop is already due to wake
 
     def run(self) -> int:
+        try:
+            return self._run()
+        except Exception as exc:  # a bug, or a resource gone: never leave the agent unsupervised
+            return self._last_resort(exc)
+
+    def _run(self) -> int:
         self._install_signals()
         signals.unblock_signals()  # anything that arrived since the spawn is handled now
         logger.info(f"started {self.argv[0]} as pid {self.pid}")
@@ -107,10 +139,49 @@ class Supervisor:
             self.prober = Prober(open_source(self.settings.source), notify=self._wake)
             self._watch(time.monotonic())  # the baseline probe starts while the agent does
         status = events.running_status(self.argv, self.pid, self.settings)
-        self._notify(f"READY=1\nSTATUS={status}\nMAINPID={os.getpid()}")
+        self._notify(READY="1", STATUS=status, MAINPID=str(os.getpid()))
         code, why = self._loop()
         logger.bind(event="exit", code=code, reason=why).info(f"exiting {code}: {why}")
         return code
+
+    def _last_resort(self, exc: Exception) -> int:
+        """Something failed that the loop does not expect: stop the agent's whole tree (TERM,
+        then KILL after stop_timeout) with as little machinery as possible, say so in one line,
+        and exit EXIT_INTERNAL so that the restart policy starts everything afresh."""
+        line = (
+            f"internal error ({describe_failure(exc)}); stopping the agent's tree and exiting "
+            f"{EXIT_INTERNAL}"
+        )
+        try:
+            logger.bind(event="exit", code=EXIT_INTERNAL, reason=line).critical(line)
+        except Exception:
+            _write_stderr(f"{PROG}: {line}")
+        self._notify(STOPPING="1", STATUS=line)
+        try:
+            if self.status is None or child.has_children():
+                self._stop_now()
+        except Exception:  # even the tree walk failed: the agent's group, with system calls only
+            child.stop_group_now(self.pid, self.settings.stop_timeout)
+        return EXIT_INTERNAL
+
+    def _stop_now(self) -> None:
+        """SIGTERM to the tree, SIGKILL to what is left after stop_timeout (and to newcomers),
+        then at most MIN_KILL_WAIT more: a plain loop, not the state machine that just failed."""
+        killing = False
+        deadline = time.monotonic() + self.settings.stop_timeout
+        self._signal_tree(signal.SIGTERM)
+        while child.has_children():
+            for reaped in child.reap():
+                if reaped.pid == self.pid:
+                    self.status = reaped.status
+            now = time.monotonic()
+            if now >= deadline:
+                if killing:
+                    return
+                killing, deadline = True, now + MIN_KILL_WAIT
+            if killing:
+                self._signal_tree(signal.SIGKILL)
+            time.sleep(0.02)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -151,8 +222,8 @@ class Supervisor:
         except BlockingIOError:
             pass
 
-    def _notify(self, message: str) -> None:
-        report.sd_notify(self.notify_socket, message)
+    def _notify(self, **fields: str) -> None:
+        report.sd_notify(self.notify_socket, **fields)
 
     # -- signals and children -------------------------------------------------------------------
 
@@ -203,7 +274,11 @@ class Supervisor:
     ) -> None:  # fmt: skip
         self.state = State.STOPPING
         self.stop = Stop(exit_code, reason, kill_at=now + self.settings.stop_timeout, hold=hold)
-        self._notify("STATUS=stopping the agent: " + reason + ("" if hold else "\nSTOPPING=1"))
+        status = "stopping the agent: " + reason
+        if hold:
+            self._notify(STATUS=status)
+        else:
+            self._notify(STATUS=status, STOPPING="1")
         self._signal_tree(sig)
 
     def _signal_tree(self, sig: int) -> int:
@@ -241,7 +316,7 @@ class Supervisor:
         if stop.hold:
             self.state = State.HOLDING
             assert self.watcher is not None and self.watcher.hold is not None
-            self._notify("STATUS=" + events.holding_status(self.watcher.hold, self.settings))
+            self._notify(STATUS=events.holding_status(self.watcher.hold, self.settings))
             return
         if stop.exit_code is not None:
             self.exit = (stop.exit_code, stop.reason)
@@ -267,7 +342,7 @@ class Supervisor:
         self.status = None
         self.state = State.RUNNING
         logger.info(f"started {self.argv[0]} again as pid {self.pid}")
-        self._notify("STATUS=" + events.running_status(self.argv, self.pid, self.settings))
+        self._notify(STATUS=events.running_status(self.argv, self.pid, self.settings))
 
     # -- watching ------------------------------------------------------------------------------
 
