@@ -14,8 +14,10 @@ import signal
 import time
 from collections.abc import Callable
 
-from conftest import AGENT, FakeNode, Proc
-from fakenvml import Node, dgx_a100, holders, reset_gpu
+import pytest
+
+from conftest import AGENT, FakeNode, Proc, log_stamp
+from fakenvml import UNKNOWN, Node, dgx_a100, holders, reset_gpu
 
 Start = Callable[..., Proc]
 FAST = ["--interval", "0.2", "--cooldown", "0", "--settle", "0.3", "--stop-timeout", "2"]
@@ -147,7 +149,7 @@ def test_a_withdrawn_pending_change_restarts_the_agent_it_stopped(
 def test_a_reset_that_never_comes_gives_the_agent_back_once(start: Start, fake_node: FakeNode):
     proc, node = enable_requested(start, fake_node, "--pending-timeout", "2")
     proc.wait_for(HOLDING)
-    proc.wait_for("still pending after 2 s: the GPU reset did not happen")
+    proc.wait_for("still pending after 2 s each: the GPU reset did not happen")
     proc.wait_for("again as pid")
     proc.wait_for(": UUIDs ", count=2)  # a new agent, holding NVML again
     again = agent_pid(proc)
@@ -206,3 +208,90 @@ def test_the_agent_started_again_after_a_hold_gets_the_terminal(fake_node: FakeN
         term.expect(b"agent-up", count=2)  # the agent started again
         term.type(b"hello\n")
         term.expect(b"got:hello")
+
+
+# -- the hold, round 3: every GPU covered, never the holder ourselves, never an agent for nothing --
+
+
+def test_a_second_gpu_pending_during_the_hold_gets_its_own_allowance(start: Start, fake_node):
+    """GPU 0 is pending at start; GPU 1 goes pending 2 s into the hold. GPU 0's allowance ends
+    first, but the agent stays stopped until GPU 1's ends too (it would block GPU 1's reset),
+    and the warning names both."""
+    node = dgx_a100(count=2)
+    node.gpu(0).request_mig(True)
+    fake_node.write(node)
+    proc = supervise(start, fake_node, "--pending-timeout", "4")
+    proc.wait_for(HOLDING)
+    time.sleep(2)
+    node.gpu(1).request_mig(True)
+    fake_node.write(node)
+    proc.wait_for("MIG mode change to on is pending a GPU reset; still holding")
+    proc.wait_for("again as pid")
+    lines = proc.log_lines()
+    second = log_stamp(lines, "is pending a GPU reset; still holding")
+    again = log_stamp(lines, "again as pid")
+    assert (again - second).total_seconds() >= 4.0 - 0.002  # GPU 1's own 4 s
+    (warning,) = [line for line in lines if "still pending after 4 s each" in line]
+    assert f"GPU 0 ({node.gpu(0).uuid}: MIG on)" in warning
+    assert f"GPU 1 ({node.gpu(1).uuid}: MIG on)" in warning
+
+
+def test_a_probe_stuck_in_nvml_while_holding_exits_to_release_the_gpu(start: Start, fake_node):
+    """gpu-supervise's own probe hangs inside NVML during the hold: it now holds the GPU and
+    blocks the very reset it waits for. It says so and exits 1, which releases the handle."""
+    proc, node = enable_requested(start, fake_node, "--probe-timeout", "1")
+    proc.wait_for(HOLDING)
+    proc.wait_for("was killed by SIGTERM")
+    fake_node.write(node.copy().hang("nvmlDeviceGetMigMode"))
+    assert proc.wait(60) == 1
+    (error,) = [line for line in proc.log_lines() if " ERROR " in line]
+    assert "probe did not finish within 1 s: a probe is stuck in NVML while holding" in error
+    assert "gpu-supervise itself now holds the GPU and would block the reset" in error
+    assert proc.log_lines()[-1].endswith("exiting 1: restart me (a probe is stuck in NVML while "
+                                         "holding: it would block the reset)")  # fmt: skip
+    fake_node.write(node)
+    reset_gpu(fake_node.path, node, 0, timeout=30)  # nobody holds the GPU any more
+
+
+def test_nvml_failing_at_the_end_of_a_hold_never_starts_an_agent_for_nothing(
+    start: Start, fake_node: FakeNode
+):
+    proc, node = enable_requested(start, fake_node, "--pending-timeout", "2")
+    proc.wait_for(HOLDING)
+    proc.wait_for("was killed by SIGTERM")
+    fake_node.write(node.copy().fail("*", UNKNOWN))  # NVML fails from here on
+    assert proc.wait(60) == 1
+    assert re.search(r"exiting 1: restart me \(NVML failed \d+ consecutive probes\)", proc.log)
+    assert "again as pid" not in proc.log and proc.stdout.count(": ready") == 1
+
+
+@pytest.mark.parametrize(("agent", "code"), [((), 143), (("--exit-on-term", "5"), 5)])
+def test_after_a_timed_out_hold_the_agent_is_supervised_as_before(
+    start: Start, fake_node: FakeNode, agent: tuple[str, ...], code: int
+):
+    """Back in RUNNING after the agent is started again: SIGTERM stops it, and its own exit
+    code comes back."""
+    proc, node = enable_requested(start, fake_node, "--pending-timeout", "1", agent=agent)
+    proc.wait_for("again as pid")
+    proc.wait_for(": UUIDs ", count=2)
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(60) == code
+    assert proc.stdout.count("got SIGTERM") == 2  # the hold's stop, then ours
+    assert proc.log_lines()[-1].endswith(f"exiting {code}: stopped by SIGTERM")
+
+
+def test_sigterm_during_the_stop_that_begins_a_hold_ends_it(start: Start, fake_node: FakeNode):
+    """`docker stop` or a pod deletion landing while the hold's stop waits for an agent that
+    ignores SIGTERM: gpu-supervise exits once the agent is gone, within stop_timeout, and never
+    goes on into the hold (nor starts the agent again when pending_timeout ends)."""
+    proc, node = enable_requested(start, fake_node, "--stop-timeout", "3", "--pending-timeout",
+                                  "2", agent=("--ignore-term",))  # fmt: skip
+    proc.wait_for(HOLDING)
+    time.sleep(0.5)  # the hold's SIGTERM, ignored: the stop waits for stop_timeout
+    sent = time.monotonic()
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(60) == 137  # SIGKILL ended the agent
+    assert time.monotonic() - sent <= 3 + 1
+    time.sleep(2.5)  # past pending_timeout: nothing was started
+    assert proc.stdout.count(": ready") == 1 and "again as pid" not in proc.log
+    assert proc.log_lines()[-1].endswith("exiting 137: stopped by SIGTERM")

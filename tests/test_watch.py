@@ -402,12 +402,91 @@ def test_after_a_timeout_another_gpus_pending_change_holds():
     assert d.action is Action.HOLD and [g.uuid for g in d.newly_pending] == ["GPU-1"]
 
 
-def test_a_hold_times_out_even_while_nvml_fails():
+def test_nvml_failing_at_the_deadline_lets_the_failure_rule_decide_first():
+    """Past the hold's deadline with NVML failing, starting the agent would only have it
+    stopped by the next failures: the failure rule decides first."""
+    w = started(first=ok(OFF))
+    step(w, 1060.0, ok(pending(OFF, True)))
+    assert step(w, 1300.0, err()).verdict is Verdict.TOLERATED  # a reset under way
+    d = step(w, 1330.0, err())
+    assert (d.verdict, d.action, d.next_probe_at) == (Verdict.TOLERATED, Action.NONE, 1360.0)
+    d = step(w, 1360.0, err())  # the deadline, and the third failure in a row
+    assert (d.verdict, d.action) == (Verdict.FAILING, Action.RESTART)
+    assert d.errors == ("Unknown Error",) * 3 and w.hold is None
+
+
+def test_one_failure_at_the_deadline_waits_for_an_answer_before_starting_the_agent():
     w = started(first=ok(OFF))
     step(w, 1060.0, ok(pending(OFF, True)))
     d = step(w, 1360.0, err())
-    assert (d.action, d.next_probe_at) == (Action.RESUME, 1390.0)
+    assert (d.verdict, d.action, d.next_probe_at) == (Verdict.TOLERATED, Action.NONE, 1390.0)
+    d = step(w, 1390.0, ok(pending(OFF, True)))  # NVML answers: still pending, timed out
+    assert (d.verdict, d.action) == (Verdict.TIMED_OUT, Action.RESUME)
     assert w.hold is None and w.errors == []
-    # the pending change it held for is not held for again once NVML answers
-    d = step(w, 1390.0, ok(pending(OFF, True)))
+    d = step(w, 1420.0, ok(pending(OFF, True)))  # the same pending change: no second hold
     assert (d.verdict, d.action) == (Verdict.STEADY, Action.NONE)
+
+
+def test_a_failure_just_before_the_deadline_never_pushes_the_timeout_past_it():
+    w = started(first=ok(OFF))
+    step(w, 1060.0, ok(pending(OFF, True)))
+    d = step(w, 1350.0, err())
+    assert d.next_probe_at == 1360.0  # the deadline, not an interval later
+    assert step(w, 1360.0, ok(pending(OFF, True))).action is Action.RESUME
+
+
+def test_each_gpu_that_goes_pending_gets_its_own_allowance():
+    """GPU 1 goes pending 180 s into a hold for GPU 0: at GPU 0's deadline the agent stays
+    stopped (GPU 1's reset would be blocked by it), and the timeout names both."""
+    base = two_gpus(OFF, OFF)
+    w = started(first=ok(base))
+    first = pending(base, True, index=0)
+    both = pending(first, True, index=1)
+    step(w, 1060.0, ok(first))
+    d = step(w, 1240.0, ok(both))
+    assert [g.uuid for g in d.newly_pending] == ["GPU-1"] and d.next_probe_at == 1270.0
+    assert w.hold.until == 1540.0
+    d = step(w, 1360.0, ok(both))  # GPU 0's allowance is over, GPU 1's is not
+    assert (d.verdict, d.action) == (Verdict.PENDING, Action.NONE)
+    d = step(w, 1510.0, ok(both))
+    assert d.next_probe_at == 1540.0
+    d = step(w, 1540.0, ok(both))
+    assert (d.verdict, d.action) == (Verdict.TIMED_OUT, Action.RESUME)
+    assert [g.uuid for g in d.newly_pending] == ["GPU-0", "GPU-1"]
+    for t in (1570.0, 1600.0):  # neither is held for again
+        assert step(w, t, ok(both)).action is Action.NONE
+
+
+def test_a_gpu_whose_reset_came_gives_up_its_allowance():
+    """GPU 0's reset goes through while GPU 1 still waits: the hold goes on for GPU 1 alone."""
+    base = two_gpus(OFF, OFF)
+    w = started(first=ok(base))
+    step(w, 1060.0, ok(pending(base, True, index=0)))
+    both = pending(pending(base, True, index=0), True, index=1)
+    step(w, 1300.0, ok(both))
+    reset0 = pending(two_gpus(ON_EMPTY, OFF), True, index=1)
+    d = step(w, 1330.0, ok(reset0))
+    assert (d.verdict, d.action) == (Verdict.PENDING, Action.NONE)
+    assert [g.uuid for g in w.hold.gpus] == ["GPU-1"] and w.hold.until == 1600.0
+    d = step(w, 1600.0, ok(reset0))
+    assert d.action is Action.RESUME and [g.uuid for g in d.newly_pending] == ["GPU-1"]
+    assert w.baseline is reset0  # the agent starting now gets handles on GPU 0's new mode
+
+
+def test_a_probe_stuck_in_nvml_while_holding_restarts():
+    """A probe past its deadline while holding: its thread is inside NVML with NVML open, so
+    gpu-supervise is now the client blocking the reset. Only an exit releases it."""
+    w = started(first=ok(OFF))
+    step(w, 1060.0, ok(pending(OFF, True)))
+    w.begin_probe(1090.0)
+    assert w.overdue(1099.0) is None
+    d = w.overdue(1100.0)
+    assert (d.verdict, d.action) == (Verdict.STUCK, Action.RESTART)
+    assert d.errors == ("probe did not finish within 10 s",)
+
+
+def test_a_probe_stuck_while_running_is_a_failure_like_any_other():
+    w = started()
+    w.begin_probe(1060.0)
+    d = w.overdue(1070.0)
+    assert (d.verdict, d.action) == (Verdict.TOLERATED, Action.NONE)

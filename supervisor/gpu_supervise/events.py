@@ -16,6 +16,10 @@ from .topology import Change, Gpu, Topology
 from .watch import Action, Decision, Hold, Verdict, Watcher
 
 TAG = "[GPU-Watcher]"
+STUCK = (
+    "a probe is stuck in NVML while holding for a GPU reset: gpu-supervise itself now holds the "
+    "GPU and would block the reset it waits for. Exiting 1 to release the handle."
+)
 
 
 def _uuid_list(uuids: list[str]) -> str:
@@ -53,6 +57,8 @@ def restart_reason(decision: Decision, settings: Settings) -> str:
     """Why we exit 1, for the last line of the log."""
     if decision.verdict is Verdict.FAILING:
         return f"restart me ({_failed(decision, settings)})"
+    if decision.verdict is Verdict.STUCK:
+        return "restart me (a probe is stuck in NVML while holding: it would block the reset)"
     if decision.verdict is Verdict.RELEASED and decision.change is None:
         return "restart me (the pending MIG mode change was withdrawn)"
     if decision.verdict is Verdict.RELEASED:
@@ -63,6 +69,8 @@ def restart_reason(decision: Decision, settings: Settings) -> str:
 def termination_message(decision: Decision, settings: Settings) -> str:
     if decision.verdict is Verdict.FAILING:
         return "\n".join([f"gpu-supervise: {_failed(decision, settings)}:", *decision.errors])
+    if decision.verdict is Verdict.STUCK:
+        return f"gpu-supervise: {STUCK}"
     lines = []
     if decision.verdict is Verdict.RELEASED:
         lines.append(
@@ -183,9 +191,13 @@ def log_decision(
     elif v is Verdict.TIMED_OUT:
         gpus = _pending_gpus(decision.newly_pending)
         logger.bind(event="hold_timed_out", gpus=[g.uuid for g in decision.newly_pending]).warning(
-            f"{TAG} MIG mode change on {gpus} still pending after {settings.pending_timeout:g} s: "
-            "the GPU reset did not happen. Starting the agent again; it may block the reset again "
-            "(no further hold for this pending change)"
+            f"{TAG} MIG mode change on {gpus} still pending after {settings.pending_timeout:g} s "
+            "each: the GPU reset did not happen. Starting the agent again; it may block the reset "
+            "again (no further hold for these pending changes)"
+        )
+    elif v is Verdict.STUCK:
+        logger.bind(event="probe_stuck", error=decision.errors[-1]).error(
+            f"{TAG} {decision.errors[-1]}: {STUCK}"
         )
     elif v is Verdict.FAILING:
         old = watcher.baseline.uuids() if watcher.baseline else []

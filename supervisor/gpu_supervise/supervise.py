@@ -370,7 +370,11 @@ class Supervisor:
             report.write_termination_message(
                 self.settings.termination_log, events.termination_message(decision, self.settings)
             )
-            self._begin_stop(now, EXIT_RESTART, events.restart_reason(decision, self.settings))
+            reason = events.restart_reason(decision, self.settings)
+            if self.state is State.HOLDING:  # the agent is already stopped
+                self.exit = (EXIT_RESTART, reason)
+            else:
+                self._begin_stop(now, EXIT_RESTART, reason)
         elif decision.action is Action.HOLD:
             self._begin_stop(now, None, "a MIG mode change is pending a GPU reset", hold=True)
         elif decision.action is Action.RESUME:

@@ -12,12 +12,19 @@ makes every rule here (cool-down, settle, failure threshold, hold) testable with
        │           └─┘
        └─ a MIG mode change pending a GPU reset (any reading) ──► hold: the agent is stopped
             hold ──(no GPU pending, same again after `settle`)──► RELEASED (restart)
-            hold ──(`pending_timeout` passes)──► TIMED_OUT: the agent starts again in place
+            hold ──(every pending GPU past its `pending_timeout`)──► TIMED_OUT: the agent
+                   starts again in place
+            hold ──(a probe stuck in NVML: we hold the GPU ourselves)──► STUCK (restart)
+
+Each GPU that goes pending gets its own allowance of `pending_timeout` from the probe that first
+saw it: the agent stays stopped while any pending GPU is within its allowance.
 
 Failures: after a baseline, the `failure_threshold`-th consecutive failed probe restarts (the
 PRD's rule). Before any successful reading a restart cannot give the agent a working NVML, so
 failures never restart then; NVML starting to work afterwards is a topology change, because
-the agent started without it.
+the agent started without it. While holding, failures are expected (NVML fails while a GPU
+resets) and tolerated until the hold's deadline; past it the failure rule decides first, so an
+agent is never started only to be stopped by the next failures.
 """
 
 from __future__ import annotations
@@ -73,6 +80,7 @@ class Verdict(enum.Enum):
     PENDING = "pending"  # a MIG mode change waits for a GPU reset
     RELEASED = "released"  # no GPU waits for a reset any more (the reset happened, or not)
     TIMED_OUT = "timed_out"  # still pending after `pending_timeout`: give the agent back
+    STUCK = "stuck"  # a probe hangs in NVML while holding: we hold the GPU ourselves
 
 
 class Action(enum.Enum):
@@ -95,10 +103,28 @@ class Decision:
 
 @dataclass
 class Hold:
-    """The agent is stopped so that a GPU reset can go ahead."""
+    """The agent is stopped so that a GPU reset can go ahead. Each pending GPU has its own
+    allowance, from the reading that first saw it pending; the hold lasts while any of those
+    pending now is within its allowance."""
 
-    until: float  # when to give the agent back anyway (pending_timeout)
-    gpus: tuple[Gpu, ...]  # the GPUs whose pending mode change began it
+    allowances: dict[PendingKey, tuple[Gpu, float]]  # pending now: the GPU, its allowance's end
+
+    @property
+    def gpus(self) -> tuple[Gpu, ...]:
+        """The GPUs pending now, as last seen."""
+        return tuple(gpu for gpu, _ in self.allowances.values())
+
+    @property
+    def until(self) -> float:
+        """When the last allowance ends: the agent starts again then, reset or not."""
+        return max(end for _, end in self.allowances.values())
+
+    def update(self, now: float, pending: tuple[Gpu, ...], allowance: float) -> None:
+        """A reading while holding: a GPU newly pending gets its allowance from now, one no
+        longer pending gives its up (and gets a new one if it goes pending again)."""
+        self.allowances = {
+            _key(g): (g, self.allowances.get(_key(g), (g, now + allowance))[1]) for g in pending
+        }
 
 
 class Watcher:
@@ -141,11 +167,18 @@ class Watcher:
 
     def overdue(self, now: float) -> Decision | None:
         """The running probe missed its deadline: that is a failure (its answer, if it ever
-        comes, will not count)."""
+        comes, will not count). While holding it is more: the probe's thread is stuck inside
+        NVML with NVML open, so gpu-supervise itself is now the client that blocks the reset it
+        waits for, and only its exit releases the handle."""
         if self.in_flight is None or now < self.in_flight[1]:
             return None
         self.in_flight = None
-        return self._failure(now, f"probe did not finish within {self.policy.probe_timeout:g} s")
+        error = f"probe did not finish within {self.policy.probe_timeout:g} s"
+        if self.hold is not None:
+            self.errors.append(error)
+            return self._decide(Verdict.STUCK, now, errors=tuple(self.errors),
+                                action=Action.RESTART)  # fmt: skip
+        return self._failure(now, error)
 
     # -- judging a reading -----------------------------------------------------------------------
 
@@ -186,11 +219,16 @@ class Watcher:
     def _failure(self, now: float, error: str) -> Decision:
         self.errors.append(error)
         errors = tuple(self.errors)
-        if self.hold is not None:
-            # No agent is running: a restart has nothing to refresh. Wait for the hold to end.
-            if now >= self.hold.until:
-                return self._time_out(now, None)
+        if self.hold is not None and now < self.hold.until:
+            # No agent is running, and NVML fails while a GPU resets: wait for the hold to end.
             return self._decide(Verdict.TOLERATED, self._hold_next(now), errors=errors)
+        if self.hold is not None:
+            # Past the deadline and NVML fails: the failure rule decides before the agent is
+            # started again (an agent started now would be stopped by the next failures).
+            if len(self.errors) >= self.policy.failure_threshold:
+                self.hold = None
+                return self._decide(Verdict.FAILING, now, errors=errors, action=Action.RESTART)
+            return self._decide(Verdict.TOLERATED, now + self.policy.interval, errors=errors)
         if self.baseline is None:
             loud = self._reported_at is None or now - self._reported_at >= REPORT_EVERY
             if loud:
@@ -223,7 +261,8 @@ class Watcher:
     def _begin_hold(
         self, now: float, pending: tuple[Gpu, ...], verdict: Verdict = Verdict.PENDING
     ) -> Decision:
-        self.hold = Hold(now + self.policy.pending_timeout, pending)
+        self.hold = Hold({})
+        self.hold.update(now, pending, self.policy.pending_timeout)
         self.candidate = None
         self._pending_seen = frozenset(_key(g) for g in pending)
         return self._decide(
@@ -232,10 +271,11 @@ class Watcher:
 
     def _holding(self, now: float, topo: Topology, pending: tuple[Gpu, ...]) -> Decision:
         assert self.hold is not None and self.baseline is not None
-        if now >= self.hold.until:
-            return self._time_out(now, topo)
         if pending:
             self.candidate = None
+            self.hold.update(now, pending, self.policy.pending_timeout)
+            if now >= self.hold.until:
+                return self._time_out(now, topo)
             return self._decide(
                 Verdict.PENDING, self._hold_next(now), newly_pending=self._newly_pending(pending)
             )
@@ -243,22 +283,18 @@ class Watcher:
         if self.policy.settle > 0 and (self.candidate is None or not topo.same_as(self.candidate)):
             # A reset is often followed at once by instances being created: one restart for both.
             self.candidate = topo
-            return self._decide(
-                Verdict.SETTLING, min(now + self.policy.settle, self.hold.until), change=change
-            )
+            return self._decide(Verdict.SETTLING, now + self.policy.settle, change=change)
         self.hold = None
         self.candidate = None
         return self._decide(Verdict.RELEASED, now, change=change, action=Action.RESTART)
 
-    def _time_out(self, now: float, topo: Topology | None) -> Decision:
-        """The reset did not happen: give the agent back, and never hold for these again."""
+    def _time_out(self, now: float, topo: Topology) -> Decision:
+        """The reset did not happen within any pending GPU's allowance: give the agent back, and
+        never hold for these pending changes again."""
         assert self.hold is not None
-        gpus = self.hold.gpus
-        if topo is not None:
-            self._held_out = frozenset(_key(g) for g in topo.pending_mig_changes())
-            self.baseline = topo  # the agent starting now gets handles on this topology
-        else:
-            self._held_out = frozenset(_key(g) for g in gpus)
+        gpus = self.hold.gpus  # every GPU pending now: each is past its allowance
+        self._held_out = frozenset(_key(g) for g in topo.pending_mig_changes())
+        self.baseline = topo  # the agent starting now gets handles on this topology
         self.hold = None
         self.candidate = None
         self.errors.clear()
@@ -267,6 +303,7 @@ class Watcher:
         )
 
     def _hold_next(self, now: float) -> float:
+        """While pending: every `interval`, and at the deadline (never an interval past it)."""
         assert self.hold is not None
         return min(now + self.policy.interval, self.hold.until)
 
