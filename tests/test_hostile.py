@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -473,12 +474,85 @@ def test_a_stderr_nobody_reads_never_stops_a_stop(fake_node: FakeNode, tmp_path:
             time.sleep(0.05)
         time.sleep(1)  # five probes of DEBUG lines: the log writer is blocked
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 143  # never read: the last lines are given up after 2 s
+        assert proc.wait(30) == 143  # never read: the exit line is given up after stop_timeout
     finally:
         proc.kill()
         proc.wait()
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+def _stalled_collector(fake_node: FakeNode, tmp_path: Path, stop_timeout: str):
+    """gpu-supervise whose stderr pipe the agent fills (a chatty agent, a stalled collector):
+    returns the process, once the pipe is full and nothing of gpu-supervise's can get out."""
+    out = tmp_path / "out"
+    agent = "echo up; head -c 300000 /dev/zero >&2; exec sleep 300"  # blocks on the full pipe
+    cmd = [*gpu_supervise_cmd(), *FAST, "--stop-timeout", stop_timeout, "--termination-log",
+           str(tmp_path / "termination-log"), "--", "sh", "-c", agent]  # fmt: skip
+    (tmp_path / "termination-log").write_text("")
+    with open(out, "wb") as stdout:
+        proc = subprocess.Popen(cmd, env=fake_node.env, stdout=stdout, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while b"up" not in out.read_bytes():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    time.sleep(1)  # the baseline and a few probes queued behind the agent's 300 kB
+    return proc
+
+
+def test_the_decision_lines_survive_a_collector_stalled_across_the_exit(
+    fake_node: FakeNode, tmp_path: Path
+):
+    """The collector stalls for a few seconds just as the topology changes: exit 1 comes on
+    time, and once the collector reads again, the change line, its per-GPU line and the exit
+    line are all there (they wait up to stop_timeout, not 2 s)."""
+    node = dgx_a100(["1g.5gb"] * 7, count=2)
+    fake_node.write(node)
+    proc = _stalled_collector(fake_node, tmp_path, stop_timeout="10")
+    try:
+        node.gpu(1).set_layout(["3g.20gb"] * 2)
+        fake_node.write(node)
+        message = tmp_path / "termination-log"
+        deadline = time.monotonic() + 60
+        while not message.read_text():  # the decision is taken: the exit is under way
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(4)  # the collector is still stalled, past the 2 s given to other lines
+        assert proc.poll() is None  # still waiting for its decision lines to get out
+        assert proc.stderr is not None
+        log = proc.stderr.read().decode(errors="replace")  # the collector reads again
+        assert proc.wait(30) == 1
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "[GPU-Watcher] MIG configuration change detected (Old UUIDs: [" in log
+    assert f"[GPU-Watcher]   GPU 1 {node.gpu(1).uuid}" in log
+    assert "INFO    exiting 1: restart me (GPU topology changed)" in log
+    assert "could not be written" not in message.read_text()
+
+
+def test_decision_lines_that_never_get_out_are_counted_in_the_termination_message(
+    fake_node: FakeNode, tmp_path: Path
+):
+    node = dgx_a100(["1g.5gb"] * 7)
+    fake_node.write(node)
+    proc = _stalled_collector(fake_node, tmp_path, stop_timeout="1")
+    try:
+        node.gpu(0).set_layout(["3g.20gb"] * 2)
+        fake_node.write(node)
+        assert proc.wait(60) == 1  # the collector never reads: given up after the wait
+    finally:
+        proc.kill()
+        proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+    text = (tmp_path / "termination-log").read_text()
+    first, *rest = text.splitlines()
+    assert re.fullmatch(
+        r"gpu-supervise: \d+ log line\(s\), [1-9]\d* of them decision lines \(the change, "
+        r"failure or exit line\), could not be written: stderr was not being read", first
+    )
+    assert rest[0] == "gpu-supervise: GPU topology changed; restarting the agent."
 
 
 def test_a_json_line_of_wide_characters_still_fits():

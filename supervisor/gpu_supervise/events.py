@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from loguru import logger
 
+from . import logs
 from .config import Settings
 from .probe import ProbeResult
 from .topology import Change, Gpu, Topology
@@ -108,7 +109,7 @@ def running_status(argv: list[str], pid: int, settings: Settings) -> str:
 
 
 def _log_change(change: Change) -> None:
-    logger.bind(
+    logs.decision(
         event="topology_changed",
         kind="mig" if change.is_mig_change else "gpu",
         old_layout=change.old.summary(),
@@ -116,9 +117,9 @@ def _log_change(change: Change) -> None:
     ).info(change_line(change))
     for gpu_uuid, line in change.gpu_lines:
         if not gpu_uuid:  # about the node, not one GPU (NVML became usable...)
-            logger.bind(event="node_changed").info(f"{TAG}   {line}")
+            logs.decision(event="node_changed").info(f"{TAG}   {line}")
             continue
-        logger.bind(
+        logs.decision(
             event="gpu_changed",
             gpu=gpu_uuid,
             old_uuids=_gpu_uuids(change.old, gpu_uuid),
@@ -179,12 +180,12 @@ def log_decision(
         _log_change(decision.change)
     elif v is Verdict.RELEASED:
         if decision.change is None:
-            logger.bind(event="hold_released", withdrawn=True).info(
+            logs.decision(event="hold_released", withdrawn=True).info(
                 f"{TAG} the pending MIG mode change was withdrawn: no GPU waits for a reset and "
                 "the topology is as before. Initiating self-restart."
             )
         else:
-            logger.bind(event="hold_released", withdrawn=False).info(
+            logs.decision(event="hold_released", withdrawn=False).info(
                 f"{TAG} the MIG mode change took effect: no GPU waits for a reset any more"
             )
             _log_change(decision.change)
@@ -196,12 +197,12 @@ def log_decision(
             "again (no further hold for these pending changes)"
         )
     elif v is Verdict.STUCK:
-        logger.bind(event="probe_stuck", error=decision.errors[-1]).error(
+        logs.decision(event="probe_stuck", error=decision.errors[-1]).error(
             f"{TAG} {decision.errors[-1]}: {STUCK}"
         )
     elif v is Verdict.FAILING:
         old = watcher.baseline.uuids() if watcher.baseline else []
-        logger.bind(
+        logs.decision(
             event="nvml_failing", errors=list(decision.errors), old_uuids=old, restarting=True
         ).error(
             f"{TAG} {_failed(decision, settings)} (errors: {'; '.join(decision.errors)}). "

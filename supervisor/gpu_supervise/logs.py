@@ -11,17 +11,24 @@ Two guarantees, whatever NVML or the agent's command line hold:
   records, and many collectors then see broken JSON.
 Logging must never stop a supervisor: lines are written by a thread of their own, so a stderr
 that nobody reads (a stalled pipe) blocks that thread, never the main loop that handles signals
-and stops. While it is blocked, up to QUEUE_LINES lines wait; more are dropped and counted. A
-line that cannot be written at all (stderr closed, its reader gone) is dropped.
+and stops. While it is blocked, up to QUEUE_LINES lines wait; more are dropped and counted (one
+note says how many, before the next line written). A line that cannot be written at all (stderr
+closed, its reader gone) is dropped.
+
+Decision lines (bound with `decision()`: the change line and its per-GPU lines, the failure
+line, the exit line) are never dropped for want of room (up to DECISION_LINES of them), and at
+exit they get a wait of their own (`flush`'s `decision_timeout`, stop_timeout at the
+supervisor's exit): a log collector stalled for a few seconds across the exit still gets them.
+What could not be written even so is counted, for the termination message.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import queue
 import threading
 import time
+from collections import deque
 from datetime import timezone
 from typing import Any
 
@@ -32,45 +39,85 @@ from .text import printable
 PROGRAM = "gpu-supervise"
 LINE_LIMIT = 16 * 1024  # bytes, the newline included: the runtimes' split point
 CORE = ("time", "level", "message", "program", "pid")  # in every JSON line, never dropped
-QUEUE_LINES = 1000
+QUEUE_LINES = 1000  # other lines waiting while stderr is stalled; more are dropped
+DECISION_LINES = 1000  # decision lines waiting (a 64-GPU change is about 70): the same bound
+DECISION = "_decision"  # the bound field that marks a decision line (never shown)
+
+
+def decision(**fields: Any) -> Any:
+    """loguru's logger for a decision line: `decision(event="exit", code=1).info(...)`."""
+    return logger.bind(**{DECISION: True}, **fields)
+
+
+class Unwritten:
+    """What `flush` could not get written before its deadlines."""
+
+    __slots__ = ("lines", "decisions")
+
+    def __init__(self, lines: int = 0, decisions: int = 0) -> None:
+        self.lines, self.decisions = lines, decisions
+
+    def __bool__(self) -> bool:
+        return self.lines > 0
+
+    def note(self) -> str:
+        """For the termination message."""
+        return (
+            f"{self.lines} log line(s), {self.decisions} of them decision lines (the change, "
+            "failure or exit line), could not be written: stderr was not being read"
+        )
 
 
 class _Writer:
-    """Writes whole lines to fd 2 from a daemon thread; `put` never blocks."""
+    """Writes whole lines to fd 2 from a daemon thread, in order; `put` never blocks."""
 
     def __init__(self) -> None:
-        self._lines: queue.Queue[bytes] = queue.Queue(QUEUE_LINES)
-        self._dropped = 0
-        self._idle = threading.Event()
-        self._idle.set()
+        self._lines: deque[tuple[bytes, bool]] = deque()  # (line, is a decision line)
+        self._waiting = [0, 0]  # lines queued: [others, decision lines]
+        self._dropped = 0  # dropped since the last note
+        self._cond = threading.Condition()
         threading.Thread(target=self._run, name="log-writer", daemon=True).start()
 
-    def put(self, line: str) -> None:
+    def put(self, line: str, is_decision: bool = False) -> None:
         data = line.encode("utf-8", "backslashreplace") + b"\n"
-        self._idle.clear()
-        try:
-            self._lines.put_nowait(data)
-        except queue.Full:
-            self._dropped += 1
-
-    def flush(self, timeout: float) -> None:
-        """Wait, at most `timeout`, for what is queued to be written (at exit)."""
-        deadline = time.monotonic() + timeout
-        while not (self._lines.empty() and self._idle.is_set()):
-            if time.monotonic() >= deadline:
+        with self._cond:
+            if is_decision and self._waiting[True] >= DECISION_LINES:
+                is_decision = False  # beyond its own bound, a decision line waits as any other
+            if not is_decision and self._waiting[False] >= QUEUE_LINES:
+                self._dropped += 1
                 return
-            time.sleep(0.005)
+            self._lines.append((data, is_decision))
+            self._waiting[is_decision] += 1
+            self._cond.notify()
+
+    def flush(self, timeout: float, decision_timeout: float) -> Unwritten:
+        """Wait, at most `timeout`, for what is queued to be written, and while decision lines
+        are still queued, up to `decision_timeout` (at exit). Returns what is left."""
+        start = time.monotonic()
+        with self._cond:
+            while self._lines:
+                waited = time.monotonic() - start
+                limit = decision_timeout if self._waiting[True] else timeout
+                if waited >= limit:
+                    break
+                self._cond.wait(min(limit - waited, 0.05))
+            return Unwritten(len(self._lines), self._waiting[True])
 
     def _run(self) -> None:
         while True:
-            data = self._lines.get()
-            if self._dropped:
+            with self._cond:
+                while not self._lines:
+                    self._cond.wait()
+                data, is_decision = self._lines[0]  # stays queued until written: flush waits
                 dropped, self._dropped = self._dropped, 0
-                note = f"{PROGRAM}: {dropped} log line(s) dropped: stderr was not being read\n"
-                self._write(note.encode())
+            if dropped:
+                self._write(f"{PROGRAM}: {dropped} log line(s) dropped: stderr was not being "
+                            "read\n".encode())  # fmt: skip
             self._write(data)
-            if self._lines.empty():
-                self._idle.set()
+            with self._cond:
+                self._lines.popleft()
+                self._waiting[is_decision] -= 1
+                self._cond.notify_all()
 
     @staticmethod
     def _write(data: bytes) -> None:
@@ -85,16 +132,18 @@ class _Writer:
 _writer: _Writer | None = None
 
 
-def _write(line: str) -> None:
+def _write(line: str, is_decision: bool = False) -> None:
     global _writer
     if _writer is None:
         _writer = _Writer()
-    _writer.put(line)
+    _writer.put(line, is_decision)
 
 
-def flush(timeout: float = 1.0) -> None:
-    if _writer is not None:
-        _writer.flush(timeout)
+def flush(timeout: float = 1.0, decision_timeout: float | None = None) -> Unwritten:
+    """At exit: wait for the queued lines, decision lines up to `decision_timeout`."""
+    if _writer is None:
+        return Unwritten()
+    return _writer.flush(timeout, max(timeout, decision_timeout or 0.0))
 
 
 def _fit_text(line: str) -> str:
@@ -137,15 +186,16 @@ def _json_sink(message: Any) -> None:
         "program": PROGRAM,
         "pid": os.getpid(),
     }
-    doc.update({k: v for k, v in record["extra"].items() if k not in doc})
-    _write(_fit_json(doc))
+    doc.update({k: v for k, v in record["extra"].items() if k not in doc and k != DECISION})
+    _write(_fit_json(doc), DECISION in record["extra"])
 
 
 def _text_sink(message: Any) -> None:
     record = message.record
     stamp = record["time"].isoformat(timespec="milliseconds")
     text = printable(record["message"])
-    _write(_fit_text(f"{stamp} {PROGRAM}[{os.getpid()}] {record['level'].name: <7} {text}"))
+    line = f"{stamp} {PROGRAM}[{os.getpid()}] {record['level'].name: <7} {text}"
+    _write(_fit_text(line), DECISION in record["extra"])
 
 
 def setup(level: str = "INFO", fmt: str = "text") -> None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from loguru import logger
 
-from . import child, events, report, signals
+from . import child, events, logs, report, signals
 from .args import EXIT_INTERNAL, PROG, describe_failure
 from .config import Settings
 from .probe import Prober, ProbeResult, failed
@@ -103,6 +103,7 @@ class Supervisor:
         os.set_blocking(self._wake_w, False)
         self.watcher: Watcher | None = None
         self.prober: Prober | None = None
+        self.termination_text: str | None = None  # what the termination log says, once written
         load_what_a_stop_needs()
 
     # -- setup ---------------------------------------------------------------------------------
@@ -141,7 +142,8 @@ class Supervisor:
         status = events.running_status(self.argv, self.pid, self.settings)
         self._notify(READY="1", STATUS=status, MAINPID=str(os.getpid()))
         code, why = self._loop()
-        logger.bind(event="exit", code=code, reason=why).info(f"exiting {code}: {why}")
+        logs.decision(event="exit", code=code, reason=why).info(f"exiting {code}: {why}")
+        self._flush_log()
         return code
 
     def _last_resort(self, exc: Exception) -> int:
@@ -153,7 +155,7 @@ class Supervisor:
             f"{EXIT_INTERNAL}"
         )
         try:
-            logger.bind(event="exit", code=EXIT_INTERNAL, reason=line).critical(line)
+            logs.decision(event="exit", code=EXIT_INTERNAL, reason=line).critical(line)
         except Exception:
             _write_stderr(f"{PROG}: {line}")
         self._notify(STOPPING="1", STATUS=line)
@@ -162,7 +164,21 @@ class Supervisor:
                 self._stop_now()
         except Exception:  # even the tree walk failed: the agent's group, with system calls only
             child.stop_group_now(self.pid, self.settings.stop_timeout)
+        try:
+            self._flush_log()
+        except Exception:
+            pass  # the line above went to stderr already if the logger is what failed
         return EXIT_INTERNAL
+
+    def _flush_log(self) -> None:
+        """The last lines, before the exit: the decision lines (the change, the failure, the
+        exit) get up to stop_timeout of their own while stderr is stalled. What still could not
+        be written is said first in the termination message."""
+        unwritten = logs.flush(2.0, self.settings.stop_timeout)
+        if unwritten.decisions:
+            note = f"gpu-supervise: {unwritten.note()}"
+            text = note if self.termination_text is None else f"{note}\n{self.termination_text}"
+            report.write_termination_message(self.settings.termination_log, text)
 
     def _stop_now(self) -> None:
         """SIGTERM to the tree, SIGKILL to what is left after stop_timeout (and to newcomers),
@@ -367,9 +383,8 @@ class Supervisor:
         events.log_decision(decision, result, self.watcher, self.settings)
         now = time.monotonic()
         if decision.action is Action.RESTART:
-            report.write_termination_message(
-                self.settings.termination_log, events.termination_message(decision, self.settings)
-            )
+            self.termination_text = events.termination_message(decision, self.settings)
+            report.write_termination_message(self.settings.termination_log, self.termination_text)
             reason = events.restart_reason(decision, self.settings)
             if self.state is State.HOLDING:  # the agent is already stopped
                 self.exit = (EXIT_RESTART, reason)
