@@ -271,26 +271,31 @@ def h200_node(*layouts: list[str] | None, count: int = 1) -> Node:
     return _node("NVIDIA H200", count, list(layouts), "h200")
 
 
-def build_library(out_dir: Path) -> Path:
-    """Compile fake_nvml.c into out_dir/libnvidia-ml.so.1 (the loader's name for NVML)."""
+def build_library(out_dir: Path, nvml_include: Path | None = None, source: Path = SOURCE) -> Path:
+    """Compile fake_nvml.c into out_dir/libnvidia-ml.so.1 (the loader's name for NVML).
+
+    With `nvml_include` (a folder holding NVIDIA's nvml.h) the source is compiled against the
+    header as well (-DFAKE_NVML_CHECK_HEADER): an entry point or a struct that differs from
+    NVML's fails the build, and so does any warning, or an exported function nvml.h does not
+    declare. Without it the fake needs nothing but a C compiler, as every other test builds it.
+    A failed build raises RuntimeError with the compiler's messages; `source` lets a test build
+    a copy with a planted mistake."""
     out_dir.mkdir(parents=True, exist_ok=True)
     lib = out_dir / "libnvidia-ml.so.1"
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         raise RuntimeError("no C compiler (gcc) to build the fake NVML; .ci/run installs it")
-    subprocess.run(
-        [
-            cc,
-            "-shared",
-            "-fPIC",
-            "-O2",
-            "-Wall",
-            "-Wno-format-truncation",
-            "-pthread",
-            "-o",
-            str(lib),
-            str(SOURCE),
-        ],
-        check=True,
-    )
+    flags = ["-shared", "-fPIC", "-O2", "-Wall", "-Wno-format-truncation", "-pthread"]
+    if nvml_include is not None:
+        flags += ["-DFAKE_NVML_CHECK_HEADER", "-I", str(nvml_include)]
+        # -Wall of GCC 13 and later also tells an enum from the unsigned int C deems compatible
+        # with it (-Wenum-int-mismatch); GCC 12 accepts that mismatch, which is ABI-identical.
+        flags += ["-Werror", "-Wmissing-prototypes"]
+    cmd = [cc, *flags, "-o", str(lib), str(source)]
+    # LC_ALL=C: the compiler's messages in English, as tests read them
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {out.returncode}:\n{out.stdout}{out.stderr}")
+    if out.stdout or out.stderr:  # warnings stay as visible as they were
+        os.write(2, (out.stdout + out.stderr).encode())
     return lib

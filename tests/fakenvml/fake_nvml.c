@@ -24,14 +24,34 @@
  * its first nvmlInit (a file named after the pid, holding its start time) and removes it when
  * the last nvmlShutdown balances the inits. tests/fakenvml reads the folder to play a reset.
  *
+ * Device files: real NVML, while initialised, holds /dev/nvidiactl and /dev/nvidia<N> open, and
+ * that is how a process blocking a GPU reset can be found (its /proc/PID/fd). The library does
+ * the same with plain files: on the first nvmlInit (the count of inits going from 0 to 1) it
+ * opens <dev dir>/nvidiactl and <dev dir>/nvidia<index> for each GPU of the node, read-write and
+ * close-on-exec, and closes them all on the nvmlShutdown that balances the inits. <dev dir> is
+ * $FAKE_NVML_DEV_DIR when set, else <node file>.dev; the folder and the files (empty, mode 0666,
+ * as the driver's are open to everyone) are created when missing. A file that cannot be opened
+ * (a read-only mount) is left out; nvmlInit still succeeds.
+ *
  * For tests that must prove a negative or wait for a fault:
  *   $FAKE_NVML_LOADS     a file the library appends its process's pid to when it is loaded:
  *                        a process that never wrote there never loaded NVML at all;
  *   <node file>.hanging  a line "pid function" is appended when a `hang` rule takes a call.
+ *
+ * NVIDIA's header is the contract: built with -DFAKE_NVML_CHECK_HEADER and nvml.h on the include
+ * path (tests/test_nvidia.py does, with the header from Debian's libnvidia-ml-dev), every entry
+ * point below is defined against nvml.h's own declaration, so a prototype of its own is a
+ * "conflicting types" error, one nvml.h does not declare an error of -Wmissing-prototypes
+ * (tests/fakenvml's build_library makes every warning an error there), and the types this file
+ * declares for the stand-alone build are declared as fake_<name> and asserted to match nvml.h's:
+ * sizes, field offsets, field types and constants. Built without it (every other test, and the
+ * benchmarks), nvml.h is not needed.
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -40,22 +60,48 @@
 #include <time.h>
 #include <unistd.h>
 
-typedef int nvmlReturn_t;
-typedef struct nvmlDevice_st *nvmlDevice_t;
+#ifdef FAKE_NVML_CHECK_HEADER
+/* nvml.h would otherwise #define nvmlInit as nvmlInit_v2 (and nvmlDeviceGetCount, ...GetPciInfo,
+ * ...GetAttributes as their versioned names): the legacy entry points defined below would then
+ * be second definitions of the versioned ones. With it, nvml.h declares both, as the library
+ * exports both. */
+#define NVML_NO_UNVERSIONED_FUNC_DEFS
+#include <nvml.h>
+#define OWN(name) fake_##name /* this file's types, beside nvml.h's, to compare them */
+#else
+#define OWN(name) name
+#endif
 
-enum {
-    NVML_SUCCESS = 0,
-    NVML_ERROR_UNINITIALIZED = 1,
-    NVML_ERROR_INVALID_ARGUMENT = 2,
-    NVML_ERROR_NOT_SUPPORTED = 3,
-    NVML_ERROR_NOT_FOUND = 6,
-    NVML_ERROR_INSUFFICIENT_SIZE = 7,
-    NVML_ERROR_DRIVER_NOT_LOADED = 9,
-    NVML_ERROR_UNKNOWN = 999,
-};
+/* The part of nvml.h this library needs, as nvml.h declares it. Each name goes through OWN()
+ * and is compared with nvml.h's below: a type declared here without OWN() clashes with nvml.h's
+ * in the checked build, one declared with it but not compared is not checked. */
 
-/* nvml.h: nvmlPciInfo_t as filled by nvmlDeviceGetPciInfo_v3 */
-typedef struct {
+typedef enum OWN(nvmlReturn_enum) {
+    OWN(NVML_SUCCESS) = 0,
+    OWN(NVML_ERROR_UNINITIALIZED) = 1,
+    OWN(NVML_ERROR_INVALID_ARGUMENT) = 2,
+    OWN(NVML_ERROR_NOT_SUPPORTED) = 3,
+    OWN(NVML_ERROR_NOT_FOUND) = 6,
+    OWN(NVML_ERROR_INSUFFICIENT_SIZE) = 7,
+    OWN(NVML_ERROR_DRIVER_NOT_LOADED) = 9,
+    OWN(NVML_ERROR_UNKNOWN) = 999,
+} OWN(nvmlReturn_t);
+
+typedef struct nvmlDevice_st *OWN(nvmlDevice_t);
+
+typedef enum OWN(nvmlTemperatureSensors_enum) {
+    OWN(NVML_TEMPERATURE_GPU) = 0,
+    OWN(NVML_TEMPERATURE_COUNT),
+} OWN(nvmlTemperatureSensors_t);
+
+typedef enum OWN(nvmlPStates_enum) {
+    OWN(NVML_PSTATE_0) = 0,
+    OWN(NVML_PSTATE_15) = 15,
+    OWN(NVML_PSTATE_UNKNOWN) = 32,
+} OWN(nvmlPstates_t);
+
+/* nvmlPciInfo_t as filled by nvmlDeviceGetPciInfo_v3 */
+typedef struct OWN(nvmlPciInfo_st) {
     char busIdLegacy[16];
     unsigned int domain;
     unsigned int bus;
@@ -63,10 +109,10 @@ typedef struct {
     unsigned int pciDeviceId;
     unsigned int pciSubSystemId;
     char busId[32];
-} nvmlPciInfo_t;
+} OWN(nvmlPciInfo_t);
 
-/* nvml.h: nvmlDeviceAttributes_t (nvmlDeviceGetAttributes_v2) */
-typedef struct {
+/* nvmlDeviceAttributes_t (nvmlDeviceGetAttributes_v2) */
+typedef struct OWN(nvmlDeviceAttributes_st) {
     unsigned int multiprocessorCount;
     unsigned int sharedCopyEngineCount;
     unsigned int sharedDecoderCount;
@@ -76,7 +122,71 @@ typedef struct {
     unsigned int gpuInstanceSliceCount;
     unsigned int computeInstanceSliceCount;
     unsigned long long memorySizeMB;
-} nvmlDeviceAttributes_t;
+} OWN(nvmlDeviceAttributes_t);
+
+#ifdef FAKE_NVML_CHECK_HEADER
+/* Each declaration above against nvml.h's. A failure names what differs. */
+#define FIELD(type, f) (((type *)0)->f)
+#define SAME_TYPE(t) \
+    _Static_assert(__builtin_types_compatible_p(fake_##t, t), #t ": not nvml.h's type")
+#define SAME_SIZE(t) \
+    _Static_assert(sizeof(fake_##t) == sizeof(t) && _Alignof(fake_##t) == _Alignof(t), \
+                   #t ": size or alignment differs from nvml.h's")
+#define SAME_ENUM(t)                                                                 \
+    _Static_assert(sizeof(fake_##t) == sizeof(t) &&                                 \
+                       __builtin_types_compatible_p(fake_##t, unsigned int) ==      \
+                           __builtin_types_compatible_p(t, unsigned int),           \
+                   #t ": size or signedness differs from nvml.h's")
+#define SAME_FIELD(t, f)                                                                       \
+    _Static_assert(offsetof(fake_##t, f) == offsetof(t, f) &&                                  \
+                       sizeof(FIELD(fake_##t, f)) == sizeof(FIELD(t, f)) &&                    \
+                       __builtin_types_compatible_p(__typeof__(FIELD(fake_##t, f)),            \
+                                                    __typeof__(FIELD(t, f))),                  \
+                   #t "." #f ": offset, size or type differs from nvml.h's")
+#define SAME_VALUE(c) \
+    _Static_assert((long long)fake_##c == (long long)c, #c ": value differs from nvml.h's")
+
+SAME_ENUM(nvmlReturn_t);
+SAME_VALUE(NVML_SUCCESS);
+SAME_VALUE(NVML_ERROR_UNINITIALIZED);
+SAME_VALUE(NVML_ERROR_INVALID_ARGUMENT);
+SAME_VALUE(NVML_ERROR_NOT_SUPPORTED);
+SAME_VALUE(NVML_ERROR_NOT_FOUND);
+SAME_VALUE(NVML_ERROR_INSUFFICIENT_SIZE);
+SAME_VALUE(NVML_ERROR_DRIVER_NOT_LOADED);
+SAME_VALUE(NVML_ERROR_UNKNOWN);
+
+SAME_TYPE(nvmlDevice_t);
+
+SAME_ENUM(nvmlTemperatureSensors_t);
+SAME_VALUE(NVML_TEMPERATURE_GPU);
+SAME_VALUE(NVML_TEMPERATURE_COUNT);
+
+SAME_ENUM(nvmlPstates_t);
+SAME_VALUE(NVML_PSTATE_0);
+SAME_VALUE(NVML_PSTATE_15);
+SAME_VALUE(NVML_PSTATE_UNKNOWN);
+
+SAME_SIZE(nvmlPciInfo_t);
+SAME_FIELD(nvmlPciInfo_t, busIdLegacy);
+SAME_FIELD(nvmlPciInfo_t, domain);
+SAME_FIELD(nvmlPciInfo_t, bus);
+SAME_FIELD(nvmlPciInfo_t, device);
+SAME_FIELD(nvmlPciInfo_t, pciDeviceId);
+SAME_FIELD(nvmlPciInfo_t, pciSubSystemId);
+SAME_FIELD(nvmlPciInfo_t, busId);
+
+SAME_SIZE(nvmlDeviceAttributes_t);
+SAME_FIELD(nvmlDeviceAttributes_t, multiprocessorCount);
+SAME_FIELD(nvmlDeviceAttributes_t, sharedCopyEngineCount);
+SAME_FIELD(nvmlDeviceAttributes_t, sharedDecoderCount);
+SAME_FIELD(nvmlDeviceAttributes_t, sharedEncoderCount);
+SAME_FIELD(nvmlDeviceAttributes_t, sharedJpegCount);
+SAME_FIELD(nvmlDeviceAttributes_t, sharedOfaCount);
+SAME_FIELD(nvmlDeviceAttributes_t, gpuInstanceSliceCount);
+SAME_FIELD(nvmlDeviceAttributes_t, computeInstanceSliceCount);
+SAME_FIELD(nvmlDeviceAttributes_t, memorySizeMB);
+#endif
 
 #define MAX_GPUS 64
 #define MAX_MIGS 16
@@ -391,6 +501,47 @@ static void unregister_holder(void) {
     unlink(path);
 }
 
+/* ---- device files held while initialised --------------------------------------------- */
+
+static int device_fds[MAX_GPUS + 1];
+static int ndevice_fds;
+
+static void device_dir(char *out, size_t size) {
+    const char *dir = getenv("FAKE_NVML_DEV_DIR");
+    const char *node_path = getenv("FAKE_NVML_NODE");
+    if (dir && *dir) snprintf(out, size, "%s", dir);
+    else snprintf(out, size, "%s.dev", node_path ? node_path : "/tmp/fake-nvml");
+}
+
+/* Open (creating it, open to every user, when missing) one device file; -1 when impossible. */
+static int open_device(const char *dir, const char *name) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    int fd = open(path, O_RDWR | O_CLOEXEC | O_CREAT | O_EXCL, 0666);
+    if (fd >= 0) fchmod(fd, 0666); /* whatever the umask: processes of any user open it */
+    else if (errno == EEXIST) fd = open(path, O_RDWR | O_CLOEXEC);
+    return fd;
+}
+
+/* As the driver's files: /dev/nvidiactl, and /dev/nvidia<N> for each GPU of the node. */
+static void open_devices(void) {
+    char dir[4096], name[64];
+    device_dir(dir, sizeof dir);
+    if (mkdir(dir, 0777) == 0) chmod(dir, 0777);
+    ndevice_fds = 0;
+    int fd = open_device(dir, "nvidiactl");
+    if (fd >= 0) device_fds[ndevice_fds++] = fd;
+    for (int i = 0; i < node.ngpus; i++) {
+        if (!node.gpus[i].present) continue;
+        snprintf(name, sizeof name, "nvidia%d", i);
+        if ((fd = open_device(dir, name)) >= 0) device_fds[ndevice_fds++] = fd;
+    }
+}
+
+static void close_devices(void) {
+    while (ndevice_fds > 0) close(device_fds[--ndevice_fds]);
+}
+
 /* ---- the API ------------------------------------------------------------------------- */
 
 nvmlReturn_t nvmlInitWithFlags(unsigned int flags) {
@@ -401,7 +552,10 @@ nvmlReturn_t nvmlInitWithFlags(unsigned int flags) {
     nvmlReturn_t ret = inject("nvmlInit"); /* after the re-read: a rule just written applies */
     if (ret) return ret;
     pthread_mutex_lock(&lock);
-    if (initialized++ == 0) register_holder();
+    if (initialized++ == 0) {
+        register_holder();
+        open_devices();
+    }
     pthread_mutex_unlock(&lock);
     return NVML_SUCCESS;
 }
@@ -415,26 +569,52 @@ nvmlReturn_t nvmlShutdown(void) {
         pthread_mutex_unlock(&lock);
         return NVML_ERROR_UNINITIALIZED;
     }
-    if (--initialized == 0) unregister_holder();
+    if (--initialized == 0) {
+        unregister_holder();
+        close_devices();
+    }
     pthread_mutex_unlock(&lock);
     return NVML_SUCCESS;
 }
 
+/* NVIDIA's own texts (libnvidia-ml 535), which tests/test_nvidia.py compares with the library's:
+ * nvidia-ml-py has a table of its own for most codes, but C and Go agents print these. */
+static const char *const error_strings[] = {
+    [0] = "Success",
+    [1] = "Uninitialized",
+    [2] = "Invalid Argument",
+    [3] = "Not Supported",
+    [4] = "Insufficient Permissions",
+    [5] = "Already Initialized",
+    [6] = "Not Found",
+    [7] = "Insufficient Size",
+    [8] = "Insufficient External Power",
+    [9] = "Driver Not Loaded",
+    [10] = "Timeout",
+    [11] = "Interrupt Request Issue",
+    [12] = "NVML Shared Library Not Found",
+    [13] = "Function Not Found",
+    [14] = "Corrupted infoROM",
+    [15] = "GPU is lost",
+    [16] = "GPU requires reset",
+    [17] = "GPU access blocked by the operating system",
+    [18] = "Driver/library version mismatch",
+    [19] = "In use by another client",
+    [20] = "Insufficient Memory",
+    [21] = "No data",
+    [22] = "vGPU ECC not supported",
+    [23] = "Insufficient Resources",
+    [24] = "Invalid Frequency",
+    [25] = "Argument version mismatch",
+    [26] = "Requested functionality has been deprecated",
+    [27] = "System is not in ready state",
+};
+
 const char *nvmlErrorString(nvmlReturn_t result) {
-    switch (result) {
-    case 0: return "Success";
-    case 1: return "Uninitialized";
-    case 2: return "Invalid Argument";
-    case 3: return "Not Supported";
-    case 6: return "Not Found";
-    case 7: return "Insufficient Size";
-    case 9: return "Driver Not Loaded";
-    case 10: return "Timeout";
-    case 15: return "GPU is lost";
-    case 18: return "RM has detected an NVML/RM version mismatch.";
-    case 999: return "Unknown Error";
-    default: return "Unknown Error";
-    }
+    size_t code = (size_t)result;
+    if (code < sizeof error_strings / sizeof *error_strings && error_strings[code])
+        return error_strings[code];
+    return "Unknown Error";
 }
 
 nvmlReturn_t nvmlSystemGetDriverVersion(char *version, unsigned int length) {
@@ -603,7 +783,8 @@ nvmlReturn_t nvmlDeviceGetAttributes_v2(nvmlDevice_t device, nvmlDeviceAttribute
     return NVML_SUCCESS;
 }
 
-nvmlReturn_t nvmlDeviceGetTemperature(nvmlDevice_t device, int sensor, unsigned int *temp) {
+nvmlReturn_t nvmlDeviceGetTemperature(nvmlDevice_t device, nvmlTemperatureSensors_t sensor,
+                                      unsigned int *temp) {
     struct gpu *g;
     struct mig *m;
     (void)sensor;
@@ -615,14 +796,14 @@ nvmlReturn_t nvmlDeviceGetTemperature(nvmlDevice_t device, int sensor, unsigned 
     return NVML_SUCCESS;
 }
 
-nvmlReturn_t nvmlDeviceGetPerformanceState(nvmlDevice_t device, int *pstate) {
+nvmlReturn_t nvmlDeviceGetPerformanceState(nvmlDevice_t device, nvmlPstates_t *pstate) {
     struct gpu *g;
     struct mig *m;
     ENTER("nvmlDeviceGetPerformanceState");
     RESOLVE(device, g, m);
     if (m) return NVML_ERROR_NOT_SUPPORTED;
     if (!pstate) return NVML_ERROR_INVALID_ARGUMENT;
-    *pstate = g->pstate;
+    *pstate = (nvmlPstates_t)g->pstate;
     return NVML_SUCCESS;
 }
 
