@@ -19,7 +19,7 @@ from typing import NoReturn
 
 import pytest
 
-from fakenvml import Node, build_library
+from fakenvml import Node, build_library, procfs_root
 from procfs import stat_fields
 
 try:
@@ -163,6 +163,9 @@ def fake_node(tmp_path: Path, fake_lib_dir: Path) -> FakeNode:
         LD_LIBRARY_PATH=str(fake_lib_dir),
         FAKE_NVML_NODE=str(path),
         GPU_SUPERVISE_REPORT_TERMINATION_LOG="",
+        # the driver's procfs tree, kept in step with the node file (Node.write): the tripwire
+        # is on, as on a GPU node
+        GPU_SUPERVISE_WATCH_PROCFS_ROOT=str(procfs_root(path)),
     )
     return FakeNode(path, fake_lib_dir, env)
 

@@ -80,6 +80,8 @@ EVERY_KEY = {
     ("watch", "source"): ("file:{example}", "source", "file:{example}"),
     ("watch", "on_pending"): ("ignore", "on_pending", "ignore"),
     ("watch", "pending_timeout"): ("60", "pending_timeout", 60.0),
+    ("watch", "tripwire_interval"): ("0", "tripwire_interval", 0.0),
+    ("watch", "procfs_root"): ("/x/nvidia", "procfs_root", "/x/nvidia"),
     ("child", "stop_timeout"): ("3", "stop_timeout", 3.0),
     ("child", "parent_death_signal"): ("term", "parent_death_signal", 15),
     ("log", "level"): ("debug", "log_level", "DEBUG"),
@@ -233,8 +235,9 @@ def test_flag_names():
     names = [flag_name(s, k) for s, keys in SCHEMA.items() for k in keys]
     assert names == [
         "--enabled", "--interval", "--cooldown", "--settle", "--failure-threshold",
-        "--probe-timeout", "--source", "--on-pending", "--pending-timeout", "--stop-timeout",
-        "--parent-death-signal", "--log-level", "--log-format", "--termination-log",
+        "--probe-timeout", "--source", "--on-pending", "--pending-timeout",
+        "--tripwire-interval", "--procfs-root", "--stop-timeout", "--parent-death-signal",
+        "--log-level", "--log-format", "--termination-log",
     ]  # fmt: skip
 
 

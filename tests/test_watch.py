@@ -490,3 +490,66 @@ def test_a_probe_stuck_while_running_is_a_failure_like_any_other():
     w.begin_probe(1060.0)
     d = w.overdue(1070.0)
     assert (d.verdict, d.action) == (Verdict.TOLERATED, Action.NONE)
+
+
+# -- the tripwire: the driver's listing changed ------------------------------------------------
+
+
+def test_a_trip_makes_the_next_probe_come_at_once():
+    w = started()
+    step(w, 1060.0, ok(SMALL))  # steady: the next probe at 1090
+    w.trip(1065.0)
+    assert w.next_probe_at == 1065.0 and w.probe_due(1065.0)
+    d = step(w, 1065.0, ok(BIG))
+    assert (d.verdict, d.next_probe_at) == (Verdict.SETTLING, 1070.0)  # the settle as ever
+    assert step(w, 1070.0, ok(BIG)).verdict is Verdict.CHANGED
+
+
+def test_a_trip_during_the_cooldown_waits_for_its_end():
+    w = started()
+    w.trip(1010.0)
+    assert w.next_probe_at == 1060.0  # recorded: the probe comes when the cool-down ends
+
+
+def test_a_trip_while_settling_starts_the_settle_again():
+    """The listing moves while a change settles: the reconfiguration is still going on, so the
+    confirmation waits `settle` from the latest movement, and an earlier reading of the same
+    layout (the tripwire hurried it) confirms nothing."""
+    w = started()
+    assert step(w, 1060.0, ok(BIG)).next_probe_at == 1065.0
+    w.trip(1063.0)
+    assert w.next_probe_at == 1068.0
+    d = step(w, 1066.0, ok(BIG))  # the same layout, too early
+    assert (d.verdict, d.action, d.next_probe_at) == (Verdict.SETTLING, Action.NONE, 1068.0)
+    assert step(w, 1068.0, ok(BIG)).verdict is Verdict.CHANGED
+
+
+def test_a_trip_while_a_probe_runs_brings_one_more_probe_after_it():
+    w = started()
+    seq = w.begin_probe(1060.0)  # it may have read before the change
+    w.trip(1060.5)
+    d = w.observe(1061.0, ok_seq(SMALL, seq))
+    assert (d.verdict, d.next_probe_at, w.next_probe_at) == (Verdict.STEADY, 1061.0, 1061.0)
+    d = step(w, 1061.0, ok(SMALL))
+    assert d.next_probe_at == 1091.0  # and only one
+
+
+def test_a_trip_while_holding_probes_at_once():
+    w = started(first=ok(OFF))
+    step(w, 1060.0, ok(pending(OFF, True)))  # next hold probe at 1090
+    w.trip(1070.0)  # instances created right after the reset
+    assert w.next_probe_at == 1070.0
+    assert step(w, 1070.0, ok(BIG)).verdict is Verdict.SETTLING
+
+
+def test_a_trip_never_decides_by_itself():
+    w = started()
+    step(w, 1060.0, ok(SMALL))
+    for t in (1061.0, 1062.0, 1063.0):
+        w.trip(t)
+        d = step(w, t, ok(SMALL))
+        assert (d.verdict, d.action) == (Verdict.STEADY, Action.NONE)
+
+
+def ok_seq(topo: Topology, seq: int) -> ProbeResult:
+    return ProbeResult(seq, topo)

@@ -83,12 +83,20 @@ def _period(value: Any) -> float:
     return number
 
 
-def _settle(value: Any) -> float:
-    number = _number(value)
-    if number != 0 and number < MIN_PERIOD:
-        raise ValueError(f"must be 0 (act at first sight) or at least {MIN_PERIOD:g} s, got "
-                         f"{_show(value)}")  # fmt: skip
-    return number
+def _zero_or_period(zero_means: str) -> Callable[[Any], float]:
+    """0 (which means `zero_means`) or a period (at least MIN_PERIOD)."""
+
+    def check(value: Any) -> float:
+        number = _number(value)
+        if number != 0 and number < MIN_PERIOD:
+            raise ValueError(f"must be 0 ({zero_means}) or at least {MIN_PERIOD:g} s, got "
+                             f"{_show(value)}")  # fmt: skip
+        return number
+
+    return check
+
+
+_settle = _zero_or_period("act at first sight")
 
 
 def _non_negative(value: Any) -> float:
@@ -191,6 +199,17 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "pending_timeout": Key(
             300.0, _period, "seconds to hold before starting the agent again anyway"
         ),
+        "tripwire_interval": Key(
+            1.0,
+            _zero_or_period("off"),
+            "seconds between listings of the driver's MIG tree in procfs, which make a probe "
+            "come at once when it changes (0: off, the poll alone)",
+        ),
+        "procfs_root": Key(
+            "/proc/driver/nvidia",
+            _string,
+            "the NVIDIA driver's procfs folder the tripwire lists (for tests and debugging)",
+        ),
     },
     "child": {
         "stop_timeout": Key(10.0, _non_negative, "seconds between SIGTERM and SIGKILL"),
@@ -236,6 +255,8 @@ class Settings:
     source: str
     on_pending: str
     pending_timeout: float
+    tripwire_interval: float
+    procfs_root: str
     stop_timeout: float
     parent_death_signal: int
     log_level: str

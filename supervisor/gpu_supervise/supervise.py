@@ -26,11 +26,12 @@ from dataclasses import dataclass
 
 from loguru import logger
 
-from . import child, events, logs, report, signals
+from . import child, events, logs, report, signals, tripwire
 from .args import EXIT_INTERNAL, PROG, describe_failure
 from .config import Settings
 from .probe import Prober, ProbeResult, failed
 from .sources import open_source
+from .tripwire import Tripwire
 from .watch import Action, Decision, Watcher, WatchPolicy
 
 EXIT_RESTART = 1
@@ -104,6 +105,8 @@ class Supervisor:
         self.watcher: Watcher | None = None
         self.prober: Prober | None = None
         self.termination_text: str | None = None  # what the termination log says, once written
+        self.tripwire: Tripwire | None = None
+        self.tripwire_at = 0.0  # the next listing
         load_what_a_stop_needs()
 
     # -- setup ---------------------------------------------------------------------------------
@@ -139,6 +142,7 @@ class Supervisor:
             self.watcher = Watcher(WatchPolicy.from_settings(self.settings), time.monotonic())
             self.prober = Prober(open_source(self.settings.source), notify=self._wake)
             self._watch(time.monotonic())  # the baseline probe starts while the agent does
+            self._set_tripwire()
         status = events.running_status(self.argv, self.pid, self.settings)
         self._notify(READY="1", STATUS=status, MAINPID=str(os.getpid()))
         code, why = self._loop()
@@ -207,6 +211,7 @@ class Supervisor:
             self._reap()
             now = time.monotonic()
             if self.state is not State.STOPPING:
+                self._check_tripwire(now)
                 self._watch(now)
             if self.state is State.RUNNING and self.status is not None:
                 # The agent exited by itself: clear what it left behind, exit with its code.
@@ -224,6 +229,8 @@ class Supervisor:
             times.append(now + 0.05 if self.stop.give_up_at is not None else self.stop.kill_at)
         if self.watcher is not None and self.state is not State.STOPPING:
             times.append(self.watcher.wake_at())
+            if self.tripwire is not None:
+                times.append(self.tripwire_at)
         return min(times)
 
     def _sleep(self, seconds: float) -> None:
@@ -361,6 +368,28 @@ class Supervisor:
         self._notify(STATUS=events.running_status(self.argv, self.pid, self.settings))
 
     # -- watching ------------------------------------------------------------------------------
+
+    def _set_tripwire(self) -> None:
+        """List the driver's MIG tree from now on (tripwire.py), or say once why not."""
+        interval, root = self.settings.tripwire_interval, self.settings.procfs_root
+        if interval <= 0:
+            return
+        why = tripwire.absent_reason(root)
+        if why is not None:
+            logger.bind(event="tripwire", available=False, reason=why).info(
+                f"{events.TAG} detection relies on the poll alone (every "
+                f"{self.settings.interval:g} s): {why}"
+            )
+        self.tripwire = Tripwire(root)
+        self.tripwire_at = time.monotonic() + interval
+
+    def _check_tripwire(self, now: float) -> None:
+        if self.tripwire is None or self.watcher is None or now < self.tripwire_at:
+            return
+        self.tripwire_at = now + self.settings.tripwire_interval
+        if self.tripwire.changed():
+            logger.debug(f"{events.TAG} the driver's MIG listing changed: probing now")
+            self.watcher.trip(now)
 
     def _watch(self, now: float) -> None:
         """Hand results to the policy, give up on an overdue probe, start the next one."""

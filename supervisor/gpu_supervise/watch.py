@@ -30,7 +30,7 @@ agent is never started only to be stopped by the next failures.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from .probe import ProbeResult
@@ -133,6 +133,7 @@ class Watcher:
         self.started_at = started_at
         self.baseline: Topology | None = None
         self.candidate: Topology | None = None
+        self.settled_at = 0.0  # when a reading the same as the candidate confirms it
         self.errors: list[str] = []
         self.next_probe_at = started_at
         self.hold: Hold | None = None
@@ -141,6 +142,7 @@ class Watcher:
         self._held_out: frozenset[PendingKey] = frozenset()  # timed out: never held again
         self._seq = 0
         self.in_flight: tuple[int, float] | None = None  # (seq, deadline) of the running probe
+        self._tripped = False  # the tripwire fired while a probe was running
 
     # -- the probe's life: start it, take its result, or give up on it --------------------------
 
@@ -163,7 +165,7 @@ class Watcher:
         if self.in_flight is None or result.seq != self.in_flight[0]:
             return None
         self.in_flight = None
-        return self.judge(now, result)
+        return self._after_trip(now, self.judge(now, result))
 
     def overdue(self, now: float) -> Decision | None:
         """The running probe missed its deadline: that is a failure (its answer, if it ever
@@ -178,7 +180,36 @@ class Watcher:
             self.errors.append(error)
             return self._decide(Verdict.STUCK, now, errors=tuple(self.errors),
                                 action=Action.RESTART)  # fmt: skip
-        return self._failure(now, error)
+        return self._after_trip(now, self._failure(now, error))
+
+    # -- the tripwire: the driver's listing changed --------------------------------------------
+
+    def trip(self, now: float) -> None:
+        """The driver's listing of GPUs and MIG instances changed (tripwire.py): probe at once,
+        but never decide sooner. The tripwire only hurries the next probe; the readings decide.
+
+        - While a change settles, the layout is still moving: the settle starts again now.
+        - During the cool-down the probe waits for its end; while holding it is not held back.
+        - While a probe runs (it may have read before the change), one more follows it."""
+        if self.candidate is not None:
+            self.settled_at = now + self.policy.settle
+            self.next_probe_at = max(self.next_probe_at, self.settled_at)
+        elif self.in_flight is not None:
+            self._tripped = True
+        else:
+            self.next_probe_at = min(self.next_probe_at, self._trip_due(now))
+
+    def _trip_due(self, now: float) -> float:
+        return now if self.hold is not None else max(now, self.started_at + self.policy.cooldown)
+
+    def _after_trip(self, now: float, decision: Decision) -> Decision:
+        """A probe ended that was running when the tripwire fired: the next one comes at once
+        (unless this reading began a settle, or the decision acts)."""
+        tripped, self._tripped = self._tripped, False
+        if not tripped or self.candidate is not None or decision.action is not Action.NONE:
+            return decision
+        self.next_probe_at = min(self.next_probe_at, self._trip_due(now))
+        return replace(decision, next_probe_at=self.next_probe_at)
 
     # -- judging a reading -----------------------------------------------------------------------
 
@@ -206,13 +237,23 @@ class Watcher:
             self.candidate = None
             return self._decide(verdict, self._after_interval(now), newly_pending=newly)
         change = diff(self.baseline, topo)
-        if self.policy.settle <= 0 or (self.candidate is not None and topo.same_as(self.candidate)):
+        if self.policy.settle <= 0 or self._confirms(now, topo):
             return self._decide(Verdict.CHANGED, now, change=change, action=Action.RESTART)
         # A first sighting, or a reconfiguration still moving: look again after `settle`.
-        self.candidate = topo
-        return self._decide(
-            Verdict.SETTLING, now + self.policy.settle, change=change, newly_pending=newly
+        self._settle(now, topo)
+        return self._decide(Verdict.SETTLING, self.settled_at, change=change, newly_pending=newly)
+
+    def _confirms(self, now: float, topo: Topology) -> bool:
+        """The candidate seen again, `settle` after it was first seen (or last moved)."""
+        return self.candidate is not None and topo.same_as(self.candidate) and (
+            now >= self.settled_at
         )
+
+    def _settle(self, now: float, topo: Topology) -> None:
+        """A reading that does not confirm: a new candidate starts its settle; the same one
+        seen too early (the tripwire hurried the probe) keeps its own."""
+        if self.candidate is None or not topo.same_as(self.candidate):
+            self.candidate, self.settled_at = topo, now + self.policy.settle
 
     # -- failures --------------------------------------------------------------------------
 
@@ -280,10 +321,10 @@ class Watcher:
                 Verdict.PENDING, self._hold_next(now), newly_pending=self._newly_pending(pending)
             )
         change = None if topo.same_as(self.baseline) else diff(self.baseline, topo)
-        if self.policy.settle > 0 and (self.candidate is None or not topo.same_as(self.candidate)):
+        if self.policy.settle > 0 and not self._confirms(now, topo):
             # A reset is often followed at once by instances being created: one restart for both.
-            self.candidate = topo
-            return self._decide(Verdict.SETTLING, now + self.policy.settle, change=change)
+            self._settle(now, topo)
+            return self._decide(Verdict.SETTLING, self.settled_at, change=change)
         self.hold = None
         self.candidate = None
         return self._decide(Verdict.RELEASED, now, change=change, action=Action.RESTART)

@@ -181,10 +181,37 @@ class Node:
         return "\n".join(lines) + "\n"
 
     def write(self, path: Path) -> None:
-        """Atomic rewrite, so a probe never reads half a file."""
+        """Atomic rewrite, so a probe never reads half a file; then the driver's procfs tree
+        beside it (procfs_root) is brought in step, as the driver does inside the very call that
+        creates or destroys an instance. A destroy and re-create with the same ids (new UUIDs)
+        leaves the tree as it was, as on a real driver: only the poll sees it."""
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(self.render())
         os.replace(tmp, path)
+        sync_tree(procfs_root(path), self.procfs())
+
+    def procfs(self) -> dict[str, str]:
+        """The driver's tree for this node: relative path -> file content ("/" ends a folder).
+        gpu<M>/mig/ for every GPU (M the device minor: here the index), gi<G>/access and
+        gi<G>/ci<C>/access for every instance of a GPU in MIG mode, gpus/<bus id>/."""
+        tree = {"capabilities/": "", "capabilities/mig/": "", "gpus/": ""}
+        tree["capabilities/mig/config"] = _access(1)
+        tree["capabilities/mig/monitor"] = _access(2)
+        for g in self.gpus:
+            mig = f"capabilities/gpu{g.index}/mig/"
+            tree[f"capabilities/gpu{g.index}/"] = ""
+            tree[mig] = ""
+            bus = g.bus[4:].lower() if len(g.bus) > 12 else g.bus.lower()  # 0000:07:00.0
+            tree[f"gpus/{bus}/"] = ""
+            tree[f"gpus/{bus}/information"] = f"Model: \t\t {g.name}\nDevice Minor: \t {g.index}\n"
+            if g.mig != 1:
+                continue
+            for m in g.migs:
+                tree[f"{mig}gi{m.gi}/"] = ""
+                tree[f"{mig}gi{m.gi}/access"] = _access(100 + m.gi)
+                tree[f"{mig}gi{m.gi}/ci{m.ci}/"] = ""
+                tree[f"{mig}gi{m.gi}/ci{m.ci}/access"] = _access(200 + m.gi * 8 + m.ci)
+        return tree
 
     def copy(self) -> Node:
         return Node(
@@ -192,6 +219,33 @@ class Node:
             driver=self.driver,
             rules=list(self.rules),
         )
+
+
+def procfs_root(node_path: Path) -> Path:
+    """Where the fake keeps the driver's procfs tree for a node file (the tests point
+    gpu-supervise's watch.procfs_root there)."""
+    return Path(f"{node_path}.procfs")
+
+
+def _access(minor: int) -> str:
+    """An `access` file of the driver's capabilities tree: its content never changes."""
+    return f"DeviceFileMinor: {minor}\nDeviceFileMode: 292\nDeviceFileModify: 1\n"
+
+
+def sync_tree(root: Path, tree: dict[str, str]) -> None:
+    """Make the folder `root` hold exactly `tree`, touching only what differs: a listing taken
+    meanwhile sees entries come and go, never the whole tree rebuilt."""
+    wanted = {root / rel.rstrip("/"): content for rel, content in tree.items()}
+    folders = {root / rel.rstrip("/") for rel in tree if rel.endswith("/")}
+    if root.is_dir():
+        for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            if path not in wanted:
+                path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
+    for path in sorted(folders, key=lambda p: len(p.parts)):
+        path.mkdir(parents=True, exist_ok=True)
+    for path, content in wanted.items():
+        if path not in folders and not path.exists():
+            path.write_text(content)
 
 
 def _q(text: str) -> str:

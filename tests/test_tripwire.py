@@ -1,0 +1,171 @@
+"""The tripwire: the driver's MIG tree in procfs, listed every second, makes the next NVML probe
+come at once when it changes. The fake NVML keeps such a tree beside its node file, in step with
+it (fakenvml.Node.write); the tests point watch.procfs_root there, as conftest's fake_node does."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from conftest import AGENT, FakeNode, Proc, log_stamp
+from fakenvml import dgx_a100, procfs_root, reset_gpu
+from gpu_supervise.tripwire import MAX_ENTRIES, Tripwire, absent_reason, list_tree
+
+Start = Callable[..., Proc]
+# The default interval, so that only the tripwire can explain a quick detection.
+SLOW_POLL = ["--interval", "30", "--cooldown", "0", "--settle", "0.5", "--log-level", "DEBUG",
+             "--tripwire-interval", "0.2"]  # fmt: skip
+TRIPPED = "the driver's MIG listing changed: probing now"
+
+
+# -- the listing ---------------------------------------------------------------------------------
+
+
+def test_the_listing_is_the_drivers_tree(tmp_path: Path):
+    node = dgx_a100(["3g.20gb"] * 2, None, count=2)
+    node.write(tmp_path / "node")
+    listing = list_tree(str(procfs_root(tmp_path / "node")))
+    assert {p for p in listing if "/mig/gi" in p} == {
+        "capabilities/gpu0/mig/gi1", "capabilities/gpu0/mig/gi1/access",
+        "capabilities/gpu0/mig/gi1/ci0", "capabilities/gpu0/mig/gi1/ci0/access",
+        "capabilities/gpu0/mig/gi2", "capabilities/gpu0/mig/gi2/access",
+        "capabilities/gpu0/mig/gi2/ci0", "capabilities/gpu0/mig/gi2/ci0/access",
+    }  # fmt: skip
+    assert "capabilities/gpu1/mig" in listing  # a GPU with MIG off has its folder too
+    assert {"gpus/0000:07:00.0", "gpus/0000:17:00.0"} <= listing
+    assert "gpus/0000:07:00.0/information" not in listing  # the GPUs, not their files
+
+
+def test_a_change_of_instances_changes_the_listing_and_state_does_not(tmp_path: Path):
+    node = dgx_a100(["1g.5gb"] * 7, count=1)
+    node.write(tmp_path / "node")
+    wire = Tripwire(str(procfs_root(tmp_path / "node")))
+    assert not wire.changed()
+    node.gpu(0).temp, node.gpu(0).pstate = 80, 2  # state: the tree stays
+    node.write(tmp_path / "node")
+    assert not wire.changed()
+    node.gpu(0).set_layout(["3g.20gb"] * 2)
+    node.write(tmp_path / "node")
+    assert wire.changed() and not wire.changed()  # once
+
+
+def test_a_destroy_and_re_create_with_the_same_ids_is_invisible_to_it(tmp_path: Path):
+    """Same profiles in the same places, new UUIDs: the driver's tree is the same before and
+    after, so only an NVML probe (the poll) can tell (test below)."""
+    node = dgx_a100(["3g.20gb"] * 2, count=1)
+    node.write(tmp_path / "node")
+    wire = Tripwire(str(procfs_root(tmp_path / "node")))
+    node.gpu(0).set_layout(["3g.20gb"] * 2, salt="re-created")
+    node.write(tmp_path / "node")
+    assert not wire.changed()
+
+
+def test_an_absent_tree_is_a_state_and_its_arrival_a_change(tmp_path: Path):
+    root = tmp_path / "nvidia"
+    wire = Tripwire(str(root))
+    assert wire.last is None and not wire.changed()
+    dgx_a100(["3g.20gb"] * 2, count=1).write(tmp_path / "node")
+    os.rename(procfs_root(tmp_path / "node"), root)  # the driver loaded after start
+    assert wire.changed()
+
+
+def test_why_the_tree_cannot_be_used_is_said_plainly(tmp_path: Path):
+    assert "does not exist (no NVIDIA driver loaded" in absent_reason(str(tmp_path / "none"))
+    (tmp_path / "tmpfs").mkdir()  # the toolkit's tmpfs in a container, without the tree
+    assert "NVIDIA_MIG_MONITOR_DEVICES=all" in absent_reason(str(tmp_path / "tmpfs"))
+    (tmp_path / "tmpfs" / "capabilities").write_text("")  # not a folder
+    assert "cannot be listed" in absent_reason(str(tmp_path / "tmpfs"))
+    dgx_a100(count=1).write(tmp_path / "node")
+    assert absent_reason(str(procfs_root(tmp_path / "node"))) is None
+
+
+def test_a_listing_stays_bounded_on_a_tree_that_is_not_the_drivers(tmp_path: Path):
+    root = tmp_path / "big"
+    (root / "capabilities").mkdir(parents=True)
+    for i in range(MAX_ENTRIES + 1):
+        (root / "capabilities" / str(i)).touch()
+    assert Tripwire(str(root)).last is None
+    assert "more than" in absent_reason(str(root))
+
+
+# -- end to end --------------------------------------------------------------------------------
+
+
+def test_a_reconfiguration_is_seen_within_a_second_at_the_default_interval(
+    start: Start, fake_node: FakeNode
+):
+    old = dgx_a100(["1g.5gb"] * 7)
+    fake_node.write(old)
+    proc = start([*SLOW_POLL, "--", *AGENT], fake_node.env)
+    proc.wait_for("[GPU-Watcher] baseline")
+    new = old.copy()
+    new.gpu(0).set_layout(["3g.20gb"] * 2)
+    fake_node.write(new)
+    assert proc.wait(25) == 1  # a poll every 30 s could not have seen it yet
+    lines = proc.log_lines()
+    took = log_stamp(lines, "exiting 1:") - log_stamp(lines, TRIPPED)
+    assert took.total_seconds() < 10  # the settle (0.5 s) and the stop, not an interval
+    assert "MIG devices 7x1g.5gb -> 2x3g.20gb" in proc.log
+
+
+def test_what_the_tripwire_cannot_see_the_poll_still_catches(start: Start, fake_node: FakeNode):
+    old = dgx_a100(["3g.20gb"] * 2)
+    fake_node.write(old)
+    proc = start(["--interval", "2", *SLOW_POLL[2:], "--", *AGENT, "--no-nvml"], fake_node.env)
+    proc.wait_for("[GPU-Watcher] baseline")
+    new = old.copy()
+    new.gpu(0).set_layout(["3g.20gb"] * 2, salt="re-created")  # same ids, new UUIDs
+    fake_node.write(new)
+    assert proc.wait(60) == 1
+    assert TRIPPED not in proc.log
+    assert "MIG configuration change detected" in proc.log
+
+
+def test_the_reset_then_the_instances_end_a_hold_within_a_second(start: Start, fake_node):
+    """While holding, the tripwire sees the instances created right after the reset: the hold
+    ends without waiting for the next poll."""
+    node = dgx_a100(count=1)
+    node.gpu(0).request_mig(True)
+    fake_node.write(node)
+    proc = start([*SLOW_POLL, "--", *AGENT, "--hold-nvml"], fake_node.env)
+    proc.wait_for("stopping the agent so the reset can go ahead")
+    reset_gpu(fake_node.path, node, 0, timeout=60)
+    node.gpu(0).set_layout(["3g.20gb"] * 2)
+    fake_node.write(node)
+    assert proc.wait(25) == 1
+    assert TRIPPED in proc.log and "MIG mode off -> on" in proc.log
+
+
+@pytest.mark.parametrize("root", ["absent", "no capabilities"])
+def test_without_the_tree_one_line_says_the_poll_alone_detects(
+    start: Start, fake_node: FakeNode, tmp_path: Path, root: str
+):
+    fake_node.write(dgx_a100())
+    folder = tmp_path / "nvidia"
+    if root == "no capabilities":
+        folder.mkdir()
+    env = {**fake_node.env, "GPU_SUPERVISE_WATCH_PROCFS_ROOT": str(folder)}
+    proc = start(["--interval", "0.2", "--cooldown", "0", "--", *AGENT, "--no-nvml"], env)
+    proc.wait_for("baseline")
+    time.sleep(1)
+    (line,) = [x for x in proc.log_lines() if "detection relies on the poll alone" in x]
+    assert " INFO    [GPU-Watcher] detection relies on the poll alone (every 0.2 s): " in line
+    why = "NVIDIA_MIG_MONITOR_DEVICES=all" if root == "no capabilities" else "does not exist"
+    assert why in line
+
+
+def test_tripwire_interval_0_turns_it_off(start: Start, fake_node: FakeNode):
+    old = dgx_a100(["1g.5gb"] * 7)
+    fake_node.write(old)
+    args = ["--interval", "2", *SLOW_POLL[2:-1], "0", "--", *AGENT, "--no-nvml"]
+    proc = start(args, fake_node.env)
+    proc.wait_for("[GPU-Watcher] baseline")
+    new = old.copy()
+    new.gpu(0).set_layout(["3g.20gb"] * 2)
+    fake_node.write(new)
+    assert proc.wait(60) == 1
+    assert TRIPPED not in proc.log and "poll alone" not in proc.log
