@@ -166,6 +166,8 @@ def fake_node(tmp_path: Path, fake_lib_dir: Path) -> FakeNode:
         # the driver's procfs tree, kept in step with the node file (Node.write): the tripwire
         # is on, as on a GPU node
         GPU_SUPERVISE_WATCH_PROCFS_ROOT=str(procfs_root(path)),
+        # the device files the fake opens while NVML is initialised (the holder scan)
+        GPU_SUPERVISE_WATCH_DEVICE_DIR=f"{path}.dev",
     )
     return FakeNode(path, fake_lib_dir, env)
 

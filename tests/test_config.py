@@ -81,6 +81,7 @@ EVERY_KEY = {
     ("watch", "on_pending"): ("ignore", "on_pending", "ignore"),
     ("watch", "pending_timeout"): ("60", "pending_timeout", 60.0),
     ("watch", "tripwire_interval"): ("0", "tripwire_interval", 0.0),
+    ("watch", "device_dir"): ("/x/dev", "device_dir", "/x/dev"),
     ("watch", "procfs_root"): ("/x/nvidia", "procfs_root", "/x/nvidia"),
     ("child", "stop_timeout"): ("3", "stop_timeout", 3.0),
     ("child", "parent_death_signal"): ("term", "parent_death_signal", 15),
@@ -236,8 +237,8 @@ def test_flag_names():
     assert names == [
         "--enabled", "--interval", "--cooldown", "--settle", "--failure-threshold",
         "--probe-timeout", "--source", "--on-pending", "--pending-timeout",
-        "--tripwire-interval", "--procfs-root", "--stop-timeout", "--parent-death-signal",
-        "--log-level", "--log-format", "--termination-log",
+        "--tripwire-interval", "--device-dir", "--procfs-root", "--stop-timeout",
+        "--parent-death-signal", "--log-level", "--log-format", "--termination-log",
     ]  # fmt: skip
 
 

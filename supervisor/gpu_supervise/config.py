@@ -205,6 +205,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
             "seconds between listings of the driver's MIG tree in procfs, which make a probe "
             "come at once when it changes (0: off, the poll alone)",
         ),
+        "device_dir": Key(
+            "/dev",
+            _string,
+            "where the NVIDIA device files are, for the scan that names who blocks a GPU reset "
+            "while holding (for tests and debugging)",
+        ),
         "procfs_root": Key(
             "/proc/driver/nvidia",
             _string,
@@ -256,6 +262,7 @@ class Settings:
     on_pending: str
     pending_timeout: float
     tripwire_interval: float
+    device_dir: str
     procfs_root: str
     stop_timeout: float
     parent_death_signal: int

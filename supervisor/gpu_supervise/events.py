@@ -12,6 +12,7 @@ from loguru import logger
 
 from . import logs
 from .config import Settings
+from .holders import Scan
 from .probe import ProbeResult
 from .topology import Change, Gpu, Topology
 from .watch import Action, Decision, Hold, Verdict, Watcher
@@ -91,11 +92,46 @@ def termination_message(decision: Decision, settings: Settings) -> str:
     return "\n".join(lines)
 
 
-def holding_status(hold: Hold, settings: Settings) -> str:
+def holding_status(hold: Hold, settings: Settings, scan: Scan | None = None) -> str:
     """systemd's STATUS= while the agent is held back."""
+    holders = "" if scan is None else f"; {len(scan.holders)} process(es) hold the GPU"
     return (
         f"holding: MIG mode change pending a GPU reset on {_pending_gpus(hold.gpus)}; the agent "
-        f"is stopped until the reset (at most {settings.pending_timeout:g} s)"
+        f"is stopped until the reset (at most {settings.pending_timeout:g} s){holders}"
+    )
+
+
+SHOWN_HOLDERS = 20  # holders named in one line; more are counted
+
+
+def log_holders(scan: Scan) -> None:
+    """Who still blocks the reset the hold waits for (holders.py): WARNING while anyone does."""
+    caveats = []
+    if scan.unreadable:
+        caveats.append(f"and {scan.unreadable} process(es) not readable")
+    if scan.namespace_only:
+        caveats.append("only this container's processes are visible")
+    caveat = f" ({'; '.join(caveats)})" if caveats else ""
+    bound = logger.bind(
+        event="gpu_holders",
+        holders=[
+            {"pid": h.pid, "cmdline": h.cmdline, "container": h.container, "devices": h.devices}
+            for h in scan.holders[:SHOWN_HOLDERS]
+        ],
+        count=len(scan.holders),
+        unreadable=scan.unreadable,
+        namespace_only=scan.namespace_only,
+    )
+    if not scan.holders:
+        bound.info(f"{TAG} no process holds an NVIDIA device open: the GPU reset can go "
+                   f"ahead{caveat}")  # fmt: skip
+        return
+    shown = "; ".join(h.describe() for h in scan.holders[:SHOWN_HOLDERS])
+    more = len(scan.holders) - SHOWN_HOLDERS
+    shown += f"; and {more} more" if more > 0 else ""
+    bound.warning(
+        f"{TAG} the GPU reset is blocked by {len(scan.holders)} process(es) holding NVIDIA "
+        f"devices open: {shown}{caveat}"
     )
 
 

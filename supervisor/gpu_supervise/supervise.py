@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from loguru import logger
 
-from . import child, events, logs, report, signals, tripwire
+from . import child, events, holders, logs, report, signals, tripwire
 from .args import EXIT_INTERNAL, PROG, describe_failure
 from .config import Settings
 from .probe import Prober, ProbeResult, failed
@@ -106,6 +106,7 @@ class Supervisor:
         self.prober: Prober | None = None
         self.termination_text: str | None = None  # what the termination log says, once written
         self.tripwire: Tripwire | None = None
+        self.holders: holders.Scan | None = None  # who held the GPU at the last look (holding)
         self.tripwire_at = 0.0  # the next listing
         load_what_a_stop_needs()
 
@@ -338,8 +339,8 @@ class Supervisor:
         self.stop = None
         if stop.hold:
             self.state = State.HOLDING
-            assert self.watcher is not None and self.watcher.hold is not None
-            self._notify(STATUS=events.holding_status(self.watcher.hold, self.settings))
+            self.holders = None
+            self._check_holders()
             return
         if stop.exit_code is not None:
             self.exit = (stop.exit_code, stop.reason)
@@ -383,6 +384,20 @@ class Supervisor:
         self.tripwire = Tripwire(root)
         self.tripwire_at = time.monotonic() + interval
 
+    def _check_holders(self) -> None:
+        """While holding, between probes (NVML is closed then: gpu-supervise holds nothing):
+        who still blocks the reset. Logged when the hold begins and whenever it changes."""
+        watcher = self.watcher
+        if self.state is not State.HOLDING or watcher is None or watcher.hold is None:
+            return
+        if watcher.in_flight is not None:
+            return  # our own probe has NVML open right now
+        found = holders.scan(self.settings.device_dir)
+        if self.holders is None or found.key() != self.holders.key():
+            events.log_holders(found)
+        self.holders = found
+        self._notify(STATUS=events.holding_status(watcher.hold, self.settings, found))
+
     def _check_tripwire(self, now: float) -> None:
         if self.tripwire is None or self.watcher is None or now < self.tripwire_at:
             return
@@ -397,6 +412,7 @@ class Supervisor:
             return
         for result in self.prober.results():
             self._decide(result, self.watcher.observe(now, result))
+            self._check_holders()
         self._decide(None, self.watcher.overdue(now))
         if self.state is not State.STOPPING and self.exit is None and self.watcher.probe_due(now):
             seq = self.watcher.begin_probe(now)

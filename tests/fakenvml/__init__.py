@@ -260,19 +260,28 @@ def _q(text: str) -> str:
 
 def holders(node_path: Path) -> list[int]:
     """The live processes that hold NVML open on the fake node (the fake registers them on
-    nvmlInit and forgets them on the balancing nvmlShutdown). A pid that exited, or whose
-    number was reused since, does not count; nor does a zombie, which closed its files."""
-    found = []
+    nvmlInit and forgets them on the balancing nvmlShutdown), as pids of this PID namespace.
+    A process in a container registers its own namespace's pid: it is matched by the last pid
+    of its NSpid line and its start time, which reads the same from every namespace. A pid
+    that exited, or whose number was reused since, does not count; nor does a zombie, which
+    closed its files."""
     folder = Path(f"{node_path}.holders")
+    registered = set()
     for entry in folder.glob("*") if folder.is_dir() else []:
-        pid = int(entry.name)
+        try:
+            registered.add((entry.name, entry.read_text().strip()))
+        except FileNotFoundError:
+            continue
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")) if registered else []:
         try:
             stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            started = entry.read_text().strip()
-        except (FileNotFoundError, ProcessLookupError):
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
             continue
-        if stat[0] != "Z" and stat[19] == started:
-            found.append(pid)
+        nspid = next((ln.split()[-1] for ln in status.splitlines() if ln.startswith("NSpid:")), pid)
+        if stat[0] != "Z" and (nspid, stat[19]) in registered:
+            found.append(int(pid))
     return sorted(found)
 
 

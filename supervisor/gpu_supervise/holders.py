@@ -1,0 +1,157 @@
+"""Who holds the GPU: the processes with an NVIDIA device file open, which block a GPU reset.
+
+While gpu-supervise holds (the agent stopped so that a MIG mode change's reset can go ahead), the
+driver still refuses the reset while any process keeps the GPU open: nvidia-smi, DCGM's
+hostengine, an exporter in another container, persistenced. A process holding NVML has
+/dev/nvidiactl and /dev/nvidia<N> open (and /dev/nvidia-caps/* for MIG), so the holders are
+found the way fuser finds them: by reading the links in /proc/PID/fd.
+
+Never an error: a process that exits mid-scan is skipped, one whose descriptors cannot be read
+(another user's, without CAP_SYS_PTRACE) is counted, and the scan is bounded. In a container
+only the container's own PID namespace is visible, and the result says so.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+MAX_PROCESSES = 100_000  # a scan never looks further: a bound, not a count of real nodes
+MAX_FDS = 65_536  # descriptors read per process
+CMDLINE_CHARS = 200
+
+# A container's id in /proc/PID/cgroup, as the runtimes name its cgroup: docker-<id>.scope,
+# cri-containerd-<id>.scope, crio-<id>.scope, libpod-<id>.scope, or a plain /<id> (cgroup v1,
+# Kubernetes' kubepods/.../<id>, docker/<id>).
+_CONTAINER = re.compile(r"(?:^|[/-])([0-9a-f]{64})(?:\.scope)?$")
+
+
+class Holder:
+    __slots__ = ("pid", "cmdline", "container", "devices")
+
+    def __init__(self, pid: int, cmdline: str, container: str, devices: tuple[str, ...]) -> None:
+        self.pid, self.cmdline, self.container, self.devices = pid, cmdline, container, devices
+
+    def describe(self) -> str:
+        where = f" (container {self.container[:12]})" if self.container else ""
+        return f"pid {self.pid}{where}: {self.cmdline}"
+
+    def key(self) -> tuple[int, str]:
+        return (self.pid, self.cmdline)
+
+
+class Scan:
+    """The holders found, how many processes could not be read, and whether the view is only
+    this PID namespace's."""
+
+    __slots__ = ("holders", "unreadable", "namespace_only")
+
+    def __init__(self, holders: list[Holder], unreadable: int, namespace_only: bool) -> None:
+        self.holders, self.unreadable, self.namespace_only = holders, unreadable, namespace_only
+
+    def key(self) -> frozenset[tuple[int, str]]:
+        """What makes two scans different enough to say so again."""
+        return frozenset(h.key() for h in self.holders)
+
+
+def is_device(path: str, device_dir: str) -> bool:
+    """/dev/nvidiactl, /dev/nvidia<N>, /dev/nvidia-caps/<anything> (under `device_dir`)."""
+    prefix = device_dir.rstrip("/") + "/"
+    if not path.startswith(prefix):
+        return False
+    name = path[len(prefix) :]
+    return (
+        name == "nvidiactl"
+        or (name.startswith("nvidia") and name[6:].isdigit())
+        or (name.startswith("nvidia-caps/") and len(name) > len("nvidia-caps/"))
+    )
+
+
+def scan(device_dir: str = "/dev", proc: str = "/proc") -> Scan:
+    holders: list[Holder] = []
+    unreadable = 0
+    try:
+        pids = [int(e) for e in os.listdir(proc) if e.isdigit()][:MAX_PROCESSES]
+    except OSError:
+        return Scan([], 0, namespace_only=True)
+    for pid in pids:
+        devices = _devices(f"{proc}/{pid}/fd", device_dir)
+        if devices is None:
+            unreadable += 1
+        elif devices:
+            holders.append(Holder(pid, _cmdline(proc, pid), _container(proc, pid), devices))
+    return Scan(holders, unreadable, _namespace_only(proc))
+
+
+def _devices(fd_dir: str, device_dir: str) -> tuple[str, ...] | None:
+    """The NVIDIA device files among a process's descriptors; None if they cannot be read
+    (a process that is gone has none). Two system calls a descriptor at most: this runs over
+    every process of the node."""
+    prefix = device_dir.rstrip("/") + "/nvidia"
+    found: set[str] = set()
+    try:
+        names = os.listdir(fd_dir)
+    except PermissionError:
+        return None
+    except OSError:
+        return ()  # exited (or a zombie, which holds nothing)
+    for name in names[:MAX_FDS]:
+        try:
+            target = os.readlink(f"{fd_dir}/{name}")
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith(prefix) and is_device(target, device_dir):
+            found.add(target)
+    return tuple(sorted(found))
+
+
+def _cmdline(proc: str, pid: int) -> str:
+    try:
+        with open(f"{proc}/{pid}/cmdline", "rb") as fh:
+            raw = fh.read(4 * CMDLINE_CHARS)
+    except OSError:
+        raw = b""
+    text = " ".join(a.decode(errors="backslashreplace") for a in raw.rstrip(b"\0").split(b"\0"))
+    if not text:  # a kernel thread, or a process that cleared its command line
+        try:
+            with open(f"{proc}/{pid}/comm", "rb") as fh:
+                text = f"[{fh.read(64).strip().decode(errors='backslashreplace')}]"
+        except OSError:
+            text = "?"
+    return text if len(text) <= CMDLINE_CHARS else text[: CMDLINE_CHARS - 3] + "..."
+
+
+def _container(proc: str, pid: int) -> str:
+    """The container id in the process's cgroup path, or ""."""
+    try:
+        with open(f"{proc}/{pid}/cgroup", "rb") as fh:
+            text = fh.read(8192).decode(errors="replace")
+    except OSError:
+        return ""
+    return container_id(text)
+
+
+def container_id(cgroup: str) -> str:
+    """The container id of a /proc/PID/cgroup text (the last one named in any line)."""
+    found = ""
+    for line in cgroup.splitlines():
+        path = line.split(":", 2)[-1]
+        for part in path.split("/"):
+            match = _CONTAINER.search(part)
+            if match:
+                found = match.group(1)
+    return found
+
+
+# The kernel's fixed inode number of the initial PID namespace (include/linux/proc_ns.h,
+# PROC_PID_INIT_INO): any other means a PID namespace of its own, a container's.
+INITIAL_PID_NAMESPACE = 0xEFFFFFFC
+
+
+def _namespace_only(proc: str) -> bool:
+    """Whether this process sees only a PID namespace of its own (a container without hostPID):
+    other containers' processes, and the host's, are then out of sight."""
+    try:
+        return os.stat(f"{proc}/self/ns/pid").st_ino != INITIAL_PID_NAMESPACE
+    except OSError:
+        return False
