@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -221,6 +222,16 @@ def test_the_older_gpu_operator_alternative_is_valid():
         {"key": "nvidia.com/mig.config.state", "operator": "NotIn",
          "values": ["pending", "rebooting"]}
     ]  # fmt: skip
+
+
+def test_the_version_check_shows_the_labels_the_pods_select():
+    """The command the manifest gives for checking the GPU Operator first shows the very labels
+    the nodeSelector requires: a label renamed in one place and not the other would let the
+    check pass on a cluster where the pods never schedule."""
+    text = (ROOT / "examples/kubernetes/daemonset.yaml").read_text()
+    (labels,) = re.findall(r"kubectl get nodes -L (\S+)", text)
+    ds = next(d for d in manifests() if d["kind"] == "DaemonSet")
+    assert set(labels.split(",")) == set(ds["spec"]["template"]["spec"]["nodeSelector"])
 
 
 # -- systemd -------------------------------------------------------------------------------------

@@ -5,6 +5,10 @@ fast watch settings. Every assertion reads systemd's own state (`systemctl show`
 
 gpu-supervise runs both as the installed package (the virtual environment, bind-mounted) and as
 the one-folder PyInstaller binary, in front of tests/agents/agent.py or a shell agent.
+
+The second path: an agent package's own unit wrapped by packaging/systemd/wrap-agent.conf, a
+drop-in installed as shipped but for its ExecStart= line, over a stand-in vendor unit whose
+settings would each break supervision were the drop-in not to override them.
 """
 
 from __future__ import annotations
@@ -78,6 +82,25 @@ sleep {SLOW_START}
 exec "$@"
 """
 
+# Says who sent each SIGTERM it gets (sigwaitinfo's si_pid), takes LINGER seconds to shut down,
+# longer than the stand-in vendor unit's TimeoutStopSec=, then dies of SIGTERM as an agent
+# without a handler does (gpu-supervise then exits 143).
+LINGER = 2.0
+TERM_AGENT = """import os, signal, time
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+print(f"agent {os.getpid()}: ready", flush=True)
+info = signal.sigwaitinfo({signal.SIGTERM})
+print(f"agent {os.getpid()}: SIGTERM from pid {info.si_pid}", flush=True)
+deadline = time.monotonic() + LINGER
+while (left := deadline - time.monotonic()) > 0:
+    info = signal.sigtimedwait({signal.SIGTERM}, left)
+    if info is not None:
+        print(f"agent {os.getpid()}: SIGTERM from pid {info.si_pid}", flush=True)
+print(f"agent {os.getpid()}: stopping", flush=True)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+os.kill(os.getpid(), signal.SIGTERM)
+""".replace("LINGER", str(LINGER))
+
 
 @dataclass
 class Form:
@@ -135,8 +158,9 @@ def box(
     (share / "nvml").mkdir(parents=True)
     opt.mkdir()
     shutil.copy2(fake_lib_dir / "libnvidia-ml.so.1", share / "nvml")
-    for name, text in [("agent.sh", SHELL_AGENT), ("probe.sh", PROBE_AGENT),
-                       ("slow-start.sh", SLOW_START_WRAPPER)]:  # fmt: skip
+    scripts = {"agent.sh": SHELL_AGENT, "probe.sh": PROBE_AGENT,
+               "slow-start.sh": SLOW_START_WRAPPER, "term-agent.py": TERM_AGENT}  # fmt: skip
+    for name, text in scripts.items():
         (share / name).write_text(text)
         (share / name).chmod(0o755)
     _install_package(share / "py")
@@ -196,8 +220,8 @@ def gpu_agent(box: Box) -> Iterator[Install]:
     _reset(box)
 
 
-def _reset(box: Box) -> None:
-    box.container.systemctl("stop", UNIT, check=False)
+def _reset(box: Box, unit: str = UNIT) -> None:
+    box.container.systemctl("stop", unit, check=False)
     box.container.systemctl("reset-failed", check=False)  # also resets the start rate limit
 
 
@@ -505,3 +529,251 @@ def test_status_says_what_a_hold_waits_for(box: Box, gpu_agent: Install):
     unit.wait(SubState="auto-restart", ExecMainStatus=1)
     again = unit.wait(ActiveState="active", SubState="running", NRestarts=1)
     assert again["StatusText"].startswith("running ")
+
+
+# -- an agent's own unit, wrapped by the shipped drop-in -----------------------------------------
+
+WRAP_FILE = ROOT / "packaging/systemd/wrap-agent.conf"
+VENDOR = "vendor-gpu-agent.service"
+VENDOR_DIR = f"/etc/systemd/system/{VENDOR}.d"
+VENDOR_STOP_TIMEOUT = 1  # seconds: shorter than the agent takes to stop (LINGER)
+VENDOR_WATCHDOG = 1  # seconds: nothing sends WATCHDOG=1 under gpu-supervise
+
+# What the stand-in vendor unit sets against supervision, each overridden by the drop-in. Its
+# Restart= is left out, as in many vendor units: systemd's default, Restart=no.
+VENDOR_UNIT = f"""[Unit]
+Description=A GPU monitoring agent, as its package ships it
+
+[Service]
+Type=simple
+User=nobody
+NotifyAccess=all
+KillMode=control-group
+TimeoutStopSec={VENDOR_STOP_TIMEOUT}
+WatchdogSec={VENDOR_WATCHDOG}
+ExecStartPre=/bin/echo "vendor: pre-start"
+ExecStart=AGENT
+ExecReload=/bin/kill -HUP $MAINPID
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def wrap_drop_in(vendor: str, wrapper: str | None = None) -> str:
+    """The shipped drop-in as the recipe says to fill it in: gpu-supervise's path (here the
+    package, run by the tests' Python), and after `--` the vendor unit's ExecStart= command
+    line as it is. Every other line stays as shipped."""
+    (command,) = [x.removeprefix("ExecStart=") for x in vendor.splitlines()
+                  if x.startswith("ExecStart=")]  # fmt: skip
+    lines = WRAP_FILE.read_text().splitlines()
+    (at,) = [i for i, x in enumerate(lines) if x.startswith("ExecStart=/opt/gpu-supervise/")]
+    assert lines[at].endswith(" -- /usr/bin/gpu-agent")
+    exe = f"{wrapper} {PACKAGE.exe}" if wrapper else PACKAGE.exe
+    lines[at] = (
+        lines[at]
+        .replace("/opt/gpu-supervise/gpu-supervise", exe)
+        .replace("/usr/bin/gpu-agent", command)
+    )
+    return "\n".join([*lines, ""])
+
+
+@pytest.fixture
+def wrapped_agent(box: Box) -> Iterator[Install]:
+    """Installs the stand-in vendor unit running `agent`, the shipped drop-in over it, and a
+    second drop-in with the fake NVML's environment and fast watch settings; returns the unit,
+    stopped; stops and resets it after."""
+    _reset(box, VENDOR)
+    dgx_a100(["1g.5gb"] * 7).write(box.share / "node.txt")
+
+    def install(
+        agent: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        wrapper: str | None = None,
+    ) -> Unit:
+        vendor = VENDOR_UNIT.replace(
+            "ExecStart=AGENT", f"ExecStart={' '.join(agent or PACKAGE.agent)}"
+        )
+        variables = {"LD_LIBRARY_PATH": f"{SHARE}/nvml", "FAKE_NVML_NODE": f"{SHARE}/node.txt"}
+        variables |= FAST | PACKAGE.env | (env or {})
+        test = ["[Service]", *[f'Environment="{k}={v}"' for k, v in variables.items()], ""]
+        box.container.write(f"/etc/systemd/system/{VENDOR}", vendor)
+        box.container.write(f"{VENDOR_DIR}/gpu-supervise.conf", wrap_drop_in(vendor, wrapper))
+        box.container.write(f"{VENDOR_DIR}/zz-test.conf", "\n".join(test))
+        box.container.systemctl("daemon-reload")
+        return box.container.unit(VENDOR)
+
+    yield install
+    _reset(box, VENDOR)
+
+
+def test_wrapped_unit_reads_as_the_drop_in_says(box: Box, wrapped_agent: Install):
+    """What `systemctl show` reads once the drop-in is merged over the vendor's unit (the check
+    the recipe gives): the drop-in's values where the vendor's would break supervision, one
+    ExecStart=, gpu-supervise's; the vendor's ExecStartPre= and ExecReload= as they were."""
+    wrapped_agent()
+    expected = {
+        "LoadState": "loaded", "Type": "notify", "NotifyAccess": "main", "Restart": "on-failure",
+        "RestartUSec": "5s", "RestartPreventExitStatus": "2 126 127 203",
+        "KillMode": "mixed", "TimeoutStopUSec": "30s", "SuccessExitStatus": "143",
+    }  # fmt: skip
+    out = box.container.systemctl(
+        "show", "-p", ",".join([*expected, "After", "ExecStart", "ExecStartPre", "ExecReload"]),
+        VENDOR,
+    )  # fmt: skip
+    lines = out.stdout.splitlines()
+    state = dict(line.split("=", 1) for line in lines)
+    assert {k: state.get(k) for k in expected} == expected
+    assert "nvidia-gpu-reset.target" in state["After"].split()
+    (start,) = [x for x in lines if x.startswith("ExecStart=")]
+    command = " ".join([PYTHON, "-m gpu_supervise --config /etc/gpu-supervise/config.toml --",
+                        *PACKAGE.agent])  # fmt: skip
+    assert f"argv[]={command} ;" in start
+    assert "argv[]=/bin/echo vendor: pre-start ;" in state["ExecStartPre"]
+    assert "argv[]=/bin/kill -HUP $MAINPID ;" in state["ExecReload"]
+
+
+def test_wrapped_agent_is_active_only_after_ready(box: Box, wrapped_agent: Install):
+    """Type=notify over the vendor's Type=simple: active only once gpu-supervise's READY=1 has
+    arrived (a wrapper sleeps before exec'ing it), and nothing it sends is refused. The vendor's
+    ExecStartPre= still runs first."""
+    unit = wrapped_agent(wrapper=f"{SHARE}/slow-start.sh")
+    after = box.container.cursor()
+    box.container.systemctl("start", "--no-block", VENDOR)
+    unit.wait(ActiveState="activating", SubState="start", timeout=SLOW_START)
+    state = unit.wait(ActiveState="active", SubState="running")
+    times = unit.show("ExecMainStartTimestampMonotonic", "ActiveEnterTimestampMonotonic",
+                      "ExecMainPID")  # fmt: skip
+    waited = (int(times["ActiveEnterTimestampMonotonic"]) -
+              int(times["ExecMainStartTimestampMonotonic"])) / 1e6  # fmt: skip
+    assert waited >= SLOW_START, f"active {waited:.3f} s after the fork: before READY=1"
+    assert state["MainPID"] == times["ExecMainPID"]
+    agent_lines(unit, after)
+    messages = [e.message for e in unit.journal(after)]
+    assert "vendor: pre-start" in messages
+    started = next(i for i, m in enumerate(messages) if re.search(r"INFO +started ", m))
+    assert messages.index("vendor: pre-start") < started
+    rejected = [m for m in messages if "but reception" in m]  # "is disabled", "only permitted"
+    assert not rejected
+
+
+def test_wrapped_agent_restarts_on_a_mig_change(box: Box, wrapped_agent: Install):
+    """Restart=on-failure where the vendor's unit has none (Restart=no): a MIG change makes
+    gpu-supervise exit 1 and systemd start it again, with a new agent that sees the new UUIDs."""
+    old = dgx_a100(["1g.5gb"] * 7)
+    old.write(box.share / "node.txt")
+    unit = wrapped_agent()
+    after = box.container.cursor()
+    box.container.systemctl("start", VENDOR)
+    unit.wait(ActiveState="active", SubState="running", NRestarts=0)
+    [(first_pid, first, _)] = agent_lines(unit, after)
+    assert first == old.uuids()
+    unit.wait_journal("[GPU-Watcher] baseline", after)
+
+    new = old.copy()
+    new.gpu(0).set_layout(["3g.20gb"] * 2)
+    new.write(box.share / "node.txt")
+    unit.wait_journal("[GPU-Watcher] MIG configuration change detected", after)
+    exited = unit.wait(SubState="auto-restart", ExecMainStatus=1, ExecMainCode=1)
+    assert exited["Result"] == "exit-code" and exited["NRestarts"] == "0"
+    agents = agent_lines(unit, after, count=2)
+    unit.wait(ActiveState="active", SubState="running", NRestarts=1)
+    second_pid, second, _ = agents[1]
+    assert second_pid != first_pid and second == new.uuids()
+    _no_systemd_sigkill(unit, after)
+
+
+def test_wrapped_stop_goes_through_gpu_supervise(box: Box, wrapped_agent: Install):
+    """`systemctl stop` over the vendor's KillMode=control-group and TimeoutStopSec=1: the
+    agent's SIGTERM comes from gpu-supervise alone (KillMode=mixed), it may take longer than
+    the vendor's timeout to stop (TimeoutStopSec=30), and its death by SIGTERM, exit 143 through
+    gpu-supervise, is a clean stop (SuccessExitStatus=143)."""
+    unit = wrapped_agent(agent=[PYTHON, f"{SHARE}/term-agent.py"])
+    after = box.container.cursor()
+    box.container.systemctl("start", VENDOR)
+    main = unit.wait(ActiveState="active", SubState="running")["MainPID"]
+    unit.wait_journal(re.compile(r"^agent \d+: ready$"), after)
+
+    box.container.systemctl("stop", VENDOR)
+    state = unit.show()
+    assert (state["ActiveState"], state["SubState"]) == ("inactive", "dead"), unit.tail()
+    unit.wait_journal(re.compile(r"^agent \d+: stopping$"), after)
+    senders = {
+        m[1] for e in unit.journal(after) if (m := re.search(r"SIGTERM from pid (\d+)$", e.message))
+    }
+    assert senders == {main}, f"SIGTERM from {senders}, gpu-supervise is {main}"
+    unit.wait_journal(f"{VENDOR}: Deactivated successfully", after)
+    messages = [e.message for e in unit.journal(after)]
+    assert not any("Failed with result" in m or "timed out" in m for m in messages), messages
+    _no_systemd_sigkill(unit, after)
+
+
+WRAPPED_FAILURES = {
+    "configuration error": ({"env": {"GPU_SUPERVISE_WATCH_INTERVAL": "oops"}}, 2, "oops"),
+    "agent not found": ({"agent": ["/usr/bin/no-such-gpu-agent"]}, 127, "no-such-gpu-agent"),
+}
+
+
+@pytest.mark.parametrize("case", WRAPPED_FAILURES)
+def test_wrapped_agent_fails_without_a_restart_loop(box: Box, wrapped_agent: Install, case: str):
+    """RestartPreventExitStatus= under the drop-in's Restart=on-failure: a configuration error
+    (2) or a wrong agent path after `--` (127) fails the unit at once, with gpu-supervise's
+    one line in the journal."""
+    kwargs, code, hint = WRAPPED_FAILURES[case]
+    unit = wrapped_agent(**kwargs)
+    after = box.container.cursor()
+    box.container.systemctl("start", "--no-block", VENDOR)
+    state = unit.wait(
+        ActiveState="failed", fail_if=lambda s: s["SubState"] == "auto-restart", timeout=20
+    )
+    assert (state["Result"], state["ExecMainStatus"], state["NRestarts"]) == (
+        "exit-code", str(code), "0"
+    )  # fmt: skip
+    lines = [e.message for e in unit.journal(after)]
+    assert any(m.startswith("gpu-supervise: ") and hint in m for m in lines), lines
+    assert not any("Scheduled restart job" in m for m in lines)
+
+
+def _uid(box: Box, pid: int | str) -> int:
+    status = box.container.exec("cat", f"/proc/{pid}/status").stdout
+    (line,) = [x for x in status.splitlines() if x.startswith("Uid:")]
+    return int(line.split()[1])
+
+
+def test_wrapped_agent_keeps_the_vendors_user_and_reload(box: Box, wrapped_agent: Install):
+    """What the drop-in leaves alone still applies: the vendor's User= (gpu-supervise runs as
+    that user, and so does the agent), and its ExecReload=/bin/kill -HUP $MAINPID, which now
+    signals gpu-supervise, which forwards SIGHUP to the agent, once."""
+    unit = wrapped_agent()
+    after = box.container.cursor()
+    box.container.systemctl("start", VENDOR)
+    before = unit.wait(ActiveState="active", SubState="running")
+    [(agent_pid, _, _)] = agent_lines(unit, after)
+    nobody = int(box.container.exec("id", "-u", "nobody").stdout)
+    assert (_uid(box, before["MainPID"]), _uid(box, agent_pid)) == (nobody, nobody)
+    box.container.systemctl("reload", VENDOR)
+    unit.wait_journal(f"agent {agent_pid}: got SIGHUP", after)
+    unit.wait_journal(f"Reloaded {VENDOR}", after)
+    state = unit.show()
+    assert (state["ActiveState"], state["MainPID"], state["NRestarts"]) == (
+        "active", before["MainPID"], "0"
+    )  # fmt: skip
+    time.sleep(0.3)  # a second SIGHUP, were there one, would be in by now
+    got = [e for e in unit.journal(after) if f"agent {agent_pid}: got SIGHUP" in e.message]
+    assert len(got) == 1
+
+
+def test_wrapped_agent_outlives_the_vendors_watchdog(box: Box, wrapped_agent: Install):
+    """WatchdogSec=0: nothing under gpu-supervise sends WATCHDOG=1, so the vendor's one-second
+    watchdog would kill the unit; the unit runs on well past it, same process, no restart."""
+    unit = wrapped_agent()
+    after = box.container.cursor()
+    box.container.systemctl("start", VENDOR)
+    before = unit.wait(ActiveState="active", SubState="running")
+    agent_lines(unit, after)
+    time.sleep(VENDOR_WATCHDOG * 2)  # a watchdog in force would have fired by now
+    state = unit.show("WatchdogUSec")
+    assert (state["ActiveState"], state["MainPID"], state["NRestarts"], state["WatchdogUSec"]) == (
+        "active", before["MainPID"], "0", "0"
+    )  # fmt: skip
+    assert not any("Watchdog timeout" in e.message for e in unit.journal(after))
