@@ -87,6 +87,7 @@ EVERY_KEY = {
     ("child", "parent_death_signal"): ("term", "parent_death_signal", 15),
     ("log", "level"): ("debug", "log_level", "DEBUG"),
     ("log", "format"): ("JSON", "log_format", "json"),
+    ("log", "heartbeat"): ("60", "log_heartbeat", 60.0),
     ("report", "termination_log"): ("", "termination_log", ""),
 }
 
@@ -188,7 +189,7 @@ def test_every_rule(section: str, key: str, raw: str, expected):
         ("[child]\nparent_death_signal = 2.0", "must be a signal name such as SIGTERM, got 2.0"),
         ("[report]\ntermination_log = 0", "[report] termination_log: must be a string, got 0"),
         ("[bogus]\nx = 1", "unknown section [bogus] (known: [watch], [child], [log], [report])"),
-        ("[log]\ncolour = 1", "unknown key 'colour' in [log] (known: level, format)"),
+        ("[log]\ncolour = 1", "unknown key 'colour' in [log] (known: level, format, heartbeat)"),
         ("log = 1", "log must be a table [log]"),
         ("interval = 5", "interval belongs in its section: [watch]"),
     ],
@@ -238,7 +239,8 @@ def test_flag_names():
         "--enabled", "--interval", "--cooldown", "--settle", "--failure-threshold",
         "--probe-timeout", "--source", "--on-pending", "--pending-timeout",
         "--tripwire-interval", "--device-dir", "--procfs-root", "--stop-timeout",
-        "--parent-death-signal", "--log-level", "--log-format", "--termination-log",
+        "--parent-death-signal", "--log-level", "--log-format", "--log-heartbeat",
+        "--termination-log",
     ]  # fmt: skip
 
 

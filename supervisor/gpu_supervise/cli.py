@@ -44,9 +44,10 @@ EPILOG = f"""\
 exit codes:
   1        restart me: the GPU topology changed (NVML working again after failing since start
            is one), NVML failed failure_threshold probes in a row after a good one, or a hold
-           for a pending MIG mode change ended
+           for a pending MIG mode change ended (or its probe got stuck in NVML)
   child's  the agent exited by itself (128+N if signal N killed it); also after SIGTERM/SIGINT
   2        usage or configuration error (one line on stderr; nothing is started)
+  70       gpu-supervise itself failed (one line says why; the agent's tree is stopped)
   126/127  the command cannot be executed / was not found
 
 configuration: --config PATH, else ${ENV_CONFIG}, else {DEFAULT_CONFIG} if it exists;
@@ -70,7 +71,7 @@ def _parser(prog: str, flags: tuple[str, ...], description: str, epilog: str = "
         parser.add_argument(
             flag,
             dest=f"{section}.{key}",
-            metavar="VALUE",
+            metavar=spec.metavar,
             help=f"{spec.help} (default {spec.default!r})",
         )
     return parser
@@ -155,7 +156,7 @@ def _supervise(settings: Settings, command: list[str]) -> int:
     env = child.child_environment(os.environ)
     notify_socket = report.take_notify_socket(env)
     signals.block_signals()
-    child.become_subreaper()
+    reaper = child.become_subreaper()
     try:
         pid = child.spawn(command, env, settings.parent_death_signal)
     except child.SpawnError as exc:
@@ -166,7 +167,7 @@ def _supervise(settings: Settings, command: list[str]) -> int:
         from .supervise import Supervisor
 
         logs.setup(settings.log_level, settings.log_format)
-        supervisor = Supervisor(settings, command, pid, env, notify_socket)
+        supervisor = Supervisor(settings, command, pid, env, notify_socket, reaper)
     except Exception as exc:  # the agent runs: it must not outlive a supervisor that failed
         code = child.stop_group_now(pid, settings.stop_timeout)
         print(f"{PROG}: internal error after starting the agent ({describe_failure(exc)}); "

@@ -172,29 +172,36 @@ def _signal(value: Any) -> int:
 
 class Key:
     """One configuration key: its default, the check every layer's value goes through, and the
-    help text --help shows."""
+    help text and value's name (metavar) --help shows."""
 
-    __slots__ = ("default", "check", "help")
+    __slots__ = ("default", "check", "help", "metavar")
 
-    def __init__(self, default: Any, check: Callable[[Any], Any], help: str) -> None:
-        self.default, self.check, self.help = default, check, help
+    def __init__(
+        self, default: Any, check: Callable[[Any], Any], help: str, metavar: str = "SECONDS"
+    ) -> None:
+        self.default, self.check, self.help, self.metavar = default, check, help, metavar
 
 
 SCHEMA: dict[str, dict[str, Key]] = {
     "watch": {
-        "enabled": Key(True, _boolean, "watch the GPU topology at all"),
+        "enabled": Key(True, _boolean, "watch the GPU topology at all", "true|false"),
         "interval": Key(30.0, _period, "seconds between probes"),
         "cooldown": Key(60.0, _non_negative, "seconds after start before the first comparison"),
         "settle": Key(
             5.0, _settle, "seconds to confirm a change before acting (0: act at first sight)"
         ),
-        "failure_threshold": Key(3, _threshold, "consecutive failed probes that force a restart"),
+        "failure_threshold": Key(
+            3, _threshold, "consecutive failed probes that force a restart", "COUNT"
+        ),
         "probe_timeout": Key(10.0, _period, "seconds a probe may take before it counts failed"),
-        "source": Key("nvml", _source, "'nvml', or 'file:PATH' (a snapshot --json document)"),
+        "source": Key(
+            "nvml", _source, "'nvml', or 'file:PATH' (a snapshot --json document)", "nvml|file:PATH"
+        ),
         "on_pending": Key(
             "hold",
             _choice("hold", "ignore"),
             "'hold': stop the agent while a MIG mode change waits for a GPU reset; 'ignore'",
+            "hold|ignore",
         ),
         "pending_timeout": Key(
             300.0, _period, "seconds to hold before starting the agent again anyway"
@@ -210,28 +217,42 @@ SCHEMA: dict[str, dict[str, Key]] = {
             _string,
             "where the NVIDIA device files are, for the scan that names who blocks a GPU reset "
             "while holding (for tests and debugging)",
+            "PATH",
         ),
         "procfs_root": Key(
             "/proc/driver/nvidia",
             _string,
             "the NVIDIA driver's procfs folder the tripwire lists (for tests and debugging)",
+            "PATH",
         ),
     },
     "child": {
         "stop_timeout": Key(10.0, _non_negative, "seconds between SIGTERM and SIGKILL"),
         "parent_death_signal": Key(
-            "", _signal, "signal the agent gets if gpu-supervise dies (e.g. SIGTERM); '' none"
+            "",
+            _signal,
+            "signal the agent gets if gpu-supervise dies (e.g. SIGTERM); '' none",
+            "SIGNAL",
         ),
     },
     "log": {
-        "level": Key("INFO", _choice(*LOG_LEVELS, upper=True), "minimum level logged"),
-        "format": Key("text", _choice("text", "json"), "'text', or 'json' (one object a line)"),
+        "level": Key("INFO", _choice(*LOG_LEVELS, upper=True), "minimum level logged", "LEVEL"),
+        "format": Key(
+            "text", _choice("text", "json"), "'text', or 'json' (one object a line)", "text|json"
+        ),
+        "heartbeat": Key(
+            3600.0,
+            _zero_or_period("off"),
+            "seconds between INFO lines that say the watcher is alive (probes, failures, the "
+            "layout); 0: off",
+        ),
     },
     "report": {
         "termination_log": Key(
             "/dev/termination-log",
             _string,
             "file for the restart reason when it exists (Kubernetes); '' disables",
+            "PATH",
         ),
     },
 }
@@ -242,7 +263,7 @@ def attr_name(section: str, key: str) -> str:
     return f"{section}_{key}" if (section, key) in _PREFIXED else key
 
 
-_PREFIXED = {("watch", "enabled"), ("log", "level"), ("log", "format")}
+_PREFIXED = {("watch", "enabled"), ("log", "level"), ("log", "format"), ("log", "heartbeat")}
 
 
 class Settings:
@@ -268,6 +289,7 @@ class Settings:
     parent_death_signal: int
     log_level: str
     log_format: str
+    log_heartbeat: float
     termination_log: str
     config_file: str | None
 

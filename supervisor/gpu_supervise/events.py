@@ -8,12 +8,16 @@ changed GPU, never in the same line.
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 from loguru import logger
 
-from . import logs
+from . import __version__, logs
 from .config import Settings
 from .holders import Scan
 from .probe import ProbeResult
+from .text import clip
 from .topology import Change, Gpu, Topology
 from .watch import Action, Decision, Hold, Verdict, Watcher
 
@@ -132,6 +136,73 @@ def log_holders(scan: Scan) -> None:
     bound.warning(
         f"{TAG} the GPU reset is blocked by {len(scan.holders)} process(es) holding NVIDIA "
         f"devices open: {shown}{caveat}"
+    )
+
+
+def command(argv: list[str]) -> str:
+    """The agent's command line as the log shows it: quoted as a shell would, clipped."""
+    import shlex
+
+    return clip(shlex.join(argv), 300)
+
+
+def log_start(settings: Settings, reaper: bool) -> None:
+    """The first line: what runs, with which settings read from where."""
+    config = f"configuration {settings.config_file}" if settings.config_file else (
+        "no configuration file"
+    )
+    who = "PID 1" if os.getpid() == 1 else "a child subreaper" if reaper else "not a subreaper"
+    if settings.watch_enabled:
+        tripwire = (
+            f"tripwire every {settings.tripwire_interval:g} s on {settings.procfs_root}"
+            if settings.tripwire_interval > 0
+            else "no tripwire"
+        )
+        watching = (
+            f"watching {source_name(settings)} every {settings.interval:g} s after a "
+            f"{settings.cooldown:g} s cool-down, settle {settings.settle:g} s, "
+            f"{settings.failure_threshold} failed probes restart, MIG pending: "
+            f"{settings.on_pending} up to {settings.pending_timeout:g} s, {tripwire}"
+        )
+    else:
+        watching = "not watching the GPU topology"
+    logger.bind(
+        event="start",
+        version=__version__,
+        config=settings.config_file,
+        source=settings.source if settings.watch_enabled else None,
+        interval=settings.interval,
+        cooldown=settings.cooldown,
+        settle=settings.settle,
+        failure_threshold=settings.failure_threshold,
+        pending_timeout=settings.pending_timeout,
+        tripwire_interval=settings.tripwire_interval,
+        pid1=os.getpid() == 1,
+        subreaper=reaper,
+    ).info(f"gpu-supervise {__version__}: {config}; {watching}; {who}")
+
+
+def log_heartbeat(beat: Any, now: float, state: str, baseline: Topology | None) -> None:
+    """Proof of life: the probes since the last heartbeat, and the layout watched."""
+    layout = baseline.summary() if baseline is not None else "no baseline yet"
+    logger.bind(
+        event="heartbeat", probes=beat.probes, failures=beat.failures, state=state,
+        last_probe_seconds=round(beat.last_seconds, 6), layout=layout,
+    ).info(
+        f"{TAG} alive ({state}): {beat.probes} probe(s) in {now - beat.since:.0f} s, "
+        f"{beat.failures} failed, the last one {beat.last_seconds * 1000:.1f} ms; layout: {layout}"
+    )  # fmt: skip
+
+
+def log_left_behind(survivors: list[Any]) -> None:
+    """The agent exited but its descendants did not (it daemonized): say what is stopped."""
+    if not survivors:
+        return
+    shown = "; ".join(f"pid {s.pid}: {clip(s.cmdline, 200)}" for s in survivors[:SHOWN_HOLDERS])
+    more = f"; and {len(survivors) - SHOWN_HOLDERS} more" if len(survivors) > SHOWN_HOLDERS else ""
+    logger.bind(event="left_behind", pids=[s.pid for s in survivors]).warning(
+        f"the agent exited and left {len(survivors)} process(es) running; stopping them (run the "
+        f"agent in the foreground: a daemon that forks away is stopped with it): {shown}{more}"
     )
 
 

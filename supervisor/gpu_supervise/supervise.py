@@ -63,6 +63,20 @@ def _write_stderr(line: str) -> None:
         pass
 
 
+class Heartbeat:
+    """What the heartbeat line reports: the probes since the last one."""
+
+    __slots__ = ("since", "probes", "failures", "last_seconds")
+
+    def __init__(self, since: float) -> None:
+        self.since, self.probes, self.failures, self.last_seconds = since, 0, 0, 0.0
+
+    def count(self, result: ProbeResult) -> None:
+        self.probes += 1
+        self.failures += result.failed
+        self.last_seconds = result.seconds
+
+
 class State(enum.Enum):
     RUNNING = "running"  # the agent is up; the topology is watched
     STOPPING = "stopping"  # the agent's tree got SIGTERM (or SIGINT); SIGKILL follows
@@ -88,8 +102,10 @@ class Supervisor:
         pid: int,
         env: dict[str, str],
         notify_socket: str | None = None,
+        reaper: bool = True,
     ) -> None:
         self.settings = settings
+        self.reaper = reaper  # PID 1 or a child subreaper: orphans of the agent's come to us
         self.argv = argv
         self.env = env
         self.signals: deque[int] = deque()
@@ -107,6 +123,7 @@ class Supervisor:
         self.termination_text: str | None = None  # what the termination log says, once written
         self.tripwire: Tripwire | None = None
         self.holders: holders.Scan | None = None  # who held the GPU at the last look (holding)
+        self.heartbeat: Heartbeat | None = None
         self.tripwire_at = 0.0  # the next listing
         load_what_a_stop_needs()
 
@@ -138,7 +155,9 @@ class Supervisor:
     def _run(self) -> int:
         self._install_signals()
         signals.unblock_signals()  # anything that arrived since the spawn is handled now
-        logger.info(f"started {self.argv[0]} as pid {self.pid}")
+        events.log_start(self.settings, self.reaper)
+        logger.info(f"started {events.command(self.argv)} as pid {self.pid}")
+        self.heartbeat = Heartbeat(time.monotonic())
         if self.settings.watch_enabled:
             self.watcher = Watcher(WatchPolicy.from_settings(self.settings), time.monotonic())
             self.prober = Prober(open_source(self.settings.source), notify=self._wake)
@@ -217,7 +236,9 @@ class Supervisor:
             if self.state is State.RUNNING and self.status is not None:
                 # The agent exited by itself: clear what it left behind, exit with its code.
                 code = child.exit_code(self.status)
+                events.log_left_behind(child.survivors())
                 self._begin_stop(now, code, f"the agent {child.describe_status(self.status)}")
+            self._beat(now)
             if self.state is State.STOPPING:
                 self._advance_stop(now)
             if self.exit is None:
@@ -228,6 +249,8 @@ class Supervisor:
         times = [now + 3600.0]
         if self.stop is not None:
             times.append(now + 0.05 if self.stop.give_up_at is not None else self.stop.kill_at)
+        if self.heartbeat is not None and self.settings.log_heartbeat > 0:
+            times.append(self.heartbeat.since + self.settings.log_heartbeat)
         if self.watcher is not None and self.state is not State.STOPPING:
             times.append(self.watcher.wake_at())
             if self.tripwire is not None:
@@ -261,8 +284,8 @@ class Supervisor:
                 self._stop_requested(sig, name)
             elif self.state is State.HOLDING or self.status is not None:
                 logger.debug(f"received {name}: no agent is running to forward it to")
-            else:
-                logger.debug(f"forwarding {name} to pid {self.pid}")
+            else:  # systemd, for one, sends SIGCONT right after its SIGTERM
+                logger.debug(f"received {name}: forwarding it to pid {self.pid}")
                 refused = child.send(self.pid, sig)
                 if refused:
                     logger.warning(f"could not forward {name} to pid {self.pid}: {refused}")
@@ -384,6 +407,16 @@ class Supervisor:
         self.tripwire = Tripwire(root)
         self.tripwire_at = time.monotonic() + interval
 
+    def _beat(self, now: float) -> None:
+        """Proof of life at INFO every log.heartbeat: days without a change are otherwise
+        silent, and silence looks like a dead watcher."""
+        beat, every = self.heartbeat, self.settings.log_heartbeat
+        if beat is None or every <= 0 or now < beat.since + every:
+            return
+        baseline = self.watcher.baseline if self.watcher is not None else None
+        events.log_heartbeat(beat, now, self.state.value, baseline)
+        self.heartbeat = Heartbeat(now)
+
     def _check_holders(self) -> None:
         """While holding, between probes (NVML is closed then: gpu-supervise holds nothing):
         who still blocks the reset. Logged when the hold begins and whenever it changes."""
@@ -411,9 +444,14 @@ class Supervisor:
         if self.prober is None or self.watcher is None:
             return
         for result in self.prober.results():
+            if self.heartbeat is not None:
+                self.heartbeat.count(result)
             self._decide(result, self.watcher.observe(now, result))
             self._check_holders()
-        self._decide(None, self.watcher.overdue(now))
+        lost = self.watcher.overdue(now)
+        if lost is not None and self.heartbeat is not None:
+            self.heartbeat.count(failed(-1, "overdue"))
+        self._decide(None, lost)
         if self.state is not State.STOPPING and self.exit is None and self.watcher.probe_due(now):
             seq = self.watcher.begin_probe(now)
             if not self.prober.request(seq):

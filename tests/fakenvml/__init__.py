@@ -245,7 +245,7 @@ def sync_tree(root: Path, tree: dict[str, str]) -> None:
         path.mkdir(parents=True, exist_ok=True)
     for path, content in wanted.items():
         if path not in folders and not path.exists():
-            path.write_text(content)
+            path.write_bytes(content.encode("utf-8", "surrogateescape"))  # any byte in a name
 
 
 def _q(text: str) -> str:
