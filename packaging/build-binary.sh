@@ -15,7 +15,8 @@
 # its bootloader, which would be PID 1, and unpacks itself into TMPDIR at every start.
 #
 # Copy the folder whole (symbolic links included): `gpu-supervise install DIR` does it from a
-# running copy, for init containers and images with no shell or cp.
+# running copy, atomically and without touching a running one, for init containers, images
+# with no shell or cp, and upgrades.
 #
 # usage: [PYTHON=.venv/bin/python] packaging/build-binary.sh [DIST]     (default DIST: dist)
 # needs: a Python (>= 3.10) with gpu-supervise's dependencies and PyInstaller (`pip install .
@@ -23,6 +24,10 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 dist=$(realpath -m "${1:-$root/dist}")
+if [[ $dist == *:* ]]; then  # the launcher refuses to run from there (packaging/launcher.c)
+    echo "build-binary.sh: $dist holds ':', which a library search path cannot: choose another DIST" >&2
+    exit 2
+fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$root"

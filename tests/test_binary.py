@@ -2,7 +2,13 @@
 PyInstaller one-folder build and the build host's glibc), on its own and in real containers
 (podman with runc): as PID 1 of a Debian 11 agent image (glibc 2.31, older than the build needs)
 whose restart policy brings it back after a topology change, copied there by an init container
-with `gpu-supervise install`, and in a root filesystem holding nothing but its own files."""
+with `gpu-supervise install`, and in a root filesystem holding nothing but its own files.
+
+`gpu-supervise install` is tested for what must never happen to a node: real ENOSPC on a small
+tmpfs (out of blocks, out of inodes), a failure and a crash at each step of an install, an
+upgrade under a running supervisor (with a second build made from the first in a second), links
+that lead elsewhere. The agent's environment is read from /proc/PID/environ, byte for byte,
+under the binary and under the package, and its C library from /proc/PID/maps."""
 
 from __future__ import annotations
 
@@ -10,15 +16,17 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import date
 from pathlib import Path
 
 import pytest
 
-from conftest import FakeNode, Proc, missing_capability, run
+from conftest import FakeNode, Proc, clean_env, missing_capability, pid_alive, run
 from fakenvml import dgx_a100
 
 ROOT = Path(__file__).parent.parent
@@ -130,20 +138,150 @@ def test_build_prints_the_glibc_floor_and_bundles_a_glibc_that_meets_it(
 
 # -- gpu-supervise install DIR -------------------------------------------------------------------
 
+INSTALLED = re.compile(
+    r"installed (?P<link>\S+) -> (?P<versions>[^/\s]+)\.versions/(?P<folder>[\w.+-]+-[0-9a-f]{8})/"
+    r"gpu-supervise \(from (?P<source>\S+)\)\n"
+)
+
+
+def _install(exe: Path, target: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(exe), "install", str(target)], capture_output=True, text=True, timeout=120
+    )
+
+
+def _installed(exe: Path, target: Path) -> Path:
+    """Install with exe into target; the version folder the link names now."""
+    done = _install(exe, target)
+    assert done.returncode == 0, done.stderr
+    assert INSTALLED.fullmatch(done.stdout), done.stdout
+    return (target / "gpu-supervise").resolve().parent
+
+
+def _versions(target: Path) -> list[str]:
+    return sorted(p.name for p in (target / "gpu-supervise.versions").iterdir())
+
+
+def _tree(root: Path, contents: bool = False) -> dict[str, tuple[object, ...]]:
+    """Every entry under root: a link's target, a folder, a file's size and mode (and bytes)."""
+    found: dict[str, tuple[object, ...]] = {}
+    for path in sorted(root.rglob("*")):
+        key = str(path.relative_to(root))
+        if path.is_symlink():
+            found[key] = ("link", os.readlink(path))
+        elif path.is_dir():
+            found[key] = ("dir", path.stat().st_mode)
+        else:
+            st = path.stat()
+            found[key] = ("file", st.st_size, st.st_mode, path.read_bytes() if contents else b"")
+    return found
+
+
+def _version_of(exe: Path) -> str:
+    out = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def _mapped_files(pid: int) -> set[str]:
+    """The files a process maps, as /proc/PID/maps names them."""
+    lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    return {fields[5] for line in lines if len(fields := line.split(maxsplit=5)) == 6}
+
+
+@pytest.fixture(scope="session")
+def binary_b(binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second, different build B of the same folder, in a second instead of a second build:
+    the module archive (PYZ) inside _internal/gpu-supervise is rewritten at the same size with
+    every module recompressed and stored in reverse order, and gpu_supervise's __version__
+    changed to VERSION+b. What differs is exactly what broke a running supervisor when B was
+    written over A: A's process reads modules from that archive by path at A's offsets."""
+    import marshal
+    import struct
+    import zlib
+
+    from PyInstaller.archive.readers import CArchiveReader
+
+    from gpu_supervise import __version__
+
+    folder = tmp_path_factory.mktemp("dist-b") / "gpu-supervise"
+    shutil.copytree(binary.parent, folder, symlinks=True)
+    program = folder / "_internal" / "gpu-supervise"
+    package = CArchiveReader(str(program))
+    (pyz_name,) = [name for name, entry in package.toc.items() if entry[4] == "z"]
+    pyz = package.extract(pyz_name)  # stored uncompressed in the executable
+    data = program.read_bytes()
+    at = data.find(pyz)
+    assert pyz[:4] == b"PYZ\0" and at > 0 and data.find(pyz, at + 1) == -1
+    (toc_offset,) = struct.unpack("!i", pyz[8:12])
+    toc = marshal.loads(pyz[toc_offset:])
+    blobs = {}
+    for name, (_, offset, length) in toc:
+        module = zlib.decompress(pyz[offset : offset + length]) if length else b""
+        if name == "gpu_supervise":
+            code = marshal.loads(module)
+            assert __version__ in code.co_consts
+            consts = tuple(f"{__version__}+b" if c == __version__ else c for c in code.co_consts)
+            module = marshal.dumps(code.replace(co_consts=consts))
+        blobs[name] = zlib.compress(module, 9) if length else b""
+    first = min(offset for _, (_, offset, _) in toc)
+    rebuilt = bytearray(pyz[:first])
+    new_toc = []
+    for name, (kind, _, _) in reversed(toc):
+        new_toc.append((name, (kind, len(rebuilt), len(blobs[name]))))
+        rebuilt += blobs[name]
+    assert len(rebuilt) <= toc_offset  # level 9 against PyInstaller's 6 leaves room
+    rebuilt += b"\0" * (toc_offset - len(rebuilt))  # zlib ignores what follows a stream
+    index = marshal.dumps(new_toc[::-1])
+    assert len(index) <= len(pyz) - toc_offset
+    rebuilt += index + b"\0" * (len(pyz) - toc_offset - len(index))
+    program.write_bytes(data[:at] + bytes(rebuilt) + data[at + len(pyz) :])
+    exe = folder / "gpu-supervise"
+    assert _version_of(exe) == f"gpu-supervise {__version__}+b"
+    return exe
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """Mount a tmpfs of the given options (size=, nr_inodes=) for real ENOSPC; unmounted after."""
+    mounted: list[Path] = []
+
+    def mount(options: str) -> Path:
+        if os.geteuid() != 0:
+            missing_capability("mounting a tmpfs needs root")
+        where = tmp_path / f"tmpfs-{len(mounted)}"
+        where.mkdir()
+        out = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "gs-test", str(where)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        if out.returncode != 0:
+            missing_capability(f"cannot mount a tmpfs: {out.stderr.strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=60)
+
 
 def test_install_copies_the_running_folder(binary: Path, tmp_path: Path):
     target = tmp_path / "volume" / "supervise"
-    for _ in range(2):  # the second time over the first copy, as a re-run init container does
-        done = subprocess.run([str(binary), "install", str(target)], capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr
-        assert done.stdout == f"installed {target}/gpu-supervise (from {binary.parent})\n"
-    assert sorted(p.name for p in target.iterdir()) == ["_internal", "gpu-supervise"]
-    assert (target / "_internal/ld/gpu-supervise").is_symlink()  # links stay links
-    assert sorted(p.relative_to(target) for p in target.rglob("*")) == sorted(
-        p.relative_to(binary.parent) for p in binary.parent.rglob("*")
-    )
-    copy = subprocess.run([str(target / "gpu-supervise"), "--version"], capture_output=True)
-    assert copy.returncode == 0 and copy.stdout.startswith(b"gpu-supervise ")
+    first = _installed(binary, target)
+    again = _install(binary, target)  # over the first copy, as a re-run init container does
+    assert again.returncode == 0, again.stderr
+    match = INSTALLED.fullmatch(again.stdout)
+    assert match and match["link"] == f"{target}/gpu-supervise", again.stdout
+    assert match["source"] == str(binary.parent)
+    assert sorted(p.name for p in target.iterdir()) == ["gpu-supervise", "gpu-supervise.versions"]
+    # one link, relative (the volume is mounted elsewhere in the agent's container), switched
+    link = os.readlink(target / "gpu-supervise")
+    assert link == f"gpu-supervise.versions/{match['folder']}/gpu-supervise"
+    assert _versions(target) == sorted([first.name, match["folder"]])  # the one before stays
+    copy = target / "gpu-supervise.versions" / match["folder"]
+    assert (copy / "_internal/ld/gpu-supervise").is_symlink()  # links stay links
+    assert _tree(copy) == _tree(binary.parent)
+    assert _version_of(target / "gpu-supervise").startswith("gpu-supervise ")
 
 
 @pytest.mark.parametrize(
@@ -154,16 +292,37 @@ def test_install_copies_the_running_folder(binary: Path, tmp_path: Path):
         (["--bogus", "a"], "unrecognized arguments: --bogus"),
         (["{self}"], "is where this gpu-supervise already is"),
         (["{self}/_internal/x"], "is where this gpu-supervise already is"),
+        (["{self}/.."], "gpu-supervise is a folder (the running gpu-supervise)"),
+        (["{tmp}/c:olon"], "a path with ':' cannot hold gpu-supervise"),
     ],
 )
-def test_install_usage_errors(binary: Path, args: list[str], expected: str):
-    args = [a.format(self=binary.parent) for a in args]
-    before = sorted(binary.parent.rglob("*"))
+def test_install_usage_errors(binary: Path, tmp_path: Path, args: list[str], expected: str):
+    args = [a.format(self=binary.parent, tmp=tmp_path) for a in args]
+    before = _tree(binary.parent.parent)
     out = subprocess.run([str(binary), "install", *args], capture_output=True, text=True)
     assert (out.returncode, out.stdout) == (2, "")
     assert out.stderr.startswith("gpu-supervise: ") and out.stderr.count("\n") == 1, out.stderr
     assert expected in out.stderr
-    assert sorted(binary.parent.rglob("*")) == before
+    assert _tree(binary.parent.parent) == before
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_install_into_the_parent_of_the_running_folder_deletes_nothing(
+    binary: Path, tmp_path: Path
+):
+    """`dist/gpu-supervise/gpu-supervise install dist` (or `/opt/gpu-supervise/gpu-supervise
+    install /opt`): DIR/gpu-supervise is the running folder itself. Refused, all of it kept."""
+    dist = tmp_path / "dist"
+    shutil.copytree(binary.parent, dist / "gpu-supervise", symlinks=True)
+    before = _tree(dist, contents=True)
+    out = _install(dist / "gpu-supervise" / "gpu-supervise", dist)
+    assert (out.returncode, out.stdout) == (2, ""), out.stderr
+    assert out.stderr == (
+        f"gpu-supervise: {dist}/gpu-supervise is a folder (the running gpu-supervise): install "
+        "puts a link there and never removes a folder; choose another DIR\n"
+    )
+    assert _tree(dist, contents=True) == before
+    assert _version_of(dist / "gpu-supervise" / "gpu-supervise").startswith("gpu-supervise ")
 
 
 def test_install_failure_is_one_line(binary: Path, tmp_path: Path):
@@ -180,6 +339,415 @@ def test_install_needs_the_self_contained_binary(tmp_path: Path):
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
     assert "build one with packaging/build-binary.sh" in out.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_install_one_at_a_time(binary: Path, tmp_path: Path):
+    """A second install into DIR while one runs fails at once and changes nothing."""
+    import fcntl
+
+    first = _installed(binary, tmp_path)
+    fd = os.open(tmp_path / "gpu-supervise.versions", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as the running install holds it
+        out = _install(binary, tmp_path)
+    finally:
+        os.close(fd)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert "another gpu-supervise install into it is running" in out.stderr
+    assert (tmp_path / "gpu-supervise").resolve().parent == first
+    assert _versions(tmp_path) == [first.name]
+
+
+@pytest.mark.parametrize("kind", ["dangling", "another folder", "another install"])
+def test_install_over_a_link_replaces_the_link_and_writes_nothing_outside(
+    binary: Path, tmp_path: Path, kind: str
+):
+    """DIR/gpu-supervise (and DIR/_internal) may be links: dangling, into another folder, or
+    into another install's version folder. The link is replaced, never followed."""
+    target, outside = tmp_path / "dir", tmp_path / "outside"
+    target.mkdir()
+    outside.mkdir()
+    if kind == "dangling":
+        (target / "gpu-supervise").symlink_to(outside / "missing")
+    elif kind == "another folder":
+        (outside / "gpu-supervise").write_text("someone else's\n")
+        (outside / "_internal" / "ld").mkdir(parents=True)
+        (outside / "_internal" / "gpu-supervise").write_text("someone else's\n")
+        (outside / "_internal" / "ld" / "gpu-supervise").symlink_to("../gpu-supervise")
+        (target / "gpu-supervise").symlink_to("../outside/gpu-supervise")
+        (target / "_internal").symlink_to("../outside/_internal")
+    else:
+        other = _installed(binary, outside)
+        (target / "gpu-supervise").symlink_to(other / "gpu-supervise")
+    before = _tree(outside, contents=True)
+    out = _install(binary, target)
+    assert out.returncode == 0, out.stderr
+    assert _tree(outside, contents=True) == before
+    assert INSTALLED.fullmatch(out.stdout), out.stdout
+    assert (target / "gpu-supervise").resolve().parent.parent == target / "gpu-supervise.versions"
+    assert _version_of(target / "gpu-supervise").startswith("gpu-supervise ")
+    if kind == "another folder":  # not a copy of ours: left alone
+        assert os.readlink(target / "_internal") == "../outside/_internal"
+
+
+def test_install_on_a_full_filesystem_keeps_the_old_copy_running(
+    binary: Path, binary_b: Path, tmpfs: Callable[[str], Path], start_cmd: Callable[..., Proc]
+):
+    """Room for one copy and a half: the second install fails with ENOSPC halfway through its
+    copy, while a supervisor runs from the first. One short line, exit 1; the first copy still
+    starts and the running supervisor is untouched; the space is given back."""
+    size = sum(p.lstat().st_size for p in binary.parent.rglob("*"))
+    fs = tmpfs(f"size={size * 3 // 2 // 1024}k")
+    first = _installed(binary, fs / "opt")
+    proc = start_cmd([str(fs / "opt" / "gpu-supervise"), "--no-watch", "--", "sleep", "300"],
+                     clean_env())  # fmt: skip
+    proc.wait_for("as pid")
+    free = os.statvfs(fs).f_bfree
+    out = _install(binary_b, fs / "opt")
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.count("\n") == 1 and len(out.stderr) < 600, out.stderr[:2000]
+    assert out.stderr.startswith(f"gpu-supervise: cannot install into {fs / 'opt'}: ")
+    assert "No space left on device" in out.stderr
+    assert _version_of(fs / "opt" / "gpu-supervise") == _version_of(binary)
+    assert not [m for m in _mapped_files(proc.pid) if m.endswith("(deleted)")]
+    assert (fs / "opt" / "gpu-supervise").resolve().parent == first
+    assert _versions(fs / "opt") == [first.name]  # no half copy left behind
+    assert os.statvfs(fs).f_bfree == free
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(60) == 143, proc.log
+
+
+def test_install_that_cannot_make_its_link_keeps_the_old_copy(
+    binary: Path, binary_b: Path, tmpfs: Callable[[str], Path]
+):
+    """Inodes for exactly one more copy: the copy completes, the link before the switch
+    cannot be made (ENOSPC). The new copy is removed; the old one stays linked."""
+    size = sum(p.lstat().st_size for p in binary.parent.rglob("*"))
+    fs = tmpfs(f"size={size * 3 // 1024}k")
+    first = _installed(binary, fs / "opt")
+    used = os.statvfs(fs).f_files - os.statvfs(fs).f_ffree
+    entries = 1 + len(list(binary.parent.rglob("*")))  # the folder and what it holds
+    remount = subprocess.run(
+        ["mount", "-o", f"remount,nr_inodes={used + entries}", str(fs)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert remount.returncode == 0, remount.stderr
+    out = _install(binary_b, fs / "opt")
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr[:2000]
+    assert _version_of(fs / "opt" / "gpu-supervise") == _version_of(binary)
+    assert "No space left on device" in out.stderr and ".link-" in out.stderr
+    assert (fs / "opt" / "gpu-supervise").resolve().parent == first
+    assert _versions(fs / "opt") == [first.name]
+
+
+# Runs the package's install() with every filesystem change it makes (os.mkdir, symlink,
+# rename, chmod, unlink, rmdir; shutil.copy2) journaled, and the Nth one made to fail (OSError)
+# or to crash the process (os._exit, as a power cut or SIGKILL would, with no clean-up).
+HOOKED_INSTALL = r"""
+import errno, os, shutil, sys
+from pathlib import Path
+from gpu_supervise import install
+
+mode, at, source, target, journal = sys.argv[1], int(sys.argv[2]), *map(Path, sys.argv[3:])
+log = open(journal, "w")
+calls = 0
+
+def hooked(kind, function):
+    def call(*args, **kwargs):
+        global calls
+        calls += 1
+        print(kind, *args, file=log, flush=True)
+        if calls == at:
+            if mode == "crash":
+                os._exit(70)
+            raise OSError(errno.EIO, f"{kind} failed")
+        return function(*args, **kwargs)
+    return call
+
+for name in ("mkdir", "symlink", "rename", "chmod", "unlink", "rmdir"):
+    setattr(os, name, hooked(name, getattr(os, name)))
+shutil.copy2 = hooked("copy2", shutil.copy2)
+bundle = install.Bundle(source, ("gpu-supervise", "_internal"), source / "gpu-supervise")
+try:
+    done, problems = install.install(bundle, target)
+except OSError as exc:
+    print(exc, file=sys.stderr)
+    sys.exit(1)
+print(*problems, sep="\n", file=sys.stderr)
+"""
+
+
+@pytest.mark.slow
+def test_install_failing_or_crashing_at_any_step_leaves_a_working_copy(
+    binary: Path, binary_b: Path, tmpfs: Callable[[str], Path]
+):
+    """DIR holds build A (with a dead half copy and an old version beside it); B is installed
+    with each step made to fail or to crash: before the switch, DIR/gpu-supervise is A, byte
+    for byte; after it, B; never anything else (and each starts, either side of the switch).
+    A failure before the switch leaves DIR exactly as it was; after a crash, the next install
+    succeeds and clears what the crash left."""
+    fs = tmpfs("size=400m")
+    base = fs / "base"
+    _installed(binary, base)
+    versions = base / "gpu-supervise.versions"
+    (versions / ".new-0badc0de").mkdir()  # what a crash during a copy leaves
+    (versions / ".new-0badc0de" / "gpu-supervise").write_text("half\n")
+    (versions / "0.0.1-0badc0de").mkdir()  # an old version nothing runs
+    (versions / "0.0.1-0badc0de" / "gpu-supervise").write_text("old\n")
+    builds = {False: _tree(binary.parent, contents=True), True: _tree(binary_b.parent, True)}
+    versions_of = {False: _version_of(binary), True: _version_of(binary_b)}
+    journal = fs / "journal"
+
+    def hooked(mode: str, at: int, target: Path) -> tuple[subprocess.CompletedProcess[str], list]:
+        out = subprocess.run(
+            [sys.executable, "-c", HOOKED_INSTALL, mode, str(at), str(binary_b.parent),
+             str(target), str(journal)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        return out, journal.read_text().splitlines()
+
+    def switch(steps: list[str], target: Path) -> int:
+        return 1 + next(i for i, s in enumerate(steps) if s.endswith(f" {target}/gpu-supervise"))
+
+    dry = fs / "dry"
+    shutil.copytree(base, dry, symlinks=True)
+    out, steps = hooked("none", 0, dry)
+    assert out.returncode == 0, out.stderr
+    # every step from the rename of the complete copy on; of the copy, the first, a middle one
+    # and the last
+    renamed = 1 + next(i for i, step in enumerate(steps) if re.match(r"rename \S+/\.new-", step))
+    points = sorted({1, renamed // 2, renamed - 1, *range(renamed, len(steps) + 1)})
+    assert len(points) < 30, steps
+    for mode in ("fail", "crash"):
+        for at in points:
+            work = fs / "work"
+            shutil.copytree(base, work, symlinks=True)
+            before = _tree(work)
+            out, done = hooked(mode, at, work)
+            switched = at > switch(steps, dry)
+            where = f"{mode} at step {at}: {done[at - 1]}"
+            linked = (work / "gpu-supervise").resolve().parent
+            assert _tree(linked, contents=True) == builds[switched], where
+            if at in (switch(steps, dry), switch(steps, dry) + 1):  # the last A, the first B
+                assert _version_of(work / "gpu-supervise") == versions_of[switched], where
+            if mode == "fail" and not switched:
+                assert out.returncode == 1 and out.stderr.count("\n") == 1, where
+                assert _tree(work) == before, where
+            elif mode == "fail":
+                assert out.returncode == 0, where  # the install stands; the old copies wait
+            else:
+                again, _ = hooked("none", 0, work)
+                assert again.returncode == 0, f"{where}: {again.stderr}"
+                left = _versions(work)
+                assert len(left) == 2 and not [n for n in left if n.startswith(".")], where
+                assert _tree((work / "gpu-supervise").resolve().parent, True) == builds[True]
+            shutil.rmtree(work)
+
+
+# -- an upgrade under a running supervisor ------------------------------------------------------
+
+# An agent with a child of its own: the whole tree must go when gpu-supervise stops it.
+TREE_AGENT = 'sleep 300 & echo "agent $$ child $!"; wait'
+
+
+def _agent_tree(proc: Proc) -> tuple[int, int]:
+    proc.wait_for(" child ")
+    match = re.search(r"agent (\d+) child (\d+)", proc.stdout)
+    assert match, proc.stdout
+    return int(match[1]), int(match[2])
+
+
+def _started_from(pid: int) -> Path:
+    """The version folder a running gpu-supervise maps its program from."""
+    (program,) = [m for m in _mapped_files(pid) if m.endswith("/_internal/gpu-supervise")]
+    return Path(program).parent.parent
+
+
+@pytest.mark.parametrize("stop, code", [("SIGTERM", 143), ("topology change", 1)])
+def test_upgrade_under_a_running_supervisor_leaves_it_whole(
+    binary: Path,
+    binary_b: Path,
+    fake_node: FakeNode,
+    tmp_path: Path,
+    start_cmd: Callable[..., Proc],
+    stop: str,
+    code: int,
+):
+    """The upgrade the systemd unit documents: build A installed in /opt/gpu-supervise runs
+    the agent; build B is installed over it; then the supervisor is stopped (SIGTERM: the
+    agent's 143) or sees a topology change (exit 1). It stops the agent's whole tree and exits
+    with no traceback, because nothing it runs from was written over or removed; the restart
+    that follows runs B."""
+    node = dgx_a100(["1g.5gb"] * 7)
+    fake_node.write(node)
+    opt = tmp_path / "opt" / "gpu-supervise"
+    a = _installed(binary, opt)
+    proc = start_cmd([str(opt / "gpu-supervise"), *FAST, "--", "sh", "-c", TREE_AGENT],
+                     fake_node.env)  # fmt: skip
+    agent, child = _agent_tree(proc)
+    proc.wait_for("[GPU-Watcher] baseline")
+    assert _started_from(proc.pid) == a
+    mapped = {m for m in _mapped_files(proc.pid) if m.startswith(str(a))}
+    contents = {m: Path(m).read_bytes() for m in mapped}
+
+    b = _installed(binary_b, opt)
+    assert b != a and _version_of(opt / "gpu-supervise") == _version_of(binary_b)
+    after = {m for m in _mapped_files(proc.pid) if m.startswith(str(a))}
+    unchanged = {m for m in mapped if Path(m).is_file() and Path(m).read_bytes() == contents[m]}
+
+    if stop == "SIGTERM":
+        proc.signal(signal.SIGTERM)
+    else:
+        node.gpu(0).set_layout(["3g.20gb"] * 2)
+        fake_node.write(node)
+    assert proc.wait(60) == code, proc.log
+    assert "Traceback" not in proc.output and "CRITICAL" not in proc.log, proc.log
+    if stop != "SIGTERM":
+        assert "MIG configuration change detected" in proc.log
+    assert not pid_alive(agent) and not pid_alive(child)
+    # the running supervisor's files stayed where they were, as they were
+    assert after == mapped and unchanged == mapped
+
+    # the restart policy starts it again: B
+    again = start_cmd([str(opt / "gpu-supervise"), *FAST, "--", "sh", "-c", TREE_AGENT],
+                      fake_node.env)  # fmt: skip
+    _agent_tree(again)
+    assert _started_from(again.pid) == b
+
+
+def test_upgrade_from_an_install_of_the_older_layout(
+    binary: Path, binary_b: Path, tmp_path: Path, start_cmd: Callable[..., Proc]
+):
+    """DIR holding what an older install wrote (the launcher as DIR/gpu-supervise beside
+    DIR/_internal), running: the link replaces the launcher in one rename, the old _internal
+    stays while the supervisor started from it runs, and goes at the next install after."""
+    opt = tmp_path / "opt"
+    shutil.copytree(binary.parent, opt, symlinks=True)
+    proc = start_cmd([str(opt / "gpu-supervise"), "--no-watch", "--", "sh", "-c", TREE_AGENT],
+                     clean_env())  # fmt: skip
+    agent, child = _agent_tree(proc)
+    b = _installed(binary_b, opt)
+    assert sorted(p.name for p in opt.iterdir()) == [
+        "_internal",
+        "gpu-supervise",
+        "gpu-supervise.versions",
+    ]
+    assert _started_from(proc.pid) == opt
+    assert not [m for m in _mapped_files(proc.pid) if m.endswith("(deleted)")]
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(60) == 143, proc.log
+    assert "Traceback" not in proc.output
+    assert not pid_alive(agent) and not pid_alive(child)
+    again = _installed(binary_b, opt)
+    assert sorted(p.name for p in opt.iterdir()) == ["gpu-supervise", "gpu-supervise.versions"]
+    assert _versions(opt) == sorted([b.name, again.name])
+
+
+def test_install_removes_old_copies_only_once_nothing_runs_from_them(
+    binary: Path, tmp_path: Path, start_cmd: Callable[..., Proc]
+):
+    """Each install keeps the copy the link named before it (supervisors started until then,
+    in any namespace, run from it) and every copy a process maps; the rest goes."""
+    first = _installed(binary, tmp_path)
+    proc = start_cmd([str(tmp_path / "gpu-supervise"), "--no-watch", "--", "sleep", "300"],
+                     clean_env())  # fmt: skip
+    proc.wait_for("as pid")
+    second = _installed(binary, tmp_path)
+    third = _installed(binary, tmp_path)
+    fourth = _installed(binary, tmp_path)
+    assert _versions(tmp_path) == sorted([first.name, third.name, fourth.name])
+    assert second.name not in _versions(tmp_path)
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(60) == 143
+    fifth = _installed(binary, tmp_path)
+    assert _versions(tmp_path) == sorted([fourth.name, fifth.name])
+
+
+# -- where it may run from ------------------------------------------------------------------------
+
+
+def test_binary_refuses_to_run_from_a_path_with_a_colon(binary: Path, tmp_path: Path):
+    """The library search path is colon-separated: from /c:olon/ the bundled glibc would not be
+    found and the image's loaded instead. One line, 126, before anything is loaded."""
+    folder = tmp_path / "c:olon" / "gpu-supervise"
+    shutil.copytree(binary.parent, folder, symlinks=True)
+    out = subprocess.run([str(folder / "gpu-supervise"), "--version"], capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert (out.returncode, out.stdout) == (126, "")
+    assert out.stderr == (
+        f"gpu-supervise: cannot run from {folder}: the path holds ':', which the library search "
+        "path cannot (install gpu-supervise into a folder without ':')\n"
+    )
+
+
+# -- the agent's environment ----------------------------------------------------------------------
+
+CALLER_CASES = {
+    "no LD_LIBRARY_PATH": {},
+    "an empty LD_LIBRARY_PATH": {"LD_LIBRARY_PATH": ""},
+    "LD_LIBRARY_PATH_ORIG alone": {"LD_LIBRARY_PATH_ORIG": "/caller/orig"},
+    "both": {"LD_LIBRARY_PATH": "/caller/lib", "LD_LIBRARY_PATH_ORIG": "/caller/orig"},
+}
+
+
+def _environ(pid: int) -> list[bytes]:
+    return sorted(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")[:-1])
+
+
+@pytest.mark.parametrize("case", CALLER_CASES)
+@pytest.mark.parametrize("form", ["binary", "package"])
+def test_the_agent_gets_the_callers_environment_byte_for_byte(
+    binary: Path, start_cmd: Callable[..., Proc], form: str, case: str
+):
+    """What the agent finds in /proc/PID/environ is what gpu-supervise was started with, less
+    NOTIFY_SOCKET (gpu-supervise speaks to systemd itself). Not what PyInstaller's bootloader
+    made of it (the binary), nor what the interpreter added (the package: LC_CTYPE=C.UTF-8 with
+    no locale set), and the caller's own _PYI_*, PYINSTALLER_* and launcher-record names too."""
+    from conftest import SESSION_MARK, gpu_supervise_cmd
+
+    caller = {
+        "PATH": "/usr/bin:/bin",
+        SESSION_MARK: os.environ[SESSION_MARK],
+        "_PYI_CALLERS_OWN": "kept",
+        "_PYI_PARENT_PROCESS_LEVEL": "1",
+        "PYINSTALLER_RESET_ENVIRONMENT": "1",
+        "_GPU_SUPERVISE_CALLER_ENV": "LD_LIBRARY_PATH=/not/this%20one",
+        "ODD": "a b%20c%25\nd=e \udcff",  # spaces, escapes, a newline, a byte that is not UTF-8
+        "NOTIFY_SOCKET": "/nonexistent/notify",
+        **CALLER_CASES[case],
+    }
+    command = [str(binary)] if form == "binary" else gpu_supervise_cmd()
+    proc = start_cmd([*command, "--no-watch", "--", "/bin/sleep", "300"], caller)
+    proc.wait_for(" as pid ")
+    pid = int(re.search(r" as pid (\d+)", proc.log)[1])  # type: ignore[index]
+    expected = {**caller, Proc.MARK: proc.mark}
+    del expected["NOTIFY_SOCKET"]
+    assert _environ(pid) == sorted(os.fsencode(f"{k}={v}") for k, v in expected.items())
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(60) == 143
+
+
+def test_binary_started_without_a_library_path_gives_the_agent_none_and_the_images_libc(
+    binary: Path, start_cmd: Callable[..., Proc]
+):
+    """The usual case, which the other tests (all setting LD_LIBRARY_PATH for the fake NVML)
+    never take: no LD_LIBRARY_PATH for the agent, and the image's libc in it, while
+    gpu-supervise itself runs on the bundled one."""
+    env = {k: v for k, v in clean_env().items() if k != "LD_LIBRARY_PATH"}
+    proc = start_cmd([str(binary), "--no-watch", "--", "/bin/sleep", "300"], env)
+    proc.wait_for(" as pid ")
+    pid = int(re.search(r" as pid (\d+)", proc.log)[1])  # type: ignore[index]
+    assert not [e for e in _environ(pid) if e.startswith(b"LD_LIBRARY_PATH")]
+    bundle = str(binary.parent.resolve())
+
+    def libc(p: int) -> set[str]:
+        return {m for m in _mapped_files(p) if m.endswith("/libc.so.6")}
+
+    assert libc(proc.pid) == {f"{bundle}/_internal/libc.so.6"}
+    (image,) = libc(pid)
+    assert not image.startswith(bundle + "/") and Path(image).is_file()
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(60) == 143
 
 
 # -- a real container runtime --------------------------------------------------------------------
@@ -375,7 +943,9 @@ def test_init_container_installs_and_a_debian_11_agent_restarts_after_a_change(
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert init.returncode == 0, init.stderr
-        assert init.stdout == "installed /supervise/gpu-supervise (from /opt/gpu-supervise)\n"
+        match = INSTALLED.fullmatch(init.stdout)
+        assert match and match["link"] == "/supervise/gpu-supervise", init.stdout
+        assert match["source"] == "/opt/gpu-supervise"
 
         started = subprocess.run(
             [*podman, "run", "-d", "--name", name, "--restart", "on-failure", *PODMAN_FLAGS,

@@ -49,23 +49,62 @@ def become_subreaper() -> bool:
 
 
 def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """The environment the agent gets: the one we were started with.
+    """The environment the agent gets: exactly the one gpu-supervise was started with, except
+    NOTIFY_SOCKET (report.take_notify_socket).
 
-    PyInstaller's bootloader (the shipped binary) prepends its own library folder to
-    LD_LIBRARY_PATH and adds _PYI_* variables; an agent inheriting them could load our bundled
-    libraries instead of its own, and a frozen child would take itself for a sub-process.
+    Two layers change what this process sees, and both are undone here:
+    - The interpreter: started under the C locale, Python adds LC_CTYPE=C.UTF-8 to os.environ
+      (PEP 538's locale coercion). What exec gave this process stays in /proc/self/environ byte
+      for byte (setenv never writes there), so when `environ` is os.environ, that is the base.
+      Any other mapping (a test's) is taken as it is.
+    - The shipped binary: before any Python runs, PyInstaller's bootloader prepends its folder
+      to LD_LIBRARY_PATH (dropping an empty one, overwriting the caller's LD_LIBRARY_PATH_ORIG
+      with the old value), sets and unsets _PYI_* variables and removes
+      PYINSTALLER_RESET_ENVIRONMENT; an agent inheriting that could load our bundled libraries,
+      and a frozen agent would take itself for our sub-process. The launcher
+      (packaging/launcher.c) records the caller's state of all of these names first, in
+      _GPU_SUPERVISE_CALLER_ENV: `NAME=value`, or a bare `NAME` for one that was unset, separated
+      by spaces, `%` and ` ` written %25 and %20. Every recorded name and every _PYI_* is removed
+      and the record restored. A frozen build started without the launcher (a plain PyInstaller
+      build) has no record: the bootloader's own LD_LIBRARY_PATH_ORIG is the best guess there.
     """
+    if environ is os.environ:
+        try:
+            with open("/proc/self/environ", "rb") as fh:
+                block = fh.read()
+        except OSError:  # no /proc: os.environ is the best there is
+            pass
+        else:
+            started: dict[str, str] = {}
+            for entry in block.split(b"\0"):
+                name, eq, value = entry.partition(b"=")
+                if eq:  # the first of two equal names wins, as getenv and os.environ have it
+                    started.setdefault(os.fsdecode(name), os.fsdecode(value))
+            environ = started
     # A name with "=" (an envp entry "=x=y" that a C program can pass) or an empty one cannot be
     # handed to exec: drop it rather than fail to start the agent.
     env = {name: value for name, value in environ.items() if name and "=" not in name}
-    if getattr(sys, "frozen", False):
+    if not getattr(sys, "frozen", False):
+        return env
+    record = env.pop("_GPU_SUPERVISE_CALLER_ENV", None)
+    if record is None:
         original = env.pop("LD_LIBRARY_PATH_ORIG", None)
         if original is None:
             env.pop("LD_LIBRARY_PATH", None)
         else:
             env["LD_LIBRARY_PATH"] = original
-        for name in [n for n in env if n.startswith("_PYI_") or n == "_MEIPASS2"]:
-            del env[name]
+        for name in ("_MEIPASS2", "_PYI_ARCHIVE_FILE", "_PYI_PARENT_PROCESS_LEVEL"):
+            env.pop(name, None)  # what a one-folder bootloader sets
+        return env
+    caller: dict[str, str | None] = {}
+    for item in os.fsencode(record).split(b" "):
+        if item:
+            raw = b"%".join(part.replace(b"%20", b" ") for part in item.split(b"%25"))
+            name, eq, value = raw.partition(b"=")
+            caller.setdefault(os.fsdecode(name), os.fsdecode(value) if eq else None)
+    for name in [n for n in env if n.startswith("_PYI_")] + list(caller):
+        env.pop(name, None)
+    env.update({name: value for name, value in caller.items() if value is not None})
     return env
 
 

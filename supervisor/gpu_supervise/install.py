@@ -1,31 +1,76 @@
-"""`gpu-supervise install DIR`: copy the running self-contained gpu-supervise into DIR.
+"""`gpu-supervise install DIR`: put the running self-contained gpu-supervise into DIR, so that
+no failure and no crash at any moment leaves DIR without a working copy, and no running
+gpu-supervise ever loses a file.
 
-For init containers and images with no shell or cp: the init container runs
-`/opt/gpu-supervise/gpu-supervise install /supervise` on a shared volume, and the agent
-container runs `/supervise/gpu-supervise ... -- AGENT`. What is copied is what runs now:
+For init containers and images with no shell or cp (the init container runs
+`/opt/gpu-supervise/gpu-supervise install /supervise` on a shared volume, the agent container
+`/supervise/gpu-supervise ... -- AGENT`), and for upgrades on a host (run it again with a newer
+build). What is copied is what runs now: the build of packaging/build-binary.sh (the launcher
+and _internal/, symbolic links kept as links), a plain PyInstaller one-folder build (its
+executable and _internal/), or a one-file build (the file). DIR then holds:
 
-- the build of packaging/build-binary.sh: the launcher DIR/gpu-supervise and DIR/_internal/
-  (the program, its libraries and glibc, symbolic links kept as links);
-- a plain PyInstaller one-folder build: its executable and _internal/;
-- a one-file build: the file.
+    DIR/gpu-supervise -> gpu-supervise.versions/0.1.0-1a2b3c4d/gpu-supervise   (a symbolic link)
+    DIR/gpu-supervise.versions/0.1.0-1a2b3c4d/   this copy: gpu-supervise, _internal/
+    DIR/gpu-supervise.versions/0.1.0-5e6f7a8b/   the copy the link named before, if any
 
-Only those entries of DIR are replaced (removed, then copied); anything else there is left
-alone, so running it again over an earlier copy is fine. A gpu-supervise installed from Python
-packages (pip) has no such files: a usage error. Usage errors: one line and exit 2; a failed copy:
-one line and exit 1.
+Why a folder per copy and one link, and never a copy written over another:
+- DIR/gpu-supervise (the launcher) and DIR/_internal/ (what it runs) would be two entries, and
+  no rename switches two entries at once: a crash between two renames leaves a launcher with
+  the other build's folder. One symbolic link switched by one rename(2) has no such moment.
+- A running gpu-supervise keeps reading its files: PyInstaller opens its archive by path at
+  every import, so a build written over it makes its next import read the new file at the old
+  offsets (zlib.error) -- an upgrade under a running supervisor crashed it at its next stop.
+  The launcher finds its folder through /proc/self/exe, which resolves the link: a supervisor
+  started before an upgrade runs from its own version folder (its sys._MEIPASS is there), and
+  the upgrade leaves that folder alone.
+- Deleting files a running process maps frees no space, so replacing in place on a nearly full
+  filesystem failed halfway (ENOSPC), leaving half a folder: nothing is deleted before the new
+  copy is complete and switched to.
+
+The steps, and what a failure or a crash after each leaves:
+1. Copy into gpu-supervise.versions/.new-TOKEN, each file and folder fsync'ed (so that a power
+   loss after the switch cannot leave a link to files whose data never reached the disk).
+   Before the switch, DIR/gpu-supervise still runs the copy it ran; a failure removes the
+   partial folder, a crash leaves it for the next install to remove.
+2. Rename it to VERSION-TOKEN: a folder has that name only once complete.
+3. Make the link gpu-supervise.versions/.link-TOKEN -> gpu-supervise.versions/VERSION-TOKEN/
+   gpu-supervise (relative: DIR may be mounted elsewhere in the agent's container), and rename
+   it over DIR/gpu-supervise: the switch. Before it, the old copy starts; after it, the new.
+4. Remove the copies nobody can be running: every other folder of gpu-supervise.versions/ (and
+   the _internal/ of an install made before this layout), except the copy DIR/gpu-supervise
+   named before the switch (supervisors started until now run from it, possibly in other PID
+   namespaces) and any folder that a process this install can see maps a file from
+   (/proc/PID/maps; the command line of a process whose map it may not read). A failure here
+   is reported, and the install stands.
+
+One install into DIR at a time (a lock on gpu-supervise.versions/): a second one fails. Nothing
+of DIR but DIR/gpu-supervise and DIR/gpu-supervise.versions/ is written, and nothing outside
+DIR: a DIR/gpu-supervise that is a link elsewhere or a dangling link is replaced, never
+followed. A usage error (one line, exit 2): no DIR; a DIR inside the running copy; a
+DIR/gpu-supervise that is a folder (the running copy when DIR is its parent: it is never
+deleted); a DIR whose path holds ':' (the library search path is colon-separated: the copy
+would load the image's C library); gpu-supervise installed from Python packages (pip), which
+has no such files. A failed copy: one line, exit 1, DIR as it was.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import __version__
 from .args import EXIT_USAGE, PROG, Parser
 from .config import ConfigError
+from .text import clip
 
 EXIT_FAILED = 1
+VERSIONS = ".versions"  # DIR/gpu-supervise.versions/: the suffix of the executable's name
+NEW, LINK = ".new-", ".link-"  # the temporary entries of gpu-supervise.versions/
 
 
 @dataclass(frozen=True)
@@ -37,6 +82,10 @@ class Bundle:
     root: Path
     entries: tuple[str, ...]
     executable: Path
+
+
+class Refused(Exception):
+    """Install cannot go ahead for what it was given: exit 2, DIR untouched."""
 
 
 def running_bundle() -> Bundle | None:
@@ -60,24 +109,222 @@ def _parse(argv: list[str]) -> Path:
     parser = Parser(
         prog=f"{PROG} install",
         description="Copy this self-contained gpu-supervise into DIR (created if missing), for "
-        "an init container to share it with the agent's container: DIR/gpu-supervise.",
+        "an init container to share it with the agent's container, or to upgrade a host: "
+        "DIR/gpu-supervise, switched atomically; a running gpu-supervise keeps its own copy.",
     )
-    parser.add_argument("dir", metavar="DIR", help="where to copy it, e.g. /supervise")
+    parser.add_argument("dir", metavar="DIR", help="where to install it, e.g. /supervise")
     return Path(parser.parse_args(argv).dir)
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
+def _check(bundle: Bundle, target: Path) -> None:
+    """Refuse what install must not do, before anything is written."""
+    where = target.resolve()
+    if where == bundle.root or bundle.root in where.parents:
+        raise Refused(f"{clip(str(target), 200)} is where this gpu-supervise already is")
+    if ":" in str(where):
+        raise Refused(
+            f"{clip(str(where), 200)}: a path with ':' cannot hold gpu-supervise (the library "
+            "search path is colon-separated: it would load the image's C library)"
+        )
+    link = target / bundle.executable.name
+    if link.is_dir() and not link.is_symlink():
+        running = " (the running gpu-supervise)" if link.resolve() == bundle.root else ""
+        raise Refused(
+            f"{clip(str(link), 200)} is a folder{running}: install puts a link there and never "
+            "removes a folder; choose another DIR"
+        )
+    versions = target / (bundle.executable.name + VERSIONS)
+    if versions.is_symlink() or (versions.exists() and not versions.is_dir()):
+        raise Refused(f"{clip(str(versions), 200)} is not a folder of gpu-supervise's")
+
+
+def _fsync(path: Path) -> None:
+    """Write path (a file's data, a folder's entries) through to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # a filesystem that cannot sync folders (some FUSE ones): not an error
+        if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)
 
 
 def _copy(source: Path, target: Path) -> None:
-    if source.is_dir() and not source.is_symlink():
-        shutil.copytree(source, target, symlinks=True)
+    """Copy a file, link or folder, every file and folder fsync'ed; the first error stops it
+    (one error to report, not a list of thousands)."""
+    if source.is_symlink():
+        os.symlink(os.readlink(source), target)
+    elif source.is_dir():
+        os.mkdir(target, 0o700)
+        for child in sorted(source.iterdir()):
+            _copy(child, target / child.name)
+        shutil.copystat(source, target, follow_symlinks=False)
+        _fsync(target)
     else:
         shutil.copy2(source, target, follow_symlinks=False)
+        _fsync(target)
+
+
+def _remove(path: Path) -> None:
+    """Remove a folder, file or link of gpu-supervise's: a link is removed, never followed."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _version_folder(link: Path, versions: Path) -> Path | None:
+    """The folder of versions/ that DIR/gpu-supervise names, if it names one."""
+    try:
+        named = Path(os.path.normpath(link.parent / os.readlink(link)))
+    except OSError:  # not a link, or gone
+        return None
+    return named.parent if named.parent.parent == versions else None
+
+
+def _legacy(target: Path, name: str) -> Path | None:
+    """DIR/_internal of an install made before gpu-supervise.versions/, if it is one."""
+    internal = target / "_internal"
+    ours = (internal / "ld" / name).is_symlink() and (internal / name).is_file()
+    return internal if ours and internal.is_dir() and not internal.is_symlink() else None
+
+
+def _mapped() -> tuple[set[bytes], set[tuple[int, int]]]:
+    """The paths, and the (device, inode) pairs, of the files that the processes we can see
+    map. A process whose map we may not read (another user's, or one with more capabilities,
+    without CAP_SYS_PTRACE) gives the words of its command line instead, readable by all: a
+    gpu-supervise is started as VERSION-FOLDER/_internal/ld/gpu-supervise by the launcher."""
+    paths: set[bytes] = set()
+    inodes: set[tuple[int, int]] = set()
+    for pid in [e for e in os.listdir("/proc") if e.isdigit()]:
+        try:
+            try:
+                with open(f"/proc/{pid}/maps", "rb") as fh:
+                    maps = fh.read()
+            except PermissionError:
+                with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                    paths.update(fh.read().split(b"\0"))
+                continue
+        except OSError:
+            continue  # gone meanwhile
+        for line in maps.splitlines():
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[4] != b"0":
+                major, _, minor = fields[3].partition(b":")
+                inodes.add((os.makedev(int(major, 16), int(minor, 16)), int(fields[4])))
+                paths.add(fields[5])
+    return paths, inodes
+
+
+def _in_use(folder: Path, mapped: tuple[set[bytes], set[tuple[int, int]]]) -> bool:
+    """Whether a process maps a file of folder: by path, or by inode (a process of another
+    mount namespace sees the same file under another path)."""
+    paths, inodes = mapped
+    prefix = os.fsencode(folder.resolve()) + b"/"
+    if any(path.startswith(prefix) for path in paths):
+        return True
+    for root, _, files in os.walk(folder):
+        for name in files:
+            st = os.lstat(os.path.join(root, name))
+            if (st.st_dev, st.st_ino) in inodes:
+                return True
+    return False
+
+
+def _lock(versions: Path) -> int:
+    """An exclusive lock on versions/ for this install (released when the process ends)."""
+    fd = os.open(versions, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OSError(errno.EBUSY, "another gpu-supervise install into it is running") from None
+    except OSError:
+        pass  # a filesystem without locks: go ahead unlocked
+    return fd
+
+
+def _copy_folder(bundle: Bundle, new: Path) -> None:
+    """Step 1: the bundle's entries into the folder new, readable by the agent's user whatever
+    the umask (the agent's container often runs as another user than the init container)."""
+    os.mkdir(new)
+    for entry in bundle.entries:
+        _copy(bundle.root / entry, new / entry)
+    os.chmod(new, 0o755)
+    _fsync(new)
+
+
+def install(bundle: Bundle, target: Path) -> tuple[Path, list[str]]:
+    """Install bundle into target (the steps are in the module's docstring): the new version
+    folder, and a line for each problem after the switch. Refused or OSError: target as it
+    was, but for an empty gpu-supervise.versions/."""
+    _check(bundle, target)
+    name = bundle.executable.name
+    link = target / name
+    versions = target / (name + VERSIONS)
+    if not target.is_dir():
+        target.mkdir(parents=True)
+    if not versions.is_dir():
+        versions.mkdir()
+        versions.chmod(0o755)
+    lock = _lock(versions)
+    try:
+        previous = _version_folder(link, versions)
+        if previous is None and not link.is_symlink():  # an older install's launcher
+            previous = _legacy(target, name)
+        token = os.urandom(4).hex()
+        version = "".join(c if c.isalnum() or c in "._+-" else "_" for c in __version__)
+        new = versions / f"{NEW}{token}"
+        done = versions / f"{version}-{token}"
+        temporary_link = versions / f"{LINK}{token}"
+        made: list[Path] = []  # what to remove if a step fails: only what this install made
+        try:
+            made.append(new)
+            _copy_folder(bundle, new)  # 1
+            os.rename(new, done)  # 2
+            made[0] = done
+            _fsync(versions)
+            os.symlink(os.path.join(versions.name, done.name, name), temporary_link)  # 3
+            made.append(temporary_link)
+            os.rename(temporary_link, link)  # the switch
+        except BaseException:
+            for leftover in made:
+                try:
+                    _remove(leftover)
+                except OSError:
+                    pass  # the next install removes it
+            raise
+        problems = []
+        try:
+            _fsync(target)
+        except OSError as exc:
+            problems.append(f"{clip(str(target), 200)} not synced to disk: {exc.strerror}")
+        return done, problems + _remove_unused(target, name, keep={done, previous})  # 4
+    finally:
+        os.close(lock)
+
+
+def _remove_unused(target: Path, name: str, keep: set[Path | None]) -> list[str]:
+    """Step 4: remove what nothing runs from; a line for each that could not be removed."""
+    versions = target / (name + VERSIONS)
+    candidates = [p for p in sorted(versions.iterdir()) if p not in keep]
+    legacy = _legacy(target, name)
+    if legacy is not None and legacy not in keep:
+        candidates.append(legacy)
+    try:
+        mapped = _mapped() if candidates else (set(), set())
+    except OSError as exc:  # no /proc: nothing can be known to be unused
+        return [f"old copies kept: cannot list processes: {exc.strerror}"]
+    problems = []
+    for path in candidates:
+        try:
+            if not path.name.startswith((NEW, LINK)) and _in_use(path, mapped):
+                continue  # maybe running: kept until an install finds it unused
+            _remove(path)
+        except OSError as exc:
+            problems.append(f"cannot remove {clip(str(path), 200)}: {clip(str(exc), 200)}")
+    return problems
 
 
 def main(argv: list[str]) -> int:
@@ -94,17 +341,19 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    where = target.resolve()
-    if where == bundle.root or bundle.root in where.parents:
-        print(f"{PROG}: {target} is where this gpu-supervise already is", file=sys.stderr)
-        return EXIT_USAGE
     try:
-        target.mkdir(parents=True, exist_ok=True)
-        for name in bundle.entries:
-            _remove(target / name)
-            _copy(bundle.root / name, target / name)
+        done, problems = install(bundle, target)
+    except Refused as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except OSError as exc:
-        print(f"{PROG}: cannot install into {target}: {exc}", file=sys.stderr)
+        print(
+            f"{PROG}: cannot install into {clip(str(target), 200)}: {clip(str(exc), 300)}",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
-    print(f"installed {target / bundle.executable.name} (from {bundle.root})")
+    link = target / bundle.executable.name
+    print(f"installed {link} -> {os.readlink(link)} (from {bundle.root})")
+    for problem in problems:
+        print(f"{PROG}: {problem}", file=sys.stderr)
     return 0
