@@ -62,7 +62,7 @@ def test_the_json_event_says_it_is_not_restarting(start: Start, fake_node: FakeN
 
 def test_a_restart_loop_over_a_broken_nvml_restarts_once(fake_node: FakeNode, tmp_path):
     """What a restart policy does (Kubernetes, systemd, podman --restart on-failure): start again
-    on every exit 1. NVML works at first, then breaks for good: the PRD's 3-failure rule restarts
+    on every exit 1. NVML works at first, then breaks for good: the 3-failure rule restarts
     once, and the new gpu-supervise, whose NVML never worked, keeps its agent running."""
     node = dgx_a100(count=1)
     fake_node.write(node)

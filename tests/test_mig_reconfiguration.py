@@ -59,7 +59,7 @@ def operator_resets(fake_node: FakeNode, node: Node, index: int, agent: int) -> 
 
 
 def test_prd_qa_on_an_a100_whose_agent_holds_nvml(start: Start, fake_node: FakeNode):
-    """The PRD's QA list as an operator runs it by hand on an A100 node, with a restart policy
+    """The QA list as an operator runs it by hand on an A100 node, with a restart policy
     starting gpu-supervise again after each exit 1."""
     node = dgx_a100(count=2)
     fake_node.write(node)

@@ -1,4 +1,4 @@
-"""The PRD's QA plan end to end: the installed gpu-supervise, a real agent child, the fake NVML
+"""The QA plan end to end: the installed gpu-supervise, a real agent child, the fake NVML
 node file rewritten while it runs."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What the watcher's decisions look like to the world: log lines (text for people, the same
 events with fields in JSON), the Kubernetes termination message and systemd's status text.
 
-Every line stays well under the 16 KiB at which container runtimes split a log line: the PRD's
+Every line stays well under the 16 KiB at which container runtimes split a log line: the
 change line carries the old and new UUID lists once, and the details follow in one line per
 changed GPU, never in the same line.
 """
@@ -33,7 +33,8 @@ def _uuid_list(uuids: list[str]) -> str:
 
 
 def change_line(change: Change) -> str:
-    """The PRD's line, word for word, so existing log alerts keep matching."""
+    """The change line (old and new UUIDs), word for word as specified, so log alerts keep
+    matching."""
     kind = "MIG configuration change" if change.is_mig_change else "GPU topology change"
     return (
         f"{TAG} {kind} detected (Old UUIDs: {_uuid_list(change.old.uuids())}, "
@@ -235,7 +236,7 @@ def _log_change(change: Change) -> None:
 
 
 def _gpu_uuids(topo: Topology, gpu_uuid: str) -> list[str]:
-    """One GPU's UUID followed by its MIG devices', as in the PRD line; [] if it is absent."""
+    """One GPU's UUID followed by its MIG devices', as in the change line; [] if it is absent."""
     gpus = [g for g in topo.gpus if g.uuid == gpu_uuid]
     return Topology(tuple(gpus), nvml=topo.nvml).uuids()
 

@@ -1,8 +1,8 @@
 """Logging to stderr through loguru: plain text for people, one JSON object a line for machines.
 
 Only the main thread logs (loguru is not re-entrant, so never from a signal handler). Structured
-fields are passed with `logger.bind(...)`; text output shows the message alone so the PRD's
-`[GPU-Watcher] …` line reads exactly as log alerts expect, JSON output adds the fields.
+fields are passed with `logger.bind(...)`; text output shows the message alone so the change
+line `[GPU-Watcher] …` reads exactly as log alerts expect, JSON output adds the fields.
 
 Two guarantees, whatever NVML or the agent's command line hold:
 - text lines carry no control characters: an ESC in a GPU name must not reach the terminal of

@@ -20,7 +20,7 @@ Each GPU that goes pending gets its own allowance of `pending_timeout` from the 
 saw it: the agent stays stopped while any pending GPU is within its allowance.
 
 Failures: after a baseline, the `failure_threshold`-th consecutive failed probe restarts (the
-PRD's rule). Before any successful reading a restart cannot give the agent a working NVML, so
+specified rule). Before any successful reading a restart cannot give the agent a working NVML, so
 failures never restart then; NVML starting to work afterwards is a topology change, because
 the agent started without it. While holding, failures are expected (NVML fails while a GPU
 resets) and tolerated until the hold's deadline; past it the failure rule decides first, so an
