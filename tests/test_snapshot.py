@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -140,3 +141,30 @@ def test_snapshot_flags_are_validated(fake_node: FakeNode):
         2,
         "gpu-supervise: --probe-timeout: must be at least 0.1 s, got '0'\n",
     )
+
+
+# -- documents for the file source -------------------------------------------------------------
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "node.json"
+
+
+def test_the_example_node_is_what_snapshot_writes():
+    """examples/node.json (an A100 in MIG mode, an H200 without) is a document the file source
+    reads as written: the dry run of the README's troubleshooting works on it."""
+    out = run(["snapshot", "--json", "--source", f"file:{EXAMPLE}"], clean_env())
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == json.loads(EXAMPLE.read_text())
+    table = run(["snapshot", "--source", f"file:{EXAMPLE}"], clean_env()).stdout
+    assert "NVIDIA A100-SXM4-40GB" in table and "NVIDIA H200" in table and "pending" not in table
+
+
+def test_a_hand_written_document_shows_no_pending_change(tmp_path: Path):
+    """A document that lists MIG devices and says nothing of the MIG mode is read as MIG on
+    with no change pending: `pending` is the mode after the next reset, the current one here."""
+    doc = tmp_path / "node.json"
+    doc.write_text(json.dumps({"gpus": [{"index": 0, "uuid": "GPU-1", "mig_devices": [
+        {"uuid": "MIG-1", "gpu_instance_id": 1, "compute_instance_id": 0}]}]}))  # fmt: skip
+    out = run(["snapshot", "--json", "--source", f"file:{doc}"], clean_env())
+    assert json.loads(out.stdout)["gpus"][0]["mig"] == {"current": True, "pending": True}
+    table = run(["snapshot", "--source", f"file:{doc}"], clean_env()).stdout
+    assert "pending" not in table and " on\n" in table

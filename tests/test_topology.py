@@ -367,12 +367,12 @@ def test_the_table_word_for_word():
     )  # fmt: skip
     pending = "off (pending on: needs GPU reset)"
     assert render_table(topo).splitlines() == [
-        "GPU    NAME / PROFILE                 UUID   BUS ID / GI:CI    MIG",
-        "0      NVIDIA A100-SXM4-40GB          GPU-a  00000000:00:00.0  on",
-        "  0:1    ? (1 slices, 4864 MiB)       MIG-1    7:0",
-        "  0:3    1g.5gb (1 slices, 4864 MiB)  MIG-2    8:0",
-        f"1      NVIDIA A100-SXM4-40GB          GPU-c  00000000:01:00.0  {pending}",
-        "2      NVIDIA A100-SXM4-40GB          GPU-b  00000000:01:00.0  n/a",
+        "GPU    NAME / PROFILE                UUID   BUS ID / GI:CI    MIG",
+        "0      NVIDIA A100-SXM4-40GB         GPU-a  00000000:00:00.0  on",
+        "  0:1    ? (1 slice, 4864 MiB)       MIG-1    7:0",
+        "  0:3    1g.5gb (1 slice, 4864 MiB)  MIG-2    8:0",
+        f"1      NVIDIA A100-SXM4-40GB         GPU-c  00000000:01:00.0  {pending}",
+        "2      NVIDIA A100-SXM4-40GB         GPU-b  00000000:01:00.0  n/a",
         "Driver 550.54.15",
     ]
     assert render_table(Topology(())) == "No GPUs."

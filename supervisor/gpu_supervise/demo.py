@@ -2,8 +2,9 @@
 
 A SIMULATED node (one A100 in 1g.5gb x7) lives in a JSON file that gpu-supervise reads through
 its file source. An example agent prints the UUIDs it sees. Part-way through, the demo
-reconfigures the GPU to 3g.20gb x2: gpu-supervise logs the change line (old and new UUIDs), stops the agent and exits
-1, and the demo restarts it the way a restart policy would; the new agent sees the new UUIDs.
+reconfigures the GPU to 3g.20gb x2: gpu-supervise logs the change line (old and new UUIDs),
+stops the agent and exits 1, and the demo restarts it the way a restart policy would; the new
+agent sees the new UUIDs.
 """
 
 from __future__ import annotations

@@ -345,7 +345,8 @@ def render_table(topo: Topology) -> str:
             rows.append(
                 (
                     f"  {gpu.index}:{m.index}",
-                    f"  {m.profile or '?'} ({m.slices} slices, {m.memory_mb} MiB)",
+                    f"  {m.profile or '?'} ({m.slices} slice{'s' if m.slices != 1 else ''}, "
+                    f"{m.memory_mb} MiB)",
                     m.uuid,
                     f"  {m.gpu_instance_id}:{m.compute_instance_id}",
                     "",
