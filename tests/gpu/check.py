@@ -2,9 +2,10 @@
 
     python tests/gpu/check.py [--seconds 120] [--probes 200] [--report PATH]
 
-Strictly read-only: it calls NVML getters only and runs `nvidia-smi -L` and `nvidia-smi
---query-gpu=...` only; it never creates, destroys or resets anything and never changes modes,
-clocks or power. The GPU's layout is shared with others and is left as found.
+Strictly read-only: it calls NVML getters only, runs `nvidia-smi -L` and `nvidia-smi
+--query-gpu=...` only, and lists /proc/driver/nvidia; it never creates, destroys or resets
+anything and never changes modes, clocks or power. The GPU's layout is shared with others and is
+left as found.
 
 1. parity: `gpu-supervise snapshot --json` against `nvidia-smi -L` and `--query-gpu`
 2. no false positives: gpu-supervise --interval 1 --cooldown 0 --settle 1 -- sleep, for
@@ -12,6 +13,10 @@ clocks or power. The GPU's layout is shared with others and is left as found.
 3. probe cost: min / median / max over --probes probes, init+shutdown apart from enumeration
 4. what the driver supports: the MIG config-change event, MIG modes, driver and NVML versions
 5. gpu-supervise's own RSS and CPU while watching
+6. the driver's procfs tree, which the tripwire lists: every MIG instance NVML shows has its
+   capabilities/gpu<minor>/mig/gi<G>[/ci<C>]/access entry and no other; and one listing's cost
+7. the device files NVML holds open while initialised (what the holder scan looks for): which,
+   close-on-exec or not, none left after nvmlShutdown, and the scan finding the process
 
 The same functions serve tests/gpu/test_gpu.py, which runs them in CI against the fake NVML
 and a fake nvidia-smi.
@@ -226,6 +231,92 @@ def _inner_driver() -> dict:
         pynvml.nvmlShutdown()
 
 
+def _nvidia_fds(device_dir: str) -> list[dict]:
+    """This process's descriptors on NVIDIA device files, with their close-on-exec flag."""
+    out = []
+    for fd in sorted(os.listdir("/proc/self/fd"), key=int):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            flags = Path(f"/proc/self/fdinfo/{fd}").read_text().split("flags:")[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if target.startswith(device_dir.rstrip("/") + "/nvidia"):
+            out.append({"fd": int(fd), "path": target, "cloexec": bool(int(flags, 8) & 0o2000000)})
+    return out
+
+
+def _inner_device_files() -> dict:
+    import pynvml
+
+    from gpu_supervise.holders import scan
+
+    device_dir = os.environ.get("GPU_CHECK_DEVICE_DIR", "/dev")
+    before = _nvidia_fds(device_dir)
+    pynvml.nvmlInit()
+    try:
+        during = _nvidia_fds(device_dir)
+        found = scan(device_dir)
+        me = [h.devices for h in found.holders if h.pid == os.getpid()]
+    finally:
+        pynvml.nvmlShutdown()
+    after = _nvidia_fds(device_dir)
+    return {
+        "ok": not before and bool(during) and not after and bool(me),
+        "before": before, "while_initialised": during, "after_shutdown": after,
+        "scan_found_this_process": me[0] if me else None,
+        "other_holders": [f"{h.pid} {h.cmdline}" for h in found.holders if h.pid != os.getpid()],
+        "unreadable": found.unreadable,
+    }  # fmt: skip
+
+
+# -- 6. the driver's procfs tree -------------------------------------------------------------------
+
+
+def procfs_tree(env: dict[str, str], listings: int = 50) -> dict:
+    """The tree the tripwire lists, against what NVML shows (snapshot --json)."""
+    from gpu_supervise.tripwire import absent_reason, list_tree
+
+    root = env.get("GPU_CHECK_PROCFS_ROOT", "/proc/driver/nvidia")
+    why = absent_reason(root)
+    if why is not None:
+        return {"ok": False, "error": why}
+    listing = sorted(list_tree(root))
+    minors = {}  # bus id as procfs names it (0000:07:00.0) -> device minor
+    for entry in (e for e in listing if e.count("/") == 1 and e.startswith("gpus/")):
+        try:
+            info = Path(root, entry, "information").read_text(errors="replace")
+        except OSError:
+            continue
+        found = re.search(r"Device Minor:\s*(\d+)", info)
+        if found:
+            minors[entry.split("/", 1)[1].lower()] = int(found[1])
+    snap = _run([*gpu_supervise(), "snapshot", "--json"], env)
+    if snap.returncode != 0:
+        return {"ok": False, "error": snap.stderr.strip()}
+    expected = set()
+    for g in json.loads(snap.stdout)["gpus"]:
+        minor = minors.get(g["pci_bus_id"][-12:].lower())
+        for m in g["mig_devices"]:
+            gi = f"capabilities/gpu{minor}/mig/gi{m['gpu_instance_id']}"
+            expected |= {f"{gi}/access", f"{gi}/ci{m['compute_instance_id']}/access"}
+    shape = re.compile(r"capabilities/gpu\d+/mig/gi\d+(/ci\d+)?/access")
+    present = {e for e in listing if shape.fullmatch(e)}
+    times = []
+    for _ in range(listings):
+        t0 = time.perf_counter()
+        list_tree(root)
+        times.append((time.perf_counter() - t0) * 1000)
+    return {
+        "ok": present == expected,
+        "entries": len(listing),
+        "minors": minors,
+        "missing": sorted(expected - present),
+        "unexpected": sorted(present - expected),
+        "listing_ms": {"min": min(times), "median": statistics.median(times), "max": max(times)},
+        "listing": listing[:400],
+    }
+
+
 def _version(dist: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -282,10 +373,32 @@ def report(results: dict) -> str:
         f"| 5. gpu-supervise while watching | RSS max {f['rss_mib']['max']:.1f} MiB, CPU "
         f"{f['cpu_seconds']} s ({f['cpu_percent']} %) |"
     )
+    t, fd = results["procfs"], results["device_files"]
+    if "error" in t:
+        lines.append(f"| 6. the driver's procfs tree | {t['error']} |")
+    else:
+        lines.append(
+            f"| 6. the driver's procfs tree ({t['entries']} entries) | "
+            f"{'PASS' if t['ok'] else 'FAIL'}: missing {t['missing'] or 'none'}, unexpected "
+            f"{t['unexpected'] or 'none'}; one listing median {t['listing_ms']['median']:.3f} ms |"
+        )
+    if "error" in fd:
+        lines.append(f"| 7. NVML's device files | error: {fd['error']} |")
+    else:
+        held = ", ".join(f"{x['path']}{'' if x['cloexec'] else ' (not close-on-exec)'}"
+                         for x in fd["while_initialised"])  # fmt: skip
+        lines.append(
+            f"| 7. NVML's device files | {'PASS' if fd['ok'] else 'FAIL'}: while initialised "
+            f"{held or 'none'}; after nvmlShutdown {len(fd['after_shutdown'])}; the scan "
+            f"{'found' if fd['scan_found_this_process'] else 'did NOT find'} this process |"
+        )
     lines += ["", "## Details", "", "```", p.get("nvidia_smi_L", "").rstrip(), "```"]
     if p.get("differences"):
         lines += ["", "Differences:", *[f"- {x}" for x in p["differences"]]]
     lines += ["", f"Baseline line: `{f['baseline']}`", ""]
+    if t.get("listing"):
+        lines += ["The driver's tree (`/proc/driver/nvidia`, capabilities/ and gpus/):", "", "```",
+                  *t["listing"], "```", ""]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -297,6 +410,8 @@ def run_all(env: dict[str, str], seconds: float, probes: int) -> dict:
         "parity": parity(env),
         "driver": inner("driver", env),
         "probe": inner("probe", env, probes),
+        "device_files": inner("files", env),
+        "procfs": procfs_tree(env),
         "watch": no_false_positives(env, seconds),
     }
 
@@ -307,10 +422,11 @@ def main() -> int:
     parser.add_argument("--probes", type=int, default=200)
     parser.add_argument("--report", help="write the Markdown report here")
     parser.add_argument("--json", help="write the raw results here")
-    parser.add_argument("--inner", choices=["probe", "driver"], help=argparse.SUPPRESS)
+    parser.add_argument("--inner", choices=["probe", "driver", "files"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner:
-        result = _inner_probe_cost(args.probes) if args.inner == "probe" else _inner_driver()
+        result = {"probe": lambda: _inner_probe_cost(args.probes), "driver": _inner_driver,
+                  "files": _inner_device_files}[args.inner]()  # fmt: skip
         print(json.dumps(result))
         return 0
     results = run_all(dict(os.environ), args.seconds, args.probes)

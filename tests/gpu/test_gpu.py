@@ -45,6 +45,9 @@ def target(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequ
         LD_LIBRARY_PATH=str(fake_lib_dir),
         FAKE_NVML_NODE=str(tmp / "node.txt"),
         PATH=f"{tmp / 'bin'}:{os.environ['PATH']}",
+        # the fake keeps the driver's procfs tree and opens its device files beside the node
+        GPU_CHECK_PROCFS_ROOT=f"{tmp / 'node.txt'}.procfs",
+        GPU_CHECK_DEVICE_DIR=f"{tmp / 'node.txt'}.dev",
     )
     return Target(env, real=False)
 
@@ -96,6 +99,8 @@ def test_report_says_each_rows_own_result(target: Target):
         "date": "today", "machine": "test", "parity": check.parity(target.env),
         "driver": check.inner("driver", target.env),
         "probe": check.inner("probe", target.env, 5),
+        "device_files": check.inner("files", target.env),
+        "procfs": check.procfs_tree(target.env, 5),
         "watch": check.no_false_positives(target.env, 2),
     }  # fmt: skip
     assert results["parity"]["ok"] and results["watch"]["ok"]
@@ -111,6 +116,40 @@ def test_report_says_each_rows_own_result(target: Target):
         rows = _rows(check.report(failed))
         assert "FAIL" in rows[row]
         assert [r for r, text in rows.items() if "FAIL" in text] == [row]
+
+
+def test_the_drivers_tree_matches_what_nvml_shows(target: Target):
+    result = check.procfs_tree(target.env)
+    if target.real and "error" in result:
+        pytest.skip(f"the driver's tree is not visible here: {result['error']}")
+    assert result["ok"], result
+    if not target.real:
+        assert result["minors"] == {"0000:07:00.0": 0, "0000:17:00.0": 1}
+        assert result["entries"] > 8 and result["listing_ms"]["max"] < 1000
+
+
+def test_the_tree_check_catches_an_instance_without_its_entry(target: Target):
+    """The comparison can fail: a compute instance whose access entry is gone is reported."""
+    if target.real:
+        pytest.skip("needs the fake node")
+    root = Path(target.env["GPU_CHECK_PROCFS_ROOT"])
+    access = root / "capabilities" / "gpu0" / "mig" / "gi1" / "ci0" / "access"
+    saved = access.read_text()
+    access.unlink()
+    try:
+        result = check.procfs_tree(target.env)
+    finally:
+        access.write_text(saved)
+    assert not result["ok"] and result["missing"] == ["capabilities/gpu0/mig/gi1/ci0/access"]
+
+
+def test_nvml_holds_its_device_files_only_while_initialised(target: Target):
+    result = check.inner("files", target.env)
+    assert result["ok"], result
+    if not target.real:
+        held = sorted(Path(x["path"]).name for x in result["while_initialised"])
+        assert held == ["nvidia0", "nvidia1", "nvidiactl"]
+        assert all(x["cloexec"] for x in result["while_initialised"])
 
 
 def _rows(report: str) -> dict[str, str]:
