@@ -22,5 +22,7 @@ if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q -e .
+# A real install, as the README's: what users run, its bytecode compiled once (an editable
+# install, as .ci/run makes to test the checkout itself, would point back into the clone).
+.venv/bin/python -m pip install -q .
 exec .venv/bin/gpu-supervise demo "$@"

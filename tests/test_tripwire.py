@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import AGENT, FakeNode, Proc, log_stamp
+from conftest import AGENT, FakeNode, Proc, clean_env, log_stamp
 from fakenvml import dgx_a100, procfs_root, reset_gpu
 from gpu_supervise.tripwire import MAX_ENTRIES, Tripwire, absent_reason, list_tree
 
@@ -169,3 +169,15 @@ def test_tripwire_interval_0_turns_it_off(start: Start, fake_node: FakeNode):
     fake_node.write(new)
     assert proc.wait(60) == 1
     assert TRIPPED not in proc.log and "poll alone" not in proc.log
+
+
+def test_a_file_source_has_no_tripwire(start: Start, tmp_path: Path):
+    """The driver's tree says nothing about a file: with --source file: the tripwire is off,
+    and no line says detection relies on the poll."""
+    doc = tmp_path / "node.json"
+    doc.write_text((Path(__file__).parent.parent / "examples" / "node.json").read_text())
+    proc = start(["--source", f"file:{doc}", "--interval", "0.2", "--cooldown", "0", "--",
+                  "sleep", "30"], clean_env())  # fmt: skip
+    proc.wait_for("[GPU-Watcher] baseline")
+    time.sleep(1)
+    assert "no tripwire" in proc.log_lines()[0] and "poll alone" not in proc.log

@@ -156,7 +156,7 @@ def log_start(settings: Settings, reaper: bool) -> None:
     if settings.watch_enabled:
         tripwire = (
             f"tripwire every {settings.tripwire_interval:g} s on {settings.procfs_root}"
-            if settings.tripwire_interval > 0
+            if settings.tripwire_interval > 0 and settings.source == "nvml"
             else "no tripwire"
         )
         watching = (

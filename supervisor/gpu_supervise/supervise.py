@@ -396,8 +396,8 @@ class Supervisor:
     def _set_tripwire(self) -> None:
         """List the driver's MIG tree from now on (tripwire.py), or say once why not."""
         interval, root = self.settings.tripwire_interval, self.settings.procfs_root
-        if interval <= 0:
-            return
+        if interval <= 0 or self.settings.source != "nvml":
+            return  # off; or a file source, which the driver's tree says nothing about
         why = tripwire.absent_reason(root)
         if why is not None:
             logger.bind(event="tripwire", available=False, reason=why).info(
