@@ -3,8 +3,10 @@
     python tests/benchmarks/run.py [--quick] [--binary DIST/gpu-supervise/gpu-supervise]
 
 Writes tests/benchmarks/results.json and the Markdown table between the benchmark markers of
-README.md. Measures; asserts nothing (the test suite asserts behaviour). Needs gcc, tini and
-dumb-init (Debian packages) and an installed gpu-supervise.
+docs/performance.md. Measures; asserts nothing (the test suite asserts behaviour). Needs gcc,
+tini and dumb-init (Debian packages) and an installed gpu-supervise. The package's bytecode is
+compiled first (an editable install under PYTHONDONTWRITEBYTECODE would compile every module
+at every start, which users of a wheel never pay).
 """
 
 from __future__ import annotations
@@ -30,8 +32,12 @@ HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE.parent))
 
-from fakenvml import build_library, dgx_a100  # noqa: E402
+from fakenvml import build_library, dgx_a100, procfs_root  # noqa: E402
 from procfs import cpu_seconds, status_mib  # noqa: E402
+
+AGENT = [sys.executable, str(HERE.parent / "agents" / "agent.py")]
+# Bare python, for the figure "over bare python": the same interpreter, straight to exec.
+BARE_PYTHON = [sys.executable, "-c", "import os, sys; os.execv(sys.argv[1], sys.argv[1:])"]
 
 FAST = ["--cooldown", "0", "--termination-log", ""]
 
@@ -67,6 +73,7 @@ class Bench:
         assert gs, "install gpu-supervise first: pip install -e ."
         self.wrappers: dict[str, list[str]] = {
             "bare": [],
+            "bare python": BARE_PYTHON,
             "tini -s --": ["tini", "-s", "--"],
             "dumb-init": ["dumb-init"],
             "gpu-supervise --no-watch --": [gs, "--no-watch", *FAST, "--"],
@@ -86,6 +93,8 @@ class Bench:
     # -- start ---------------------------------------------------------------------------------
 
     def start_overhead(self) -> None:
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "supervisor")],
+                       check=True)  # fmt: skip
         wall: dict[str, dict] = {}
         first: dict[str, dict] = {}
         for name, wrap in self.wrappers.items():
@@ -109,7 +118,7 @@ class Bench:
     def memory(self) -> None:
         peak: dict[str, dict] = {}
         for name, wrap in self.wrappers.items():
-            if name == "bare":
+            if name.startswith("bare"):
                 continue
             extra = ["--interval", "0.2"] if "NVML" in name else []
             cmd = [*wrap[:1], *extra, *wrap[1:]] if extra else wrap
@@ -130,14 +139,20 @@ class Bench:
     def idle(self) -> None:
         window = 20.0 if self.quick else 60.0
         gs = self.wrappers["gpu-supervise -- (8x7 MIG, NVML)"][0]
+        tree = ["--procfs-root", str(procfs_root(self.node))]
+        runs = {  # the tripwire is off where the tree is missing (/proc/driver/nvidia here)
+            "interval 1 s": ["--interval", "1", "--tripwire-interval", "0"],
+            "interval 30 s": ["--interval", "30", "--tripwire-interval", "0"],
+            "interval 30 s, tripwire every 1 s (8x7 tree)": ["--interval", "30", *tree],
+        }
         procs = {
-            f"interval {iv} s": subprocess.Popen(
-                [gs, "--interval", iv, *FAST, "--", "sleep", str(window + 30)],
+            name: subprocess.Popen(
+                [gs, *args, *FAST, "--", "sleep", str(window + 30)],
                 env=self.env,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )  # fmt: skip
-            for iv in ("1", "30")
+            for name, args in runs.items()
         }
         time.sleep(3)
         before = {k: cpu_seconds(p.pid) for k, p in procs.items()}
@@ -171,6 +186,81 @@ class Bench:
             "init_shutdown": stats(init),
         }
 
+    # -- the tripwire and the holder scan ---------------------------------------------------
+
+    def listing_cost(self) -> None:
+        from gpu_supervise.tripwire import list_tree
+
+        root = str(procfs_root(self.node))
+        self.results["listing_ms"] = {
+            "entries": len(list_tree(root)),
+            **stats(_timed(lambda: list_tree(root), self.reps(500))),
+        }
+
+    def holder_scan(self) -> None:
+        """The scan that names who blocks a reset, on a node with 2,000 processes besides."""
+        from gpu_supervise.holders import scan
+
+        count = 400 if self.quick else 2000
+        env = {**self.env, "FAKE_NVML_DEV_DIR": str(self.tmp / "dev")}
+        holder = subprocess.Popen([*AGENT, "--hold-nvml"], env=env, stdout=subprocess.PIPE)
+        sleepers = subprocess.Popen(
+            ["sh", "-c", f"for i in $(seq {count}); do sleep 600 & done; echo up; wait"],
+            stdout=subprocess.PIPE, start_new_session=True,
+        )  # fmt: skip
+        try:
+            assert sleepers.stdout is not None and holder.stdout is not None
+            sleepers.stdout.readline()
+            while b"ready" not in holder.stdout.readline():
+                pass
+            processes = sum(1 for p in os.listdir("/proc") if p.isdigit())
+            dev = str(self.tmp / "dev")
+            assert [h.pid for h in scan(dev).holders] == [holder.pid]
+            self.results["holder_scan_ms"] = {
+                "processes": processes,
+                **stats(_timed(lambda: scan(dev), self.reps(20))),
+            }
+        finally:
+            os.killpg(sleepers.pid, signal.SIGKILL)
+            sleepers.wait()
+            holder.kill()
+            holder.wait()
+
+    def tripwire_detection(self) -> None:
+        """Change -> exit 1 at the default interval (30 s) and settle (5 s), with the tripwire
+        at its default 1 s and without: trials run ten at a time, each on a node of its own,
+        the change landing anywhere in the 30 s poll cycle."""
+        trials = self.reps(30)
+        gs = self.wrappers["gpu-supervise -- (8x7 MIG, NVML)"][0]
+
+        def trial(i: int, tripwire: bool) -> float:
+            node_path = self.tmp / f"tripwire-{tripwire}-{i}.txt"
+            node = dgx_a100(["1g.5gb"] * 7)
+            node.write(node_path)
+            env = {**self.env, "FAKE_NVML_NODE": str(node_path)}
+            args = ["--procfs-root", str(procfs_root(node_path))] if tripwire else [
+                "--tripwire-interval", "0"]  # fmt: skip
+            proc = subprocess.Popen(
+                [gs, *args, *FAST, "--", str(self.stamp), "term"],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            )  # fmt: skip
+            assert proc.stdout is not None
+            proc.stdout.readline()  # "ready"
+            time.sleep(1.0 + (i * 30.0 / trials) % 30.0)  # spread over the poll cycle
+            node.gpu(0).set_layout(["3g.20gb"] * 2)
+            t0 = time.monotonic()
+            node.write(node_path)
+            code = proc.wait(120)
+            assert code == 1, code
+            return (time.monotonic() - t0) * 1000
+
+        out = {}
+        for tripwire in (True, False):
+            with ThreadPoolExecutor(10) as pool:
+                values = list(pool.map(lambda i, t=tripwire: trial(i, t), range(trials)))
+            out["with" if tripwire else "without"] = stats(values)
+        self.results["tripwire_detection_ms"] = {**out, "interval_s": 30.0, "settle_s": 5.0}
+
     # -- detection -------------------------------------------------------------------------------
 
     def detection(self) -> None:
@@ -184,7 +274,8 @@ class Bench:
             env = {**self.env, "FAKE_NVML_NODE": str(node_path)}
             proc = subprocess.Popen(
                 [self.wrappers["gpu-supervise -- (8x7 MIG, NVML)"][0], "--interval", str(interval),
-                 "--settle", str(settle), *FAST, "--", str(self.stamp), "term"],
+                 "--settle", str(settle), "--tripwire-interval", "0", *FAST, "--",
+                 str(self.stamp), "term"],
                 env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
             )  # fmt: skip
             assert proc.stdout is not None
@@ -247,7 +338,7 @@ class Bench:
     def forwarding(self) -> None:
         out: dict[str, dict] = {}
         for name, wrap in self.wrappers.items():
-            if name == "bare":
+            if name.startswith("bare"):
                 continue
             values = []
             for _ in range(self.reps(20)):
@@ -306,8 +397,28 @@ def markdown(r: dict) -> str:
         f"| one probe of {probe['node']} (fake NVML), ms | {_fmt(probe['probe'])} |",
         f"| … of which nvmlInit + nvmlShutdown, ms | {_fmt(probe['init_shutdown'])} |",
     ]
-    for key in ("interval 1 s", "interval 30 s"):
-        lines.append(f"| CPU seconds over {idle['window_s']:g} s idle, {key} | {idle[key]:.3f} |")
+    first = r["start_to_child_ms"]
+    for name in (n for n in names if n.startswith(("gpu-supervise", "binary"))):
+        over = first[name]["median"] - first["bare python"]["median"]
+        lines.append(f"| start to child's first instruction over bare python (the same run), "
+                     f"`{name}`, ms | {over:.1f} |")  # fmt: skip
+    for key in (k for k in idle if k != "window_s"):
+        cpu = idle[key]
+        share = 100 * cpu / idle["window_s"]
+        lines.append(f"| CPU over {idle['window_s']:g} s idle, {key} | {cpu:.3f} s "
+                     f"({share:.2f} % of a core) |")  # fmt: skip
+    listing, scan = r["listing_ms"], r["holder_scan_ms"]
+    lines.append(f"| one listing of the driver's MIG tree (8 GPUs x 7 instances, "
+                 f"{listing['entries']} entries), ms | {_fmt(listing)} |")  # fmt: skip
+    lines.append(f"| one scan for GPU holders, {scan['processes']} processes, ms | "
+                 f"{_fmt(scan)} |")  # fmt: skip
+    t = r["tripwire_detection_ms"]
+    for key, label in (("with", "with the tripwire (1 s)"), ("without", "poll alone")):
+        lines.append(
+            f"| change → exit 1 at the default interval {t['interval_s']:g} s and settle "
+            f"{t['settle_s']:g} s, {label}, ms ({t[key]['n']} trials) | median "
+            f"{t[key]['median']:.0f}, max {t[key]['max']:.0f} |"
+        )
     b = r["broken_nvml"]
     lines.append(
         f"| NVML broken for good after the baseline, under a restart loop: restarts in "
@@ -328,11 +439,12 @@ def main() -> int:
     )
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
     parser.add_argument("--binary", help="also measure this PyInstaller build")
-    parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md")
+    parser.add_argument("--no-docs", action="store_true", help="do not rewrite the table in "
+                        "docs/performance.md")  # fmt: skip
     args = parser.parse_args()
     bench = Bench(args.quick, args.binary)
-    steps = [bench.start_overhead, bench.memory, bench.probe_cost, bench.forwarding,
-             bench.broken_nvml]  # fmt: skip
+    steps = [bench.start_overhead, bench.memory, bench.probe_cost, bench.listing_cost,
+             bench.holder_scan, bench.forwarding, bench.broken_nvml]  # fmt: skip
     for step in steps:
         print(f"... {step.__name__}", flush=True)
         step()
@@ -341,6 +453,8 @@ def main() -> int:
     idle.start()
     bench.detection()
     idle.join()
+    print("... detection at the default interval, with and without the tripwire", flush=True)
+    bench.tripwire_detection()
     results = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": (
@@ -351,12 +465,12 @@ def main() -> int:
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)
     print(table)
-    if not args.no_readme:
-        readme = ROOT / "README.md"
-        text = readme.read_text()
+    if not args.no_docs:
+        doc = ROOT / "docs" / "performance.md"
+        text = doc.read_text()
         start, end = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
         head, rest = text.split(start, 1)
-        readme.write_text(head + start + "\n" + table + "\n" + end + rest.split(end, 1)[1])
+        doc.write_text(head + start + "\n" + table + "\n" + end + rest.split(end, 1)[1])
     shutil.rmtree(bench.tmp, ignore_errors=True)
     return 0
 

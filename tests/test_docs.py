@@ -1,0 +1,62 @@
+"""The README and docs/ point at what exists: every relative link names a file of the
+repository, every #anchor a heading of its target, and the README stays short (its depth is in
+docs/)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[`*_]", "", heading.strip().lower())
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    return {slug(m[1]) for m in re.finditer(r"^#{1,6} (.+)$", text, flags=re.M)}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_link_and_anchor_exists(page: Path):
+    broken = []
+    for target in LINK.findall(page.read_text()):
+        if re.match(r"[a-z]+:", target):  # https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        where = (page.parent / path).resolve() if path else page
+        if not where.exists():
+            broken.append(f"{target}: no such file")
+        elif anchor and anchor not in anchors(where):
+            broken.append(f"{target}: no heading #{anchor} in {where.name}")
+    assert broken == []
+
+
+def test_the_link_check_sees_a_broken_anchor(tmp_path: Path):
+    page = tmp_path / "page.md"
+    page.write_text("# A title\n\n[ok](#a-title) [bad](#no-such-heading) [gone](missing.md)\n")
+    assert anchors(page) == {"a-title"}
+    found = [t for t in LINK.findall(page.read_text())]
+    assert found == ["#a-title", "#no-such-heading", "missing.md"]
+
+
+def test_the_readme_says_what_it_is_then_the_two_commands():
+    text = (ROOT / "README.md").read_text()
+    first_screen = text[: text.index("## ")]
+    assert first_screen.index("is a small supervisor") < first_screen.index("bash examples/demo.sh")
+    assert "bash examples/demo.sh" in first_screen and "bash .ci/run" in first_screen
+    assert len(text.encode()) < 16 * 1024  # short, like tini's: the depth is in docs/
+
+
+def test_no_page_names_where_the_requirements_came_from():
+    for page in PAGES:
+        assert "PRD" not in page.read_text(), page.name
