@@ -19,6 +19,7 @@ from typing import NoReturn
 
 import pytest
 
+from containers import PODMAN_FLAGS, copy_with_libraries
 from fakenvml import Node, build_library, procfs_root
 from procfs import stat_fields
 
@@ -32,6 +33,7 @@ else:
     settings.load_profile("gpu-supervise")
 
 TESTS = Path(__file__).parent
+ROOT = TESTS.parent
 AGENT = [sys.executable, str(TESTS / "agents" / "agent.py")]
 
 # Every process the tests start inherits this variable (children inherit the environment), so
@@ -306,3 +308,61 @@ def pid_alive(pid: int) -> bool:
         return stat_fields(pid)[0] != "Z"
     except (FileNotFoundError, ProcessLookupError):
         return False
+
+
+# -- the binary and containers, shared by the modules that run them -------------------------------
+
+
+@pytest.fixture(scope="session")
+def binary(binary_build: tuple[Path, str]) -> Path:
+    """The executable of the shipped folder: DIST/gpu-supervise/gpu-supervise."""
+    return binary_build[0]
+
+
+@pytest.fixture(scope="session")
+def podman(tmp_path_factory: pytest.TempPathFactory, podman_runroot: Path) -> list[str]:
+    exe = shutil.which("podman")
+    if exe is None or shutil.which("runc") is None:
+        missing_capability(
+            "podman/runc not installed (Debian packages podman runc; .ci/run installs them)"
+        )
+    store = tmp_path_factory.mktemp("podman")
+    cmd = [exe, "--storage-driver", "vfs", "--root", str(store / "root"),
+           "--runroot", str(podman_runroot / "binary")]  # fmt: skip
+    rootfs = store / "probe-rootfs"
+    copy_with_libraries(rootfs, [Path("/bin/true")])
+    probe = subprocess.run(
+        [*cmd, "run", "--rm", *PODMAN_FLAGS, "--rootfs", str(rootfs), "/bin/true"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    if probe.returncode != 0:
+        missing_capability(f"podman cannot run containers here: {probe.stderr.strip()[-300:]}")
+    return cmd
+
+
+@pytest.fixture(scope="session")
+def images(binary: Path, podman: list[str], tmp_path_factory: pytest.TempPathFactory):
+    """The recipes of packaging/, built by podman from the build: "init" (Dockerfile.init,
+    FROM scratch) and "agent" (Dockerfile on a base image holding nothing at all, as a
+    distroless agent image: `--from scratch` stands in for its FROM line)."""
+    context = tmp_path_factory.mktemp("context")
+    shutil.copytree(binary.parent, context / "dist/gpu-supervise", symlinks=True)
+    (context / "examples").mkdir()
+    shutil.copy2(ROOT / "examples/config.toml", context / "examples")
+    shutil.copy2(ROOT / ".dockerignore", context)  # the recipes build with it in force
+    tag = f"localhost/gpu-supervise-test-{os.getpid()}"
+    built: dict[str, str] = {}
+    try:
+        for name, recipe, extra in [("init", "Dockerfile.init", []),
+                                    ("agent", "Dockerfile", ["--from", "scratch"])]:  # fmt: skip
+            out = subprocess.run(
+                [*podman, "build", "-q", *extra, "-f", str(ROOT / "packaging" / recipe),
+                 "-t", f"{tag}-{name}", str(context)],
+                capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+            assert out.returncode == 0, f"podman build -f packaging/{recipe}:\n{out.stderr}"
+            built[name] = f"{tag}-{name}"
+        yield built
+    finally:
+        for image in built.values():
+            subprocess.run([*podman, "rmi", "-f", image], capture_output=True, timeout=120)

@@ -25,13 +25,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# As tests/test_binary.py runs podman: runc (crun fails on a hybrid cgroup v1 host), rlimits it
-# may not raise, no network, a log file.
-PODMAN_FLAGS = [
-    "--runtime", "runc",
-    "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096",
-    "--network", "none", "--log-driver", "k8s-file",
-]  # fmt: skip
 # What every wait reports when it gives up, besides what it waited for.
 STATE = ("ActiveState", "SubState", "Result", "NRestarts", "ExecMainStatus", "MainPID",
          "StatusText")  # fmt: skip

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from conftest import FakeNode, Proc, clean_env, missing_capability, pid_alive, run
+from containers import PODMAN_FLAGS, READ_ONLY
 from fakenvml import dgx_a100
 
 ROOT = Path(__file__).parent.parent
@@ -36,12 +37,6 @@ GLIBC = re.compile(r"GLIBC_(\d+)\.(\d+)(?:\.(\d+))?")
 GLIBC_FILES = re.compile(
     r"^(ld-linux.*|lib(c|m|dl|pthread|rt|util|resolv|anl|nss_files|nss_dns)\.so\.\d+)$"
 )
-
-
-@pytest.fixture(scope="session")
-def binary(binary_build: tuple[Path, str]) -> Path:
-    """The executable of the shipped folder: DIST/gpu-supervise/gpu-supervise."""
-    return binary_build[0]
 
 
 def test_binary_snapshot_matches_the_package(binary: Path, fake_node: FakeNode):
@@ -752,52 +747,6 @@ def test_binary_started_without_a_library_path_gives_the_agent_none_and_the_imag
 
 # -- a real container runtime --------------------------------------------------------------------
 
-PODMAN_FLAGS = [
-    "--runtime", "runc",  # crun fails on this hybrid cgroup setup; runc works
-    "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096",  # raising rlimits is refused
-    "--network", "none", "--log-driver", "k8s-file",
-]  # fmt: skip
-# The root filesystem is only read: no writable /tmp either (readOnlyRootFilesystem, no emptyDir)
-READ_ONLY = ["--read-only", "--read-only-tmpfs=false"]
-
-
-def _copy_with_libraries(root: Path, paths: list[Path]) -> None:
-    """Copy executables and shared objects into root, with every library ldd says they need."""
-    seen: set[str] = set()
-    for path in paths:
-        wanted = [str(path)]
-        out = subprocess.run(["ldd", str(path)], capture_output=True, text=True).stdout
-        wanted += [tok for line in out.splitlines() for tok in line.split() if tok.startswith("/")]
-        for src in wanted:
-            if src in seen or str(ROOT) in src:
-                continue
-            seen.add(src)
-            dst = root / src.lstrip("/")
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(os.path.realpath(src), dst)
-
-
-@pytest.fixture(scope="session")
-def podman(tmp_path_factory: pytest.TempPathFactory, podman_runroot: Path) -> list[str]:
-    exe = shutil.which("podman")
-    if exe is None or shutil.which("runc") is None:
-        missing_capability(
-            "podman/runc not installed (Debian packages podman runc; .ci/run installs them)"
-        )
-    store = tmp_path_factory.mktemp("podman")
-    cmd = [exe, "--storage-driver", "vfs", "--root", str(store / "root"),
-           "--runroot", str(podman_runroot / "binary")]  # fmt: skip
-    rootfs = store / "probe-rootfs"
-    _copy_with_libraries(rootfs, [Path("/bin/true")])
-    probe = subprocess.run(
-        [*cmd, "run", "--rm", *PODMAN_FLAGS, "--rootfs", str(rootfs), "/bin/true"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    if probe.returncode != 0:
-        missing_capability(f"podman cannot run containers here: {probe.stderr.strip()[-300:]}")
-    return cmd
-
-
 BULLSEYE_MIRRORS = ("http://deb.debian.org/debian", "http://archive.debian.org/debian")
 
 
@@ -838,34 +787,6 @@ def bullseye_rootfs() -> Path:
         missing_capability(f"debootstrap bullseye failed (Debian archive unreachable?): {failures}")
     work.rename(rootfs)
     return rootfs
-
-
-@pytest.fixture(scope="session")
-def images(binary: Path, podman: list[str], tmp_path_factory: pytest.TempPathFactory):
-    """The recipes of packaging/, built by podman from the build: "init" (Dockerfile.init,
-    FROM scratch) and "agent" (Dockerfile on a base image holding nothing at all, as a
-    distroless agent image: `--from scratch` stands in for its FROM line)."""
-    context = tmp_path_factory.mktemp("context")
-    shutil.copytree(binary.parent, context / "dist/gpu-supervise", symlinks=True)
-    (context / "examples").mkdir()
-    shutil.copy2(ROOT / "examples/config.toml", context / "examples")
-    shutil.copy2(ROOT / ".dockerignore", context)  # the recipes build with it in force
-    tag = f"localhost/gpu-supervise-test-{os.getpid()}"
-    built: dict[str, str] = {}
-    try:
-        for name, recipe, extra in [("init", "Dockerfile.init", []),
-                                    ("agent", "Dockerfile", ["--from", "scratch"])]:  # fmt: skip
-            out = subprocess.run(
-                [*podman, "build", "-q", *extra, "-f", str(ROOT / "packaging" / recipe),
-                 "-t", f"{tag}-{name}", str(context)],
-                capture_output=True, text=True, timeout=300,
-            )  # fmt: skip
-            assert out.returncode == 0, f"podman build -f packaging/{recipe}:\n{out.stderr}"
-            built[name] = f"{tag}-{name}"
-        yield built
-    finally:
-        for image in built.values():
-            subprocess.run([*podman, "rmi", "-f", image], capture_output=True, timeout=120)
 
 
 def test_agent_image_recipe_runs_with_no_libc_at_all(

@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from systemd_container import PODMAN_FLAGS, CannotRun, Container, Unit, booted
 
 from conftest import missing_capability
+from containers import PODMAN_FLAGS
 from fakenvml import dgx_a100
+from systemd_container import CannotRun, Container, Unit, booted
 
 pytestmark = pytest.mark.slow
 

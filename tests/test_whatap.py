@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,15 +26,13 @@ from pathlib import Path
 import jsonschema  # kubernetes-validate's own dependency
 import kubernetes_validate
 import pytest
-import test_binary
 import yaml
-from test_binary import PODMAN_FLAGS, _copy_with_libraries
 from test_deploy import _container, _drop_key, _env
 
 from conftest import missing_capability
-from fakenvml import Node, ResetRefused, dgx_a100, reset_gpu
+from containers import PODMAN_FLAGS, copy_with_libraries
+from fakenvml import ResetRefused, dgx_a100, holders, reset_gpu
 from gpu_supervise.config import load
-from procfs import stat_fields
 
 ROOT = Path(__file__).parent.parent
 HERE = Path(__file__).parent / "whatap"
@@ -44,7 +41,6 @@ EXAMPLES = ROOT / "examples/whatap"
 HOLDING = "stopping the agent so the reset can go ahead"
 # test_binary's fixtures, instantiated again for this module, with a runroot of its own
 # (podman_runroot below): the init image of packaging/Dockerfile.init comes from there.
-binary, images, podman = test_binary.binary, test_binary.images, test_binary.podman
 # gpu-supervise in the exporter's container, as GPU_SUPERVISE_* settings (WhaTap's operator
 # passes gpuMonitoring.envs to that container): quick, for a test.
 SUPERVISE_ENV = {
@@ -307,16 +303,6 @@ def test_the_whatapagent_example_swaps_in_wrapped_images_and_valid_settings():
 # -- images -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def podman_runroot() -> Iterator[Path]:
-    """test_binary's podman fixtures, imported above, are instantiated again for this module,
-    with a store of their own: they get a runroot of their own too, never shared between two
-    stores."""
-    path = Path(tempfile.mkdtemp(prefix="gs-whatap-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 @dataclass(frozen=True)
 class StandIns:
     context: Path  # the exporter image's build context: rootfs/ and no shell in it
@@ -335,7 +321,7 @@ def stand_ins(tmp_path_factory: pytest.TempPathFactory) -> StandIns:
             capture_output=True, text=True,
         )  # fmt: skip
         assert cc.returncode == 0, cc.stderr
-        _copy_with_libraries(root, [exe])  # the program and its C library, nothing else
+        copy_with_libraries(root, [exe])  # the program and its C library, nothing else
         copied = Path(str(exe).lstrip("/"))
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.move(root / copied, root / path)
@@ -573,30 +559,15 @@ def wait_scrape(record: Path, uuids: list[str], after: float, timeout: float = 9
 
 
 def gpu_clients(node_path: Path) -> dict[int, str]:
-    """The live processes holding NVML on the fake node: host pid -> command line.
-
-    The fake registers the pid its process sees, which in a container is the pid inside the
-    container's PID namespace, so fakenvml.holders() (host pids only) misses it: each live
-    process is matched here by the last pid of its NSpid line and its start time, which reads
-    the same from every namespace."""
-    registered = set()
-    for entry in Path(f"{node_path}.holders").glob("*"):
-        try:
-            registered.add((entry.name, entry.read_text().strip()))
-        except FileNotFoundError:
-            continue
+    """The live processes holding NVML on the fake node, those in containers included: host
+    pid -> command line."""
     found = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+    for pid in holders(node_path):
         try:
-            stat = stat_fields(int(pid))
-            status = Path(f"/proc/{pid}/status").read_text()
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        nspid = next((ln.split()[-1] for ln in status.splitlines() if ln.startswith("NSpid:")), "")
-        if stat[0] != "Z" and (nspid, stat[19]) in registered:
-            found[int(pid)] = cmdline.replace(b"\0", b" ").decode().strip()
-    return found
+    return {pid: cmd.strip() for pid, cmd in found.items()}
 
 
 def exporter_pid(node_path: Path) -> int:
@@ -607,17 +578,6 @@ def exporter_pid(node_path: Path) -> int:
         return next((p for p, cmd in clients if cmd.startswith("/usr/bin/dcgm-exporter")), None)
 
     return wait_for(exporter, 60, lambda: f"an exporter holding NVML: {gpu_clients(node_path)}")
-
-
-def reset_when_free(node_path: Path, node: Node, index: int, timeout: float) -> None:
-    """The operator's GPU reset, retried as fakenvml.reset_gpu retries it, refused while any
-    process holds NVML, those in containers included."""
-    deadline = time.monotonic() + timeout
-    while held := gpu_clients(node_path):
-        if time.monotonic() > deadline:
-            raise ResetRefused(f"GPU {index} is in use by another client: {held}")
-        time.sleep(0.1)
-    reset_gpu(node_path, node, index, timeout=timeout)
 
 
 def nvidiactl_holders() -> str:
@@ -719,7 +679,7 @@ def test_whatap_pod_through_a_reconfiguration_and_a_mig_mode_change(
         # until gpu-supervise stops it; then the node agent, still running, gets no answer.
         exporter = exporter_pid(path)
         with pytest.raises(ResetRefused):
-            reset_when_free(path, node, 0, timeout=1)
+            reset_gpu(path, node, 0, timeout=1)
         node.gpu(0).request_mig(False)
         asked = time.time()
         node.write(path)
@@ -729,7 +689,7 @@ def test_whatap_pod_through_a_reconfiguration_and_a_mig_mode_change(
         assert pod.running("node-agent") and pod.running("dcgm-exporter")  # ... not its container
         assert (pod.restarts("dcgm-exporter"), pod.restarts("node-agent")) == (1, 0)
         assert HOLDING in pod.log("dcgm-exporter")
-        reset_when_free(path, node, 0, timeout=60)
+        reset_gpu(path, node, 0, timeout=60)
         reset = time.time()
         wait_scrape(record, node.uuids(), after=reset)  # back, with MIG off on GPU 0
         assert (pod.restarts("dcgm-exporter"), pod.restarts("node-agent")) == (2, 0)
