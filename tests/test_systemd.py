@@ -27,7 +27,7 @@ import pytest
 
 from conftest import missing_capability
 from containers import PODMAN_FLAGS
-from fakenvml import dgx_a100
+from fakenvml import Node, dgx_a100
 from systemd_container import CannotRun, Container, Unit, booted
 
 pytestmark = pytest.mark.slow
@@ -301,19 +301,8 @@ def test_mig_change_restarts_the_agent(
     journal, exit 1, systemd's restart, a new agent that sees the new UUIDs. Prints the time
     from the node file's rewrite to the new agent's first line."""
     form = PACKAGE if form_name == "package" else request.getfixturevalue("binary_form")
-    old = dgx_a100(["1g.5gb"] * 7)
-    old.write(box.share / "node.txt")
     unit = gpu_agent(form)
-    after = box.container.cursor()
-    box.container.systemctl("start", UNIT)
-    unit.wait(ActiveState="active", SubState="running", NRestarts=0)
-    [(first_pid, first, _)] = agent_lines(unit, after)
-    assert first == old.uuids()
-    unit.wait_journal("[GPU-Watcher] baseline", after)
-
-    new = old.copy()
-    new.gpu(0).set_layout(["3g.20gb"] * 2)
-    new.write(box.share / "node.txt")
+    old, new, first_pid, after = _running_then_reconfigured(box, unit, UNIT)
     changed_at = time.time()
 
     (line,) = unit.wait_journal("[GPU-Watcher] MIG configuration change detected", after)
@@ -340,6 +329,23 @@ def test_mig_change_restarts_the_agent(
             f"settle 0.2 s)"
         )
     assert latency < 5 + 10  # RestartSec plus a generous bound for the rest
+
+
+def _running_then_reconfigured(box: Box, unit: Unit, name: str) -> tuple[Node, Node, str, str]:
+    """Start the unit on a 7x1g.5gb A100 node, see its agent and baseline, then reconfigure
+    GPU 0 to 3g.20gb x2: (old node, new node, the first agent's pid, the journal cursor)."""
+    old = dgx_a100(["1g.5gb"] * 7)
+    old.write(box.share / "node.txt")
+    after = box.container.cursor()
+    box.container.systemctl("start", name)
+    unit.wait(ActiveState="active", SubState="running", NRestarts=0)
+    [(first_pid, first, _)] = agent_lines(unit, after)
+    assert first == old.uuids()
+    unit.wait_journal("[GPU-Watcher] baseline", after)
+    new = old.copy()
+    new.gpu(0).set_layout(["3g.20gb"] * 2)
+    new.write(box.share / "node.txt")
+    return old, new, first_pid, after
 
 
 def test_stop_is_clean_and_takes_the_whole_tree(box: Box, gpu_agent: Install):
@@ -666,19 +672,8 @@ def test_wrapped_agent_is_active_only_after_ready(box: Box, wrapped_agent: Insta
 def test_wrapped_agent_restarts_on_a_mig_change(box: Box, wrapped_agent: Install):
     """Restart=on-failure where the vendor's unit has none (Restart=no): a MIG change makes
     gpu-supervise exit 1 and systemd start it again, with a new agent that sees the new UUIDs."""
-    old = dgx_a100(["1g.5gb"] * 7)
-    old.write(box.share / "node.txt")
     unit = wrapped_agent()
-    after = box.container.cursor()
-    box.container.systemctl("start", VENDOR)
-    unit.wait(ActiveState="active", SubState="running", NRestarts=0)
-    [(first_pid, first, _)] = agent_lines(unit, after)
-    assert first == old.uuids()
-    unit.wait_journal("[GPU-Watcher] baseline", after)
-
-    new = old.copy()
-    new.gpu(0).set_layout(["3g.20gb"] * 2)
-    new.write(box.share / "node.txt")
+    _, new, first_pid, after = _running_then_reconfigured(box, unit, VENDOR)
     unit.wait_journal("[GPU-Watcher] MIG configuration change detected", after)
     exited = unit.wait(SubState="auto-restart", ExecMainStatus=1, ExecMainCode=1)
     assert exited["Result"] == "exit-code" and exited["NRestarts"] == "0"
