@@ -101,9 +101,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 def gpu_supervise_cmd() -> list[str]:
     """The installed console script: tests exercise what users run."""
-    exe = os.environ.get("GPU_SUPERVISE_BIN") or shutil.which("gpu-supervise")
+    beside = Path(sys.executable).parent / "gpu-supervise"  # a venv's, not on PATH
+    exe = (
+        os.environ.get("GPU_SUPERVISE_BIN")
+        or shutil.which("gpu-supervise")
+        or (str(beside) if beside.exists() else None)
+    )
     if exe is None:
-        pytest.fail("gpu-supervise is not installed (pip install -e '.[test]')")
+        pytest.fail("gpu-supervise is not installed (pip install -e '.[test]', in the venv the "
+                    "tests run with), and GPU_SUPERVISE_BIN names none")  # fmt: skip
     return [exe]
 
 

@@ -82,7 +82,7 @@ def test_prd_qa_on_an_a100_whose_agent_holds_nvml(start: Start, fake_node: FakeN
 
     proc = supervise(start, fake_node)  # the restart policy
     assert agent_uuids(proc) == node.uuids()  # MIG on, no instances yet
-    assert "GPU 0: MIG no MIG devices" in proc.output
+    assert "GPU 0: MIG on, no devices" in proc.output
 
     # 2. instances created, 7x 1g.5gb: a config change, no reset needed
     old = node.copy()

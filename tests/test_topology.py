@@ -352,7 +352,7 @@ def test_the_document_is_indented_json_with_its_schema_first():
 
 def test_a_mig_gpu_without_instances_says_so():
     on_empty = Topology((replace(B, mig_current=True, mig_pending=True),))
-    assert on_empty.summary() == "GPU 1: MIG no MIG devices"
+    assert on_empty.summary() == "GPU 1: MIG on, no devices"
 
 
 def test_the_table_word_for_word():

@@ -57,12 +57,30 @@ other commands: {PROG} snapshot [--json] (the node's topology), {PROG} demo (a s
 """
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Help text wrapped at spaces only: a default such as /dev/termination-log stays whole."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+def _default(value: Any) -> str:
+    """A default as the README and the TOML write it: 30, not 30.0; true; '' for none."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
 def _parser(prog: str, flags: tuple[str, ...], description: str, epilog: str = "") -> Parser:
     parser = Parser(
         prog=prog,
         description=description,
         epilog=epilog or None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Formatter,
     )
     parser.add_argument("--config", metavar="PATH", help="TOML configuration file")
     for flag in flags:
@@ -72,7 +90,7 @@ def _parser(prog: str, flags: tuple[str, ...], description: str, epilog: str = "
             flag,
             dest=f"{section}.{key}",
             metavar=spec.metavar,
-            help=f"{spec.help} (default {spec.default!r})",
+            help=f"{spec.help}; default {_default(spec.default)}",
         )
     return parser
 
@@ -179,7 +197,8 @@ def _supervise(settings: Settings, command: list[str]) -> int:
 
 def _snapshot(argv: list[str]) -> int:
     parser = _parser(f"{PROG} snapshot", SNAPSHOT_FLAGS, "Print the node's GPU topology.")
-    parser.add_argument("--json", action="store_true", help="the stable JSON document (README)")
+    parser.add_argument("--json", action="store_true",
+                        help="the stable JSON document (docs/snapshot.md)")  # fmt: skip
     ns = parser.parse_args(argv)
     settings = load(_flag_values(ns), ns.config)
 

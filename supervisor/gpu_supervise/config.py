@@ -200,11 +200,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "on_pending": Key(
             "hold",
             _choice("hold", "ignore"),
-            "'hold': stop the agent while a MIG mode change waits for a GPU reset; 'ignore'",
+            "'hold': stop the agent while a MIG mode change waits for a GPU reset; 'ignore': log "
+            "it once and keep the agent running",
             "hold|ignore",
         ),
         "pending_timeout": Key(
-            300.0, _period, "seconds to hold before starting the agent again anyway"
+            300.0, _period, "seconds to hold for each pending GPU before starting the agent again"
         ),
         "tripwire_interval": Key(
             1.0,
@@ -236,7 +237,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
         ),
     },
     "log": {
-        "level": Key("INFO", _choice(*LOG_LEVELS, upper=True), "minimum level logged", "LEVEL"),
+        "level": Key(
+            "INFO",
+            _choice(*LOG_LEVELS, upper=True),
+            f"minimum level logged: {', '.join(LOG_LEVELS)}",
+            "LEVEL",
+        ),
         "format": Key(
             "text", _choice("text", "json"), "'text', or 'json' (one object a line)", "text|json"
         ),

@@ -111,6 +111,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--agent", metavar="NODE_FILE", help=argparse.SUPPRESS)
     parser.add_argument(
         "--change-after",
+        metavar="SECONDS",
         type=_after_baseline,
         default=4.0,
         help="seconds before the MIG change (at least 2: after the baseline and cool-down)",

@@ -177,7 +177,7 @@ def log_start(settings: Settings, reaper: bool) -> None:
         settle=settings.settle,
         failure_threshold=settings.failure_threshold,
         pending_timeout=settings.pending_timeout,
-        tripwire_interval=settings.tripwire_interval,
+        tripwire_interval=settings.tripwire_interval if settings.source == "nvml" else 0.0,
         pid1=os.getpid() == 1,
         subreaper=reaper,
     ).info(f"gpu-supervise {__version__}: {config}; {watching}; {who}")

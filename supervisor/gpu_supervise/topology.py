@@ -125,7 +125,7 @@ class Topology:
         parts = []
         for gpu in sorted(self.gpus, key=lambda g: g.index):
             if gpu.mig_enabled:
-                layout = _profile_counts(gpu.mig_devices) or "no MIG devices"
+                layout = _profile_counts(gpu.mig_devices) or "on, no devices"
                 parts.append(f"GPU {gpu.index}: MIG {layout}")
             else:
                 parts.append(f"GPU {gpu.index}: MIG off")
