@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import string
+import subprocess
 from pathlib import Path
 from unittest import mock
 
@@ -11,10 +14,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import clean_env, run
+from conftest import clean_env, gpu_supervise_cmd, missing_capability, run
 from gpu_supervise import cli, config
 from gpu_supervise.config import SCHEMA, ConfigError, env_name, flag_name, is_service_link, load
+from gpu_supervise.text import clip
 from gpu_supervise.watch import WatchPolicy
+
+PLAIN = ["--no-watch"]
 
 GOOD = """
 [watch]
@@ -209,6 +215,19 @@ def test_typed_values_a_file_may_hold(tmp_path: Path):
     assert (s.interval, s.failure_threshold, s.parent_death_signal) == (2.0, 4, 15)
 
 
+def test_user_input_quoted_in_an_error_is_one_short_line():
+    """An error message quotes a value, a key or a path as one line: escaped where it is not
+    printable, whole up to the limit (60 characters, or the one given), else its start and its
+    length."""
+    assert clip("a" * 60) == "a" * 60
+    assert clip("a" * 61) == "a" * 40 + "... (61 characters)"
+    assert clip("c" * 200, 200) == "c" * 200
+    assert clip("c" * 201, 200) == "c" * 180 + "... (201 characters)"
+    assert clip("é ✓ 30s") == "é ✓ 30s"
+    assert clip("x\ny\x1b") == "x\\ny\\x1b"
+    assert clip("\n" * 40) == "\\n" * 20 + "... (80 characters)"  # measured escaped
+
+
 def test_a_file_of_exactly_the_size_limit_is_read(tmp_path: Path):
     limit = 1024 * 1024
     path = write(tmp_path, "[watch]\ninterval = 7\n" + "#" * (limit - 22) + "\n")
@@ -231,6 +250,52 @@ def test_where_the_configuration_file_is_looked_for(tmp_path: Path, monkeypatch)
     other = tmp_path / "other.toml"
     other.write_text("[watch]\ninterval = 8\n")
     assert load({}, str(other), environ={"GPU_SUPERVISE_CONFIG": missing}).interval == 8.0
+
+
+def test_an_empty_config_variable_means_not_set(tmp_path: Path, monkeypatch):
+    """GPU_SUPERVISE_CONFIG="" (a template that left it blank) names no file: the default path
+    applies, as if it were unset; never "config file '' not found"."""
+    missing = str(tmp_path / "missing.toml")
+    monkeypatch.setattr(config, "DEFAULT_CONFIG", missing)
+    settings = load({}, environ={"GPU_SUPERVISE_CONFIG": ""})
+    assert settings == load({}, environ={}) and settings.config_file is None
+    default = write(tmp_path, "[watch]\ninterval = 9\n")
+    monkeypatch.setattr(config, "DEFAULT_CONFIG", str(default))
+    settings = load({}, environ={"GPU_SUPERVISE_CONFIG": ""})
+    assert (settings.config_file, settings.interval) == (str(default), 9.0)
+
+
+def test_an_empty_config_variable_means_not_set_end_to_end():
+    """The installed command, with no default file: it runs the agent."""
+    assert not Path(config.DEFAULT_CONFIG).exists()
+    out = run([*PLAIN, "--", "sh", "-c", "exit 3"], clean_env(GPU_SUPERVISE_CONFIG=""))
+    assert out.returncode == 3, out.stderr
+    assert "config file" not in out.stderr
+
+
+def test_an_empty_config_variable_leaves_the_default_file_in_force(tmp_path: Path):
+    """The installed command, with a default file: in a mount namespace of its own, where an
+    overlay on /etc adds /etc/gpu-supervise/config.toml for this run alone."""
+    if shutil.which("unshare") is None:
+        missing_capability("no unshare (util-linux) to make a mount namespace")
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    (upper / "gpu-supervise").mkdir(parents=True)
+    work.mkdir()
+    (upper / "gpu-supervise" / "config.toml").write_text('[log]\nformat = "json"\n')
+    script = (
+        'mount -t overlay overlay -o "lowerdir=/etc,upperdir=$1,workdir=$2" /etc || exit 99\n'
+        'shift 2; exec "$@"'
+    )
+    namespace = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
+    cmd = [*namespace, str(upper), str(work), *gpu_supervise_cmd(), *PLAIN, "--", "true"]
+    out = subprocess.run(cmd, env=clean_env(GPU_SUPERVISE_CONFIG=""), capture_output=True,
+                         text=True, timeout=60, stdin=subprocess.DEVNULL)  # fmt: skip
+    if out.returncode == 99 or "unshare failed" in out.stderr:
+        missing_capability(f"cannot overlay /etc in a mount namespace: {out.stderr.strip()}")
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.splitlines()
+    assert lines and all(line.startswith("{") for line in lines), out.stderr
+    assert all(json.loads(line)["program"] == "gpu-supervise" for line in lines)
 
 
 def test_flag_names():
@@ -258,6 +323,9 @@ SERVICE_LINKS = {
     "GPU_SUPERVISE_METRICS_PORT": "tcp://[fd00:10:96::7]:9400",
     "GPU_SUPERVISE_METRICS_PORT_9400_UDP_PROTO": "udp",
     "GPU_SUPERVISE_METRICS_PORT_53_SCTP_PORT": "65535",
+    # a Service named gpu-supervise-sctp whose first port is SCTP
+    "GPU_SUPERVISE_SCTP_PORT": "sctp://10.96.12.8:9400",
+    "GPU_SUPERVISE_SCTP_PORT_9400_SCTP": "sctp://10.96.12.8:9400",
 }
 NOT_SERVICE_LINKS = [
     ("GPU_SUPERVISE_WATCH_INTERVALL", "5"),  # a typo of a real setting
@@ -268,6 +336,9 @@ NOT_SERVICE_LINKS = [
     ("GPU_SUPERVISE_PORT", "tcp://10.96.12.7:99999"),
     ("GPU_SUPERVISE_PORT", "http://10.96.12.7:80"),
     ("GPU_SUPERVISE_PORT", "tcp://gpu-node:80"),
+    ("GPU_SUPERVISE_PORT", "tcp://300.1.2.3:9400"),  # the shape of an address, not an address
+    ("GPU_SUPERVISE_PORT_9400_TCP", "tcp://10.96.12.7.1:9400"),
+    ("GPU_SUPERVISE_METRICS_PORT", "tcp://[fd00::10::7]:9400"),
     ("GPU_SUPERVISE_PORT_9400_TCP_PROTO", "http"),
     ("GPU_SUPERVISE_PORT_9400_TCP_PORT", "65536"),
     ("GPU_SUPERVISE_PORT_9400_TCP_PORT", "0"),
@@ -282,6 +353,43 @@ def test_service_links_are_recognised_by_name_and_value():
         assert not is_service_link(name, value), (name, value)
         with pytest.raises(ConfigError, match=f"environment {name}: unknown setting"):
             load({}, environ={name: value})
+
+
+@pytest.mark.parametrize(
+    "name", ["GPU_SUPERVISE_PORT", "GPU_SUPERVISE_PORT_9400_SCTP", "GPU_SUPERVISE_SCTP_PORT"]
+)
+def test_an_sctp_service_link_is_a_service_link_not_a_setting(name: str):
+    """A Service with an SCTP port makes the kubelet inject sctp:// URLs, as it does tcp:// and
+    udp:// ones: ignored like them, or the agent's pod would never start."""
+    for value in ("sctp://10.96.12.8:9400", "sctp://[fd00:10:96::8]:38412"):
+        assert is_service_link(name, value), value
+        assert load({}, environ={name: value}) == load({}, environ={})
+    out = run([*PLAIN, "--", "sh", "-c", "exit 4"], clean_env(**{name: "sctp://10.96.12.8:9400"}))
+    assert out.returncode == 4, out.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("GPU_SUPERVISE_PORT", "tcp://300.1.2.3:9400"),
+        ("GPU_SUPERVISE_PORT_9400_TCP", "tcp://10.96.12.7.1:9400"),
+        ("GPU_SUPERVISE_PORT", "udp://1.2.3:53"),
+        ("GPU_SUPERVISE_METRICS_PORT", "tcp://[fd00::10::7]:9400"),
+    ],
+)
+def test_a_url_whose_address_is_not_an_ip_is_a_mistyped_setting(
+    tmp_path: Path, name: str, value: str
+):
+    """The URL's shape alone (digits and dots, or hex and colons) does not make a service link:
+    its address must be an IP, so a mistyped setting with such a value still stops the start."""
+    assert not is_service_link(name, value)
+    with pytest.raises(ConfigError, match=f"^environment {name}: unknown setting"):
+        load({}, environ={name: value})
+    marker = tmp_path / "started"
+    out = run([*PLAIN, "--", "touch", str(marker)], clean_env(**{name: value}))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.startswith(f"gpu-supervise: environment {name}: unknown setting")
+    assert not marker.exists()
 
 
 BAD_FILES = [

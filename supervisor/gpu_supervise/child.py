@@ -15,6 +15,7 @@ import errno
 import os
 import signal
 import sys
+import time
 from collections.abc import Mapping
 
 from .signals import FORWARDED, IGNORED
@@ -407,16 +408,63 @@ class Survivor:
         self.pid, self.state, self.cmdline = pid, state, cmdline
 
 
+# How long survivors() looks again when the listing of the tree caught nothing alive, and at
+# how many of a process's newest children: a daemon's trail of zombies grows by thousands a
+# second, and the live one is at its end.
+CATCH_SECONDS = 0.1
+NEWEST = 4
+
+
 def survivors() -> list[Survivor]:
-    """What is still alive below us after SIGKILL (zombies are dead: not counted)."""
-    out = []
-    for pid in descendants():
-        try:
-            state = _stat_fields(pid)[0].decode()
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                argv = fh.read().rstrip(b"\0").split(b"\0")
-        except (OSError, IndexError):
-            continue
-        if state != "Z":
-            out.append(Survivor(pid, state, " ".join(a.decode(errors="replace") for a in argv)))
+    """What is still alive below us after SIGKILL (zombies are dead: not counted).
+
+    A listing of the tree takes milliseconds, and a daemon that forks and exits in a loop (from
+    session to session) lives tens of microseconds in each process: every process the listing
+    names is a zombie, or exiting, by the time it is looked at, while the daemon lives on in a
+    newer one. Unreported, it would outlive the stop with a log that says nothing survived. So
+    when the listing finds nothing alive, the tree is looked at again and again for
+    CATCH_SECONDS, the fast way: our newest children (as a subreaper we are the parent of each
+    of the daemon's processes once the one before has exited), and below one that is exiting,
+    its newest children, each in one read."""
+    found = [s for s in map(_look_at, descendants()) if s is not None]
+    if found:
+        return found
+    deadline = time.monotonic() + CATCH_SECONDS
+    while time.monotonic() < deadline:
+        todo = _children_of("self")[-NEWEST:]
+        if not todo and not has_children():
+            break
+        while todo:
+            seen = _look_at(pid := todo.pop())
+            if seen is not None and seen.cmdline:
+                return [seen]
+            if seen is not None:  # exiting (no command line any more): its children live on
+                todo.extend(_children_of(pid)[-NEWEST:])
+    return []
+
+
+def _look_at(pid: int) -> Survivor | None:
+    """`pid` as /proc shows it now; None for a zombie, or a process gone. (The command line is
+    empty for a process that is exiting, or was started with no arguments at all.)"""
+    try:
+        state = _stat_fields(pid)[0].decode()
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            argv = fh.read().rstrip(b"\0").split(b"\0")
+    except (OSError, IndexError):
+        return None
+    if state == "Z":
+        return None
+    return Survivor(pid, state, " ".join(a.decode(errors="replace") for a in argv))
+
+
+def _children_of(pid: int | str) -> list[int]:
+    """`pid`'s children now, oldest first: one short read per thread of it ([] where the kernel
+    has no /proc/PID/task/TID/children)."""
+    out: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children", "rb") as fh:
+                out.extend(int(child) for child in fh.read().split())
+    except (OSError, ValueError):
+        pass
     return out

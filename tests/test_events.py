@@ -1,0 +1,176 @@
+"""What the watcher's decisions read like to people and machines: the change line, the last
+line's reason, the Kubernetes termination message and systemd's status texts. Pure functions,
+checked word for word: log alerts, `kubectl describe pod` readers and dashboards match them."""
+
+from __future__ import annotations
+
+from gpu_supervise import events
+from gpu_supervise.config import Settings
+from gpu_supervise.holders import Holder, Scan
+from gpu_supervise.topology import Gpu, MigDevice, Topology, diff
+from gpu_supervise.watch import Action, Decision, Hold, Verdict
+
+
+def mig(parent: str, gi: int, uuid: str) -> MigDevice:
+    return MigDevice(gi, uuid, parent, gi, 0, 1, 4864, "1g.5gb", "NVIDIA A100 MIG 1g.5gb")
+
+
+def gpu(index: int, uuid: str, *migs: MigDevice, pending: bool | None = None) -> Gpu:
+    on = bool(migs)
+    return Gpu(index, uuid, "NVIDIA A100", "bus", on, on if pending is None else pending, migs)
+
+
+A = gpu(0, "GPU-a", mig("GPU-a", 7, "MIG-1"), mig("GPU-a", 8, "MIG-2"))
+A_RECONFIGURED = gpu(0, "GPU-a", mig("GPU-a", 1, "MIG-3"))
+B = gpu(1, "GPU-b")
+OLD = Topology((A, B))
+MIG_CHANGE = diff(OLD, Topology((A_RECONFIGURED, B)))
+GPU_LOST = diff(OLD, Topology((A,)))
+NVML = Settings()
+FILE = Settings(source="file:/srv/node.json")
+
+
+def decision(verdict: Verdict, change=None, errors: tuple[str, ...] = ()) -> Decision:
+    return Decision(verdict, 0.0, change=change, errors=errors, action=Action.RESTART)
+
+
+def hold(*gpus: Gpu) -> Hold:
+    """A hold for these pending GPUs, in this order."""
+    return Hold({(g.uuid, g.mig_pending): (g, 0.0) for g in gpus})
+
+
+# -- the change line -------------------------------------------------------------------------------
+
+
+def test_uuid_lists_read_as_the_prd_writes_them():
+    assert events._uuid_list([]) == "[]"
+    assert events._uuid_list(["GPU-a"]) == "[GPU-a]"
+    assert events._uuid_list(["GPU-a", "MIG-1", "MIG-2"]) == "[GPU-a, MIG-1, MIG-2]"
+
+
+def test_the_change_line_word_for_word():
+    assert events.change_line(MIG_CHANGE) == (
+        "[GPU-Watcher] MIG configuration change detected (Old UUIDs: [GPU-a, MIG-1, MIG-2, "
+        "GPU-b], New UUIDs: [GPU-a, MIG-3, GPU-b]). Initiating self-restart."
+    )
+    assert events.change_line(GPU_LOST) == (
+        "[GPU-Watcher] GPU topology change detected (Old UUIDs: [GPU-a, MIG-1, MIG-2, GPU-b], "
+        "New UUIDs: [GPU-a, MIG-1, MIG-2]). Initiating self-restart."
+    )
+
+
+# -- why we exit 1 -----------------------------------------------------------------------------
+
+
+def test_where_the_probes_read_from():
+    assert events.source_name(NVML) == "NVML"
+    assert events.source_name(FILE) == "the topology source (file:/srv/node.json)"
+
+
+def test_the_restart_reason_of_every_restart():
+    failing = decision(Verdict.FAILING, errors=("GPU is lost",) * 3)
+    assert events.restart_reason(failing, NVML) == "restart me (NVML failed 3 consecutive probes)"
+    assert events.restart_reason(failing, FILE) == (
+        "restart me (the topology source (file:/srv/node.json) failed 3 consecutive probes)"
+    )
+    stuck = decision(Verdict.STUCK, errors=("probe 9 timed out",))
+    assert events.restart_reason(stuck, NVML) == (
+        "restart me (a probe is stuck in NVML while holding: it would block the reset)"
+    )
+    assert events.restart_reason(decision(Verdict.RELEASED), NVML) == (
+        "restart me (the pending MIG mode change was withdrawn)"
+    )
+    assert events.restart_reason(decision(Verdict.RELEASED, MIG_CHANGE), NVML) == (
+        "restart me (the MIG mode change took effect)"
+    )
+    assert events.restart_reason(decision(Verdict.CHANGED, MIG_CHANGE), NVML) == (
+        "restart me (GPU topology changed)"
+    )
+
+
+def test_the_termination_message_of_nvml_failures():
+    failing = decision(Verdict.FAILING, errors=("GPU is lost", "Unknown Error", "GPU is lost"))
+    assert events.termination_message(failing, NVML) == (
+        "gpu-supervise: NVML failed 3 consecutive probes:\nGPU is lost\nUnknown Error\nGPU is lost"
+    )
+
+
+def test_the_termination_message_of_a_probe_stuck_while_holding():
+    stuck = decision(Verdict.STUCK, errors=("probe 9 timed out",))
+    assert events.termination_message(stuck, NVML) == (
+        "gpu-supervise: a probe is stuck in NVML while holding for a GPU reset: gpu-supervise "
+        "itself now holds the GPU and would block the reset it waits for. Exiting 1 to release "
+        "the handle."
+    )
+
+
+def test_the_termination_message_of_a_change():
+    assert events.termination_message(decision(Verdict.CHANGED, MIG_CHANGE), NVML) == (
+        "gpu-supervise: GPU topology changed; restarting the agent.\n"
+        "old: GPU 0: MIG 2x1g.5gb; GPU 1: MIG off\n"
+        "new: GPU 0: MIG 1x1g.5gb; GPU 1: MIG off\n" + MIG_CHANGE.lines[0]
+    )
+    assert len(GPU_LOST.lines) == 1
+    assert events.termination_message(decision(Verdict.CHANGED, GPU_LOST), NVML) == (
+        "gpu-supervise: GPU topology changed; restarting the agent.\n"
+        "old: GPU 0: MIG 2x1g.5gb; GPU 1: MIG off\n"
+        "new: GPU 0: MIG 2x1g.5gb\n"
+        "GPU 1 GPU-b (NVIDIA A100): lost"
+    )
+
+
+def test_the_termination_message_after_a_hold():
+    stopped = (
+        "gpu-supervise: the agent was stopped because a MIG mode change was pending a GPU reset; "
+        "no GPU is pending any more."
+    )
+    assert events.termination_message(decision(Verdict.RELEASED), NVML) == (
+        stopped + "\nThe pending change was withdrawn: the topology is as before."
+    )
+    took_effect = events.termination_message(decision(Verdict.RELEASED, GPU_LOST), NVML)
+    assert took_effect == (
+        stopped + "\ngpu-supervise: GPU topology changed; restarting the agent.\n"
+        "old: GPU 0: MIG 2x1g.5gb; GPU 1: MIG off\n"
+        "new: GPU 0: MIG 2x1g.5gb\n"
+        "GPU 1 GPU-b (NVIDIA A100): lost"
+    )
+
+
+# -- systemd's status texts ------------------------------------------------------------------
+
+
+def test_the_mode_a_pending_change_goes_to():
+    assert events._mode(gpu(0, "GPU-a", pending=True)) == "on"
+    assert events._mode(gpu(0, "GPU-a", pending=False)) == "off"
+    assert events._mode(gpu(0, "GPU-a", pending=None)) == "off"  # no MIG support: not "on"
+
+
+def test_the_status_while_holding():
+    held = hold(gpu(0, "GPU-a", pending=True), gpu(2, "GPU-c", pending=False))
+    assert events.holding_status(held, NVML) == (
+        "holding: MIG mode change pending a GPU reset on GPU 0 (GPU-a: MIG on), GPU 2 (GPU-c: "
+        "MIG off); the agent is stopped until the reset (at most 300 s)"
+    )
+    scan = Scan([Holder(7, "nvidia-smi", "", ("/dev/nvidiactl",))] * 2, 0, False)
+    assert events.holding_status(held, NVML, scan) == (
+        "holding: MIG mode change pending a GPU reset on GPU 0 (GPU-a: MIG on), GPU 2 (GPU-c: "
+        "MIG off); the agent is stopped until the reset (at most 300 s); 2 process(es) hold the GPU"
+    )
+    single = hold(gpu(3, "GPU-d", pending=True))
+    assert events.holding_status(single, Settings(pending_timeout=42.5)) == (
+        "holding: MIG mode change pending a GPU reset on GPU 3 (GPU-d: MIG on); the agent is "
+        "stopped until the reset (at most 42.5 s)"
+    )
+
+
+def test_the_status_while_running():
+    argv = ["/usr/bin/dcgm-exporter", "-c", "1000"]
+    assert events.running_status(argv, 42, NVML) == (
+        "running /usr/bin/dcgm-exporter as pid 42; watching the GPU topology every 30 s"
+    )
+    assert events.running_status(argv, 7, Settings(interval=0.5)) == (
+        "running /usr/bin/dcgm-exporter as pid 7; watching the GPU topology every 0.5 s"
+    )
+    assert events.running_status(argv, 7, Settings(watch_enabled=False)) == (
+        "running /usr/bin/dcgm-exporter as pid 7; not watching the GPU topology"
+    )

@@ -1,0 +1,65 @@
+"""The Kubernetes termination message: what `kubectl describe pod` shows as the restart reason.
+
+The kubelet keeps the file across restarts of the container (it is bind-mounted from the pod's
+directory), so the file gpu-supervise writes often already holds the message of the container
+before it: what it writes must replace that whole, never leave a tail of it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from conftest import AGENT, FakeNode, Proc
+from fakenvml import dgx_a100
+from gpu_supervise.report import TERMINATION_LOG_LIMIT, write_termination_message
+
+FAST = ["--interval", "0.2", "--cooldown", "0", "--settle", "0"]
+# What a previous container left: longer than any message below, and easy to spot.
+OLD = "gpu-supervise: an older message from the container before this one. " * 50
+
+Start = Callable[..., Proc]
+
+
+def test_a_longer_message_already_there_is_replaced_whole(tmp_path: Path):
+    log = tmp_path / "termination-log"
+    log.write_text(OLD)
+    assert write_termination_message(str(log), "gpu-supervise: GPU topology changed.\nold: x")
+    assert log.read_text() == "gpu-supervise: GPU topology changed.\nold: x"
+
+
+def test_a_message_cut_to_the_limit_replaces_a_longer_file_whole(tmp_path: Path):
+    """The cut message (4096 bytes) over a file that was longer still: nothing of it remains."""
+    log = tmp_path / "termination-log"
+    log.write_bytes(b"x" * (3 * TERMINATION_LOG_LIMIT))
+    assert write_termination_message(str(log), "y" * (2 * TERMINATION_LOG_LIMIT))
+    data = log.read_bytes()
+    assert len(data) == TERMINATION_LOG_LIMIT and b"x" not in data
+    assert data.endswith(b"\n[truncated]")
+
+
+def test_a_restart_replaces_the_previous_containers_message(
+    start: Start, fake_node: FakeNode, tmp_path: Path
+):
+    """End to end: gpu-supervise exits 1 on a change with --termination-log naming a file that
+    holds the previous container's longer message; the file then holds this restart's reason
+    alone."""
+    log = tmp_path / "termination-log"
+    log.write_text(OLD)
+    node = dgx_a100(["1g.5gb"] * 7, count=1)
+    fake_node.write(node)
+    proc = start([*FAST, "--termination-log", str(log), "--", *AGENT, "--no-nvml"], fake_node.env)
+    proc.wait_for("[GPU-Watcher] baseline")
+    node.gpu(0).set_layout(["3g.20gb"] * 2)
+    fake_node.write(node)
+    assert proc.wait() == 1
+    text = log.read_text()
+    assert "older message" not in text
+    assert len(text) < len(OLD)
+    lines = text.split("\n")
+    assert lines[:3] == [
+        "gpu-supervise: GPU topology changed; restarting the agent.",
+        "old: GPU 0: MIG 7x1g.5gb",
+        "new: GPU 0: MIG 2x3g.20gb",
+    ]
+    assert lines[3].startswith("GPU 0 ") and "MIG devices 7x1g.5gb -> 2x3g.20gb" in lines[3]
+    assert len(lines) == 4  # the message ends with its last line: no tail, no newline after it
