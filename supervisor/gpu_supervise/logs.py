@@ -170,10 +170,16 @@ def _fit_json(doc: dict[str, Any]) -> str:
         doc["truncated"] = dropped
         line = json.dumps(doc, default=str)
     message = str(doc["message"])
-    while len(line.encode()) >= LINE_LIMIT:
+    while len(line.encode()) >= LINE_LIMIT and message:
         message = message[: len(message) // 2]
         doc["message"] = message + " [truncated]"
         line = json.dumps(doc, default=str)
+    if len(line.encode()) >= LINE_LIMIT:  # many small fields: the core ones alone are left
+        rest = [k for k in doc if k not in CORE and k != "truncated"]
+        core: dict[str, Any] = {k: doc[k] for k in CORE}
+        line = json.dumps({**core, "truncated": dropped + rest}, default=str)
+        if len(line.encode()) >= LINE_LIMIT:  # thousands of names: their number
+            line = json.dumps({**core, "truncated": len(dropped) + len(rest)}, default=str)
     return line
 
 
