@@ -377,3 +377,9 @@ def test_the_table_word_for_word():
     ]
     assert render_table(Topology(())) == "No GPUs."
     assert render_table(Topology.absent()) == "No GPUs. (no usable NVML)"
+
+
+def test_the_table_counts_slices_in_words():
+    big = replace(mig("GPU-a", 1, "MIG-9", profile="3g.20gb"), slices=3, memory_mb=19968)
+    table = render_table(Topology((replace(A, mig_devices=(big,)),)))
+    assert "3g.20gb (3 slices, 19968 MiB)" in table

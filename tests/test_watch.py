@@ -553,3 +553,55 @@ def test_a_trip_never_decides_by_itself():
 
 def ok_seq(topo: Topology, seq: int) -> ProbeResult:
     return ProbeResult(seq, topo)
+
+
+# -- what the mutation run asked for --------------------------------------------------------------
+
+
+def test_the_policy_takes_every_setting():
+    from gpu_supervise.config import load
+
+    values = {("watch", "interval"): "7", ("watch", "cooldown"): "11", ("watch", "settle"): "3",
+              ("watch", "failure_threshold"): "4", ("watch", "on_pending"): "ignore",
+              ("watch", "pending_timeout"): "90", ("watch", "probe_timeout"): "2"}  # fmt: skip
+    policy = WatchPolicy.from_settings(load(values, environ={}))
+    assert policy == WatchPolicy(interval=7.0, cooldown=11.0, settle=3.0, failure_threshold=4,
+                                 on_pending="ignore", pending_timeout=90.0, probe_timeout=2.0)
+
+
+def test_a_trip_during_a_probe_that_begins_a_settle_keeps_the_settle():
+    w = started()
+    seq = w.begin_probe(1060.0)
+    w.trip(1060.5)
+    d = w.observe(1061.0, ok_seq(BIG, seq))
+    assert (d.verdict, d.next_probe_at) == (Verdict.SETTLING, 1066.0)  # not at once
+
+
+def test_a_trip_during_a_probe_that_goes_overdue_brings_one_more_at_once():
+    w = started()
+    w.begin_probe(1060.0)
+    w.trip(1061.0)
+    d = w.overdue(1070.0)
+    assert (d.verdict, d.next_probe_at) == (Verdict.TOLERATED, 1070.0)
+
+
+def test_a_trip_while_holding_in_the_cooldown_probes_at_once():
+    w = Watcher(POLICY, started_at=1000.0)
+    step(w, 1000.0, ok(pending(OFF, True)))  # held from the baseline, inside the cool-down
+    w.trip(1010.0)
+    assert w.next_probe_at == 1010.0
+
+
+def test_a_stuck_probe_decides_at_once_with_its_error():
+    w = started(first=ok(OFF))
+    step(w, 1060.0, ok(pending(OFF, True)))
+    w.begin_probe(1090.0)
+    d = w.overdue(1100.0)
+    assert d.next_probe_at == 1100.0 and w.next_probe_at == 1100.0
+
+
+def test_failures_past_the_hold_deadline_carry_their_errors():
+    w = started(first=ok(OFF))
+    step(w, 1060.0, ok(pending(OFF, True)))
+    d = step(w, 1360.0, err("GPU is lost"))
+    assert (d.verdict, d.errors) == (Verdict.TOLERATED, ("GPU is lost",))

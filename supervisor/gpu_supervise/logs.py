@@ -155,31 +155,37 @@ def _fit_text(line: str) -> str:
     return data[:keep].decode("utf-8", "ignore") + marker
 
 
+def _fits(line: str) -> bool:
+    """A JSON line fits when it and its newline are within LINE_LIMIT bytes."""
+    return len(line.encode()) < LINE_LIMIT
+
+
 def _fit_json(doc: dict[str, Any]) -> str:
     """Make the object fit: first drop large extra fields (over 1 KiB, the largest first), then
     cut the message, measured in the bytes of its JSON form (an escaped character takes up to
-    six). Small fields (the event, a GPU's UUID) stay."""
+    six). Small fields (the event, a GPU's UUID) stay; only if they alone are too many, the core
+    fields are left with the names of the others (or their number)."""
     line = json.dumps(doc, default=str)
     size = {k: len(json.dumps(v, default=str)) for k, v in doc.items()}
     large = sorted((k for k in doc if k not in CORE and size[k] > 1024), key=size.__getitem__)
     dropped: list[str] = []
-    while len(line.encode()) >= LINE_LIMIT and large:
+    while not _fits(line) and large:
         key = large.pop()
         del doc[key]
         dropped.append(key)
         doc["truncated"] = dropped
         line = json.dumps(doc, default=str)
     message = str(doc["message"])
-    while len(line.encode()) >= LINE_LIMIT and message:
+    while not _fits(line) and message:
         message = message[: len(message) // 2]
         doc["message"] = message + " [truncated]"
         line = json.dumps(doc, default=str)
-    if len(line.encode()) >= LINE_LIMIT:  # many small fields: the core ones alone are left
+    if not _fits(line):  # many small fields
         rest = [k for k in doc if k not in CORE and k != "truncated"]
-        core: dict[str, Any] = {k: doc[k] for k in CORE}
-        line = json.dumps({**core, "truncated": dropped + rest}, default=str)
-        if len(line.encode()) >= LINE_LIMIT:  # thousands of names: their number
-            line = json.dumps({**core, "truncated": len(dropped) + len(rest)}, default=str)
+        core = {k: doc[k] for k in CORE}  # plain text and numbers: no `default` needed
+        line = json.dumps({**core, "truncated": dropped + rest})
+        if not _fits(line):  # thousands of names: their number
+            line = json.dumps({**core, "truncated": len(dropped) + len(rest)})
     return line
 
 

@@ -1,4 +1,5 @@
-"""Mutation testing of the pure modules (watch, topology, config) with mutmut.
+"""Mutation testing of the pure code (watch, topology, config, text; the text builders of events
+and the line fitting of logs) with mutmut.
 
     python tests/mutation/run.py [--keep DIR]
 
@@ -8,15 +9,18 @@ not notice "survives", and marks a rule nobody checks. This script
 
 1. copies the package into a scratch folder as a top-level `gpu_supervise/` (mutmut imports
    mutants from its copy of `.` or `src/`, and our source root is `supervisor/`), with the fast
-   in-process tests of those modules;
-2. runs `mutmut run` there;
+   in-process tests of those modules (tests marked slow, real processes, are left out: they
+   cannot see a mutant, which lives in mutmut's process);
+2. runs `mutmut run` there, on whole modules, and in events.py and logs.py on the pure
+   functions alone (ONLY): the rest of those is wiring that only end-to-end tests see;
 3. prints a table per module and every survivor with its diff;
-4. exits 1 if a mutant survives in the policy (watch.py) or in the topology's identity and
-   diff, unless it is listed in EQUIVALENT below with the reason it changes nothing that can be
-   observed. Survivors elsewhere (message wording, the table for people) are reported, not
-   failed.
+4. exits 1 if a mutant survives in the policy (watch.py), in the topology's identity and diff,
+   or in the text functions (text.py, and ONLY in events.py and logs.py: what log alerts,
+   collectors and `kubectl describe pod` read), unless it is listed in EQUIVALENT below with the
+   reason it changes nothing that can be observed. Survivors elsewhere (configuration error
+   wording, the table for people) are reported, not failed.
 
-It takes about three minutes on two CPUs; .ci/run runs it after the test suite.
+It takes about six minutes on two CPUs; .ci/run runs it after the test suite.
 """
 
 from __future__ import annotations
@@ -32,16 +36,33 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-MODULES = ("watch", "topology", "config")
-TESTS = ("test_watch.py", "test_topology.py", "test_config.py")
-SUPPORT = ("conftest.py", "procfs.py", "fakenvml", "agents")
+MODULES = ("watch", "topology", "config", "text", "events", "logs")
+TESTS = (
+    "test_watch.py", "test_topology.py", "test_config.py", "test_events.py", "test_logs.py",
+)  # fmt: skip
+# What the tests import: the folders named here, and every module of tests/ that is not a test
+# (conftest.py and the helpers it imports).
+SUPPORT = ("fakenvml", "agents")
 
-# Where no mutant may survive: the whole policy, and the topology's identity and diff.
+# Modules mutated only in these functions: the pure ones. events: the text of the change line,
+# of the last line's reason, of the termination message and of systemd's status; logs: how a
+# line is made to fit 16 KiB. (The rest is logging calls and the writer thread.)
+ONLY = {
+    "events": (
+        "_uuid_list", "change_line", "_mode", "_pending_gpus", "source_name", "_failed",
+        "restart_reason", "termination_message", "holding_status", "running_status",
+    ),
+    "logs": ("_fit_text", "_fit_json"),
+}  # fmt: skip
+
+# Where no mutant may survive: the whole policy, the topology's identity and diff, and the text
+# functions.
 STRICT = re.compile(
     r"gpu_supervise\.watch\."
     r"|gpu_supervise\.topology\.x(ǁTopologyǁ(identity|same_as|absent|pending_mig_changes)"
     r"|ǁMigDeviceǁ(key|describe)|ǁGpuǁ(mig_enabled|mig_change_pending|describe)"
     r"|ǁChangeǁ|_diff|__diff_lines|__gpu_diff|__mig_suffix|__profile_counts|__slot|__onoff)"
+    r"|gpu_supervise\.(text|events|logs)\."
 )
 
 # Survivors that change nothing observable: (function, a piece of the mutated line) -> why.
@@ -55,6 +76,18 @@ EQUIVALENT = {
     ("Watcher._decide", "loud: bool = False"): (
         "`loud` is read only for BROKEN decisions, which always pass it"
     ),
+    ("Watcher.__init__", "self._tripped = None"): (
+        "read once, as `not tripped`: None and False are the same there"
+    ),
+    ("Watcher.__init__", "self.settled_at = None"): (
+        "read only while a candidate exists, and set together with it"
+    ),
+    ("Watcher.__init__", "self.settled_at = 1.0"): (
+        "read only while a candidate exists, and set together with it"
+    ),
+    ("printable", '"UNICODE_ESCAPE"'): "codec names are case-insensitive",
+    ("clip", '"UNICODE_ESCAPE"'): "codec names are case-insensitive",
+    ("fit_text", '"UTF-8"'): "codec names are case-insensitive",
 }
 
 # What counts as the tests noticing a mutant: they failed, or never finished (an endless loop),
@@ -65,13 +98,34 @@ PYPROJECT = """\
 [tool.pytest.ini_options]
 testpaths = ["tests"]
 addopts = "-p no:cacheprovider"
+markers = ["slow: runs real processes for seconds"]
 
 [tool.mutmut]
 source_paths = ["gpu_supervise/"]
 only_mutate = {only}
+pytest_add_cli_args = ["-m", "not slow"]
 pytest_add_cli_args_test_selection = {tests}
 also_copy = ["examples/"]
 """
+
+
+def selected(name: str) -> bool:
+    """Whether a mutant (gpu_supervise.events.x__mode__mutmut_3) is one this run tests."""
+    module = name.split(".")[1]
+    return module not in ONLY or function_of(name) in {f.lstrip("_") for f in ONLY[module]}
+
+
+def patterns() -> list[str]:
+    """`mutmut run`'s filter: whole modules, or the functions of ONLY (their mutants and the
+    function itself, so that its tests also run in mutmut's clean run)."""
+    out = []
+    for module in MODULES:
+        functions = ONLY.get(module)
+        if functions is None:
+            out.append(f"gpu_supervise.{module}.*")
+        else:
+            out += [f"gpu_supervise.{module}.x_{f}*" for f in functions]
+    return out
 
 
 def scratch_copy(where: Path) -> None:
@@ -79,7 +133,8 @@ def scratch_copy(where: Path) -> None:
                     ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
     shutil.copytree(ROOT / "examples", where / "examples")
     (where / "tests").mkdir()
-    for name in (*TESTS, *SUPPORT):
+    helpers = [p.name for p in (ROOT / "tests").glob("*.py") if not p.name.startswith("test_")]
+    for name in (*TESTS, *SUPPORT, *helpers):
         source = ROOT / "tests" / name
         if source.is_dir():
             shutil.copytree(source, where / "tests" / name,
@@ -106,17 +161,19 @@ def function_of(name: str) -> str:
 
 
 def mutant_sources(where: Path) -> dict[str, str]:
-    """Every function mutmut wrote into its copy of the modules, by its mutant name."""
+    """Every function mutmut wrote into its copy of the modules, by its mutant name: the lines
+    after its `def` line. (Sliced from the file's lines: ast.get_source_segment splits the whole
+    file again for each function, minutes for the thousands of mutants of a module.)"""
     sources = {}
     for module in MODULES:
         text = (where / "mutants" / "gpu_supervise" / f"{module}.py").read_text()
+        lines = text.splitlines()
         for node in ast.walk(ast.parse(text)):
             if (
                 isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
                 and "__mutmut_" in node.name
             ):
-                segment = ast.get_source_segment(text, node) or ""
-                body = segment.split("\n", 1)[1] if "\n" in segment else segment
+                body = "\n".join(lines[node.lineno : node.end_lineno])
                 sources[f"gpu_supervise.{module}.{node.name}"] = body
     return sources
 
@@ -128,18 +185,19 @@ def mutated_line(name: str, sources: dict[str, str]) -> str:
     return " ".join(line[2:].strip() for line in changed if line.startswith("+ "))
 
 
-def _write_readme(table: str) -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+def _write_docs(table: str) -> None:
+    page = ROOT / "docs" / "testing.md"
+    text = page.read_text()
     start, end = "<!-- mutation:start -->", "<!-- mutation:end -->"
     head, rest = text.split(start, 1)
-    readme.write_text(head + start + "\n" + table + "\n" + end + rest.split(end, 1)[1])
+    page.write_text(head + start + "\n" + table + "\n" + end + rest.split(end, 1)[1])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keep", type=Path, help="work in DIR and keep it (mutmut browse there)")
-    parser.add_argument("--readme", action="store_true", help="write the score into README.md")
+    parser.add_argument("--docs", action="store_true",
+                        help="write the score into docs/testing.md")  # fmt: skip
     args = parser.parse_args()
     where = args.keep or Path(tempfile.mkdtemp(prefix="gpu-supervise-mutation-"))
     if args.keep and where.exists():
@@ -147,9 +205,10 @@ def main() -> int:
     where.mkdir(parents=True, exist_ok=True)
     try:
         scratch_copy(where)
-        mutmut(where, "run")
+        mutmut(where, "run", *patterns())
         results = mutmut(where, "results", "--all", "true")
-        statuses = dict(re.findall(r"^\s*(\S+): (.+)$", results, flags=re.M))
+        found = dict(re.findall(r"^\s*(\S+): (.+)$", results, flags=re.M))
+        statuses = {name: status for name, status in found.items() if selected(name)}
         sources = mutant_sources(where)
         table: dict[str, dict[str, int]] = {m: {} for m in MODULES}
         failures, survivors = [], []
@@ -176,8 +235,8 @@ def main() -> int:
             rows.append(f"| `{module}.py` | {total} | {killed} ({100 * killed / max(total, 1):.0f} "
                         f"%) | {survived} | {equivalent} |")  # fmt: skip
         print("\n".join(rows) + "\n")
-        if args.readme:
-            _write_readme("\n".join(rows))
+        if args.docs:
+            _write_docs("\n".join(rows))
         for _, status, function, line, why, strict in survivors:
             tag = "EQUIVALENT" if why else ("FAIL" if strict else "report")
             print(f"[{tag}] {status}: {function}: {line}" + (f"  ({why})" if why else ""))
