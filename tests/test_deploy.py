@@ -321,24 +321,6 @@ def _notification(sock: socket.socket) -> dict[str, str]:
 # -- the Kubernetes termination message ---------------------------------------------------------
 
 
-def test_termination_message_on_topology_change(start: Start, fake_node: FakeNode, tmp_path: Path):
-    log = tmp_path / "termination-log"
-    log.write_text("")
-    node = dgx_a100(["1g.5gb"] * 7)
-    fake_node.write(node)
-    proc = start([*FAST, "--termination-log", str(log), "--", *AGENT, "--no-nvml"], fake_node.env)
-    proc.wait_for("[GPU-Watcher] baseline")
-    node.gpu(0).set_layout(["3g.20gb"] * 2)
-    fake_node.write(node)
-    assert proc.wait() == 1
-    text = log.read_text()
-    assert text.splitlines()[:3] == [
-        "gpu-supervise: GPU topology changed; restarting the agent.",
-        "old: GPU 0: MIG 7x1g.5gb; " + "; ".join(f"GPU {i}: MIG off" for i in range(1, 8)),
-        "new: GPU 0: MIG 2x3g.20gb; " + "; ".join(f"GPU {i}: MIG off" for i in range(1, 8)),
-    ]
-
-
 def test_termination_message_is_capped_at_4096_bytes(start: Start, fake_node: FakeNode, tmp_path):
     log = tmp_path / "termination-log"
     log.write_text("")

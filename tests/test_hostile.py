@@ -197,6 +197,7 @@ def test_stderr_closed_under_a_topology_change_still_stops_the_agent(
 
 # -- Kubernetes service links ---------------------------------------------------------------------
 
+
 def test_kubernetes_service_links_are_not_settings():
     out = run([*PLAIN, "--", "sh", "-c", "exit 4"], clean_env(**SERVICE_LINKS))
     assert out.returncode == 4, out.stderr
@@ -550,7 +551,8 @@ def test_decision_lines_that_never_get_out_are_counted_in_the_termination_messag
     first, *rest = text.splitlines()
     assert re.fullmatch(
         r"gpu-supervise: \d+ log line\(s\), [1-9]\d* of them decision lines \(the change, "
-        r"failure or exit line\), could not be written: stderr was not being read", first
+        r"failure or exit line\), could not be written: stderr was not being read",
+        first,
     )
     assert rest[0] == "gpu-supervise: GPU topology changed; restarting the agent."
 

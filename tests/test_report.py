@@ -45,7 +45,7 @@ def test_a_restart_replaces_the_previous_containers_message(
     alone."""
     log = tmp_path / "termination-log"
     log.write_text(OLD)
-    node = dgx_a100(["1g.5gb"] * 7, count=1)
+    node = dgx_a100(["1g.5gb"] * 7)
     fake_node.write(node)
     proc = start([*FAST, "--termination-log", str(log), "--", *AGENT, "--no-nvml"], fake_node.env)
     proc.wait_for("[GPU-Watcher] baseline")
@@ -58,8 +58,8 @@ def test_a_restart_replaces_the_previous_containers_message(
     lines = text.split("\n")
     assert lines[:3] == [
         "gpu-supervise: GPU topology changed; restarting the agent.",
-        "old: GPU 0: MIG 7x1g.5gb",
-        "new: GPU 0: MIG 2x3g.20gb",
+        "old: GPU 0: MIG 7x1g.5gb; " + "; ".join(f"GPU {i}: MIG off" for i in range(1, 8)),
+        "new: GPU 0: MIG 2x3g.20gb; " + "; ".join(f"GPU {i}: MIG off" for i in range(1, 8)),
     ]
     assert lines[3].startswith("GPU 0 ") and "MIG devices 7x1g.5gb -> 2x3g.20gb" in lines[3]
     assert len(lines) == 4  # the message ends with its last line: no tail, no newline after it

@@ -267,6 +267,23 @@ def _no_systemd_sigkill(unit: Unit, after: str) -> None:
     assert not killed, f"gpu-supervise left processes for systemd to kill: {killed}"
 
 
+def _active_only_after_ready(box: Box, unit: Unit, name: str) -> tuple[dict[str, str], str]:
+    """Starts NAME, whose ExecStart wrapper sleeps SLOW_START s before exec'ing gpu-supervise,
+    and checks it went active only after that (on READY=1, not on the fork) with the wrapper's
+    pid as gpu-supervise's. Returns the unit's properties and the journal cursor before."""
+    after = box.container.cursor()
+    box.container.systemctl("start", "--no-block", name)
+    unit.wait(ActiveState="activating", SubState="start", timeout=SLOW_START)
+    state = unit.wait(ActiveState="active", SubState="running")
+    times = unit.show("ExecMainStartTimestampMonotonic", "ActiveEnterTimestampMonotonic",
+                      "ExecMainPID", "Type", "NotifyAccess")  # fmt: skip
+    waited = (int(times["ActiveEnterTimestampMonotonic"]) -
+              int(times["ExecMainStartTimestampMonotonic"])) / 1e6  # fmt: skip
+    assert waited >= SLOW_START, f"active {waited:.3f} s after the fork: before READY=1"
+    assert state["MainPID"] == times["ExecMainPID"]  # the wrapper became gpu-supervise
+    return {**state, **times}, after
+
+
 # -- the tests -----------------------------------------------------------------------------------
 
 
@@ -276,17 +293,8 @@ def test_active_only_after_ready(box: Box, gpu_agent: Install):
     (Type=simple) or on anything but READY=1 from the main process fails here, and one that
     never gets READY=1 stays activating and fails the wait."""
     unit = gpu_agent(wrapper=f"{SHARE}/slow-start.sh")
-    after = box.container.cursor()
-    box.container.systemctl("start", "--no-block", UNIT)
-    unit.wait(ActiveState="activating", SubState="start", timeout=SLOW_START)
-    state = unit.wait(ActiveState="active", SubState="running")
-    times = unit.show("ExecMainStartTimestampMonotonic", "ActiveEnterTimestampMonotonic",
-                      "ExecMainPID", "Type", "NotifyAccess")  # fmt: skip
-    assert times["Type"] == "notify" and times["NotifyAccess"] == "main"
-    waited = (int(times["ActiveEnterTimestampMonotonic"]) -
-              int(times["ExecMainStartTimestampMonotonic"])) / 1e6  # fmt: skip
-    assert waited >= SLOW_START, f"active {waited:.3f} s after the fork: before READY=1"
-    assert state["MainPID"] == times["ExecMainPID"]  # the wrapper became gpu-supervise
+    state, after = _active_only_after_ready(box, unit, UNIT)
+    assert state["Type"] == "notify" and state["NotifyAccess"] == "main"
     unit.wait_journal(re.compile(r"gpu-supervise\[\d+\] INFO +started "), after)
     agent_lines(unit, after)
     rejected = [e.message for e in unit.journal(after) if "reception only permitted" in e.message]
@@ -650,16 +658,7 @@ def test_wrapped_agent_is_active_only_after_ready(box: Box, wrapped_agent: Insta
     arrived (a wrapper sleeps before exec'ing it), and nothing it sends is refused. The vendor's
     ExecStartPre= still runs first."""
     unit = wrapped_agent(wrapper=f"{SHARE}/slow-start.sh")
-    after = box.container.cursor()
-    box.container.systemctl("start", "--no-block", VENDOR)
-    unit.wait(ActiveState="activating", SubState="start", timeout=SLOW_START)
-    state = unit.wait(ActiveState="active", SubState="running")
-    times = unit.show("ExecMainStartTimestampMonotonic", "ActiveEnterTimestampMonotonic",
-                      "ExecMainPID")  # fmt: skip
-    waited = (int(times["ActiveEnterTimestampMonotonic"]) -
-              int(times["ExecMainStartTimestampMonotonic"])) / 1e6  # fmt: skip
-    assert waited >= SLOW_START, f"active {waited:.3f} s after the fork: before READY=1"
-    assert state["MainPID"] == times["ExecMainPID"]
+    _, after = _active_only_after_ready(box, unit, VENDOR)
     agent_lines(unit, after)
     messages = [e.message for e in unit.journal(after)]
     assert "vendor: pre-start" in messages

@@ -565,8 +565,15 @@ def test_the_policy_takes_every_setting():
               ("watch", "failure_threshold"): "4", ("watch", "on_pending"): "ignore",
               ("watch", "pending_timeout"): "90", ("watch", "probe_timeout"): "2"}  # fmt: skip
     policy = WatchPolicy.from_settings(load(values, environ={}))
-    assert policy == WatchPolicy(interval=7.0, cooldown=11.0, settle=3.0, failure_threshold=4,
-                                 on_pending="ignore", pending_timeout=90.0, probe_timeout=2.0)
+    assert policy == WatchPolicy(
+        interval=7.0,
+        cooldown=11.0,
+        settle=3.0,
+        failure_threshold=4,
+        on_pending="ignore",
+        pending_timeout=90.0,
+        probe_timeout=2.0,
+    )
 
 
 def test_a_trip_during_a_probe_that_begins_a_settle_keeps_the_settle():
