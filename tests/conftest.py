@@ -100,12 +100,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 def gpu_supervise_cmd() -> list[str]:
-    """The installed console script: tests exercise what users run."""
-    beside = Path(sys.executable).parent / "gpu-supervise"  # a venv's, not on PATH
+    """The installed console script: tests exercise what users run. The one beside the
+    interpreter running the tests comes first (a venv's, perhaps not on PATH), never another
+    gpu-supervise that PATH happens to find."""
+    beside = Path(sys.executable).parent / "gpu-supervise"
     exe = (
         os.environ.get("GPU_SUPERVISE_BIN")
-        or shutil.which("gpu-supervise")
         or (str(beside) if beside.exists() else None)
+        or shutil.which("gpu-supervise")
     )
     if exe is None:
         pytest.fail("gpu-supervise is not installed (pip install -e '.[test]', in the venv the "
