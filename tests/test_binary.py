@@ -884,6 +884,9 @@ def test_init_container_installs_and_a_debian_11_agent_restarts_after_a_change(
         assert "debian 11." in first and "GLIBC 2.31" in first, first  # the image's libc
         assert "pid 1 is gpu-supervise\n" in first  # named as itself, not as the loader
         assert all(u in first for u in old.uuids())
+        # the change comes after gpu-supervise's baseline, never before (a loaded machine may
+        # take it after the agent's end line)
+        _wait_logs(podman, name, "[GPU-Watcher] baseline", count=1, stderr_only=True)
 
         new = old.copy()
         new.gpu(0).set_layout(["3g.20gb"] * 2)
@@ -915,12 +918,16 @@ def _inspect(podman: list[str], name: str, fmt: str) -> str:
     ).stdout.strip()
 
 
-def _wait_logs(podman: list[str], name: str, marker: str, count: int, timeout: float = 90) -> str:
+def _wait_logs(
+    podman: list[str], name: str, marker: str, count: int, timeout: float = 90, stderr_only=False
+) -> str:
+    """The container's output once it shows `marker` `count` times; with `stderr_only`, looked
+    for in gpu-supervise's log alone (podman logs keeps the container's streams apart)."""
     deadline = time.monotonic() + timeout
     logs = ""
     while time.monotonic() < deadline:
         out = subprocess.run([*podman, "logs", name], capture_output=True, text=True, timeout=60)
-        logs = out.stdout + out.stderr
+        logs = out.stderr if stderr_only else out.stdout + out.stderr
         if logs.count(f" {marker}") >= count:
             return logs
         time.sleep(0.3)
