@@ -90,6 +90,50 @@ def test_a_process_holding_nvml_is_found_with_its_devices(fake_node: FakeNode, h
     assert holder.pid not in [x.pid for x in scan(f"{fake_node.path}.dev").holders]
 
 
+# Opens the fake's device files as NVML would, keeps them across an exec, and becomes `sleep`:
+# the same process, the same files, another command line (as a dying process's, which the
+# kernel empties before it closes the files).
+EXECS = """
+import os, sys
+os.makedirs(sys.argv[1], exist_ok=True)  # the fake makes them on nvmlInit: made here alike
+fds = [os.open(os.path.join(sys.argv[1], n), os.O_RDWR | os.O_CREAT, 0o666)
+       for n in ("nvidiactl", "nvidia0")]
+for fd in fds:
+    os.set_inheritable(fd, True)
+print("open", flush=True)
+sys.stdin.readline()
+os.execv("/bin/sleep", ["sleep", "300"])
+"""
+
+
+def test_a_holder_whose_command_line_changes_is_the_same_holder(fake_node: FakeNode):
+    """The hold says who blocks the reset again only when the set of holders changes; a new
+    command line for the same process is not a change."""
+    fake_node.write(dgx_a100(count=1))
+    devices = f"{fake_node.path}.dev"
+    proc = subprocess.Popen([sys.executable, "-c", EXECS, devices], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        assert proc.stdout.readline() == "open\n"
+        before = scan(devices)
+        proc.stdin.write("exec\n")
+        proc.stdin.flush()
+        deadline = time.monotonic() + 60
+        while "sleep 300" not in Path(f"/proc/{proc.pid}/cmdline").read_text().replace("\0", " "):
+            assert time.monotonic() < deadline, "never became sleep"
+            time.sleep(0.05)
+        after = scan(devices)
+        [was] = [h for h in before.holders if h.pid == proc.pid]
+        [now] = [h for h in after.holders if h.pid == proc.pid]
+        assert "sleep" not in was.cmdline and now.cmdline == "sleep 300"
+        assert was.devices == now.devices
+        assert before.key() == after.key()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_processes_that_come_and_go_mid_scan_are_never_an_error(fake_node: FakeNode, holder):
     churn = subprocess.Popen(["sh", "-c", "while :; do /bin/true & /bin/true & wait; done"])
     try:

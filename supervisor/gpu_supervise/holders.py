@@ -36,8 +36,10 @@ class Holder:
         where = f" (container {self.container[:12]})" if self.container else ""
         return f"pid {self.pid}{where}: {self.cmdline}"
 
-    def key(self) -> tuple[int, str]:
-        return (self.pid, self.cmdline)
+    def key(self) -> int:
+        """The pid alone: a holder's command line changes as it exits (the kernel drops it
+        before it closes the files) or execs, and that is no news."""
+        return self.pid
 
 
 class Scan:
@@ -49,7 +51,7 @@ class Scan:
     def __init__(self, holders: list[Holder], unreadable: int, namespace_only: bool) -> None:
         self.holders, self.unreadable, self.namespace_only = holders, unreadable, namespace_only
 
-    def key(self) -> frozenset[tuple[int, str]]:
+    def key(self) -> frozenset[int]:
         """What makes two scans different enough to say so again."""
         return frozenset(h.key() for h in self.holders)
 
