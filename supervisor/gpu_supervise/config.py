@@ -316,6 +316,12 @@ class Settings:
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"Settings are frozen: cannot set {name}")
 
+    @property
+    def tripwire_every(self) -> float:
+        """The tripwire's interval in force: 0 when it is off, as it is for a file source (the
+        driver's tree says nothing about one)."""
+        return self.tripwire_interval if self.source == "nvml" else 0.0
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Settings) and self._values() == other._values()
 

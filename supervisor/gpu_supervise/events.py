@@ -155,8 +155,8 @@ def log_start(settings: Settings, reaper: bool) -> None:
     who = "PID 1" if os.getpid() == 1 else "a child subreaper" if reaper else "not a subreaper"
     if settings.watch_enabled:
         tripwire = (
-            f"tripwire every {settings.tripwire_interval:g} s on {settings.procfs_root}"
-            if settings.tripwire_interval > 0 and settings.source == "nvml"
+            f"tripwire every {settings.tripwire_every:g} s on {settings.procfs_root}"
+            if settings.tripwire_every > 0
             else "no tripwire"
         )
         watching = (
@@ -177,7 +177,7 @@ def log_start(settings: Settings, reaper: bool) -> None:
         settle=settings.settle,
         failure_threshold=settings.failure_threshold,
         pending_timeout=settings.pending_timeout,
-        tripwire_interval=settings.tripwire_interval if settings.source == "nvml" else 0.0,
+        tripwire_interval=settings.tripwire_every,
         pid1=os.getpid() == 1,
         subreaper=reaper,
     ).info(f"gpu-supervise {__version__}: {config}; {watching}; {who}")

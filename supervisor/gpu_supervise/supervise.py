@@ -395,9 +395,9 @@ class Supervisor:
 
     def _set_tripwire(self) -> None:
         """List the driver's MIG tree from now on (tripwire.py), or say once why not."""
-        interval, root = self.settings.tripwire_interval, self.settings.procfs_root
-        if interval <= 0 or self.settings.source != "nvml":
-            return  # off; or a file source, which the driver's tree says nothing about
+        interval, root = self.settings.tripwire_every, self.settings.procfs_root
+        if interval <= 0:
+            return
         why = tripwire.absent_reason(root)
         if why is not None:
             logger.bind(event="tripwire", available=False, reason=why).info(
@@ -434,7 +434,7 @@ class Supervisor:
     def _check_tripwire(self, now: float) -> None:
         if self.tripwire is None or self.watcher is None or now < self.tripwire_at:
             return
-        self.tripwire_at = now + self.settings.tripwire_interval
+        self.tripwire_at = now + self.settings.tripwire_every
         if self.tripwire.changed():
             logger.debug(f"{events.TAG} the driver's MIG listing changed: probing now")
             self.watcher.trip(now)
