@@ -217,10 +217,7 @@ def main() -> int:
         mutmut(where, "run", *patterns(modules))
         results = mutmut(where, "results", "--all", "true")
         found = dict(re.findall(r"^\s*(\S+): (.+)$", results, flags=re.M))
-        statuses = {
-            name: status for name, status in found.items()
-            if selected(name) and name.split(".")[1] in modules
-        }  # fmt: skip
+        statuses = {name: status for name, status in found.items() if selected(name)}
         sources = mutant_sources(where, modules)
         table: dict[str, dict[str, int]] = {m: {} for m in modules}
         failures, survivors = [], []
