@@ -362,10 +362,7 @@ class Freezer:
         """Freeze, and wait until every process is frozen: the v1 freezer reads FREEZING, and
         v2's cgroup.events says `frozen 0`, while some are still running (and forking)."""
         (self.path / self.state_file).write_text(self.frozen)
-        deadline = time.monotonic() + 30
-        while not self._frozen():
-            assert time.monotonic() < deadline, "the cgroup never froze"
-            time.sleep(0.05)
+        wait_until(self._frozen, "the cgroup never froze")
 
     def _frozen(self) -> bool:
         if self.state_file == "freezer.state":
