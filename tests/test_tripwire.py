@@ -5,6 +5,7 @@ it (fakenvml.Node.write); the tests point watch.procfs_root there, as conftest's
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -64,6 +65,30 @@ def test_a_destroy_and_re_create_with_the_same_ids_is_invisible_to_it(tmp_path: 
     assert not wire.changed()
 
 
+def test_an_instance_replaced_by_another_of_another_id_is_a_change(tmp_path: Path):
+    """As many entries as before, not the same ones: the listing is compared, not its size."""
+    node = dgx_a100(["3g.20gb"], count=1)
+    node.write(tmp_path / "node")
+    root = procfs_root(tmp_path / "node")
+    wire = Tripwire(str(root))
+    mig = root / "capabilities" / "gpu0" / "mig"
+    os.rename(mig / "gi1", mig / "gi2")  # gi1 destroyed, gi2 created in its place
+    assert len(wire.last) == len(list_tree(str(root)))
+    assert wire.changed() and not wire.changed()
+
+
+@pytest.mark.parametrize("gone", ["the driver's folder", "capabilities"])
+def test_the_tree_vanishing_is_a_change(tmp_path: Path, gone: str):
+    """The driver unloaded (the whole folder goes), or the container's tmpfs remounted without
+    the tree (its folder stays, empty)."""
+    dgx_a100(["3g.20gb"] * 2, count=1).write(tmp_path / "node")
+    root = procfs_root(tmp_path / "node")
+    wire = Tripwire(str(root))
+    shutil.rmtree(root if gone == "the driver's folder" else root / "capabilities")
+    assert wire.changed() and wire.last is None
+    assert not wire.changed()
+
+
 def test_an_absent_tree_is_a_state_and_its_arrival_a_change(tmp_path: Path):
     root = tmp_path / "nvidia"
     wire = Tripwire(str(root))
@@ -90,6 +115,21 @@ def test_a_listing_stays_bounded_on_a_tree_that_is_not_the_drivers(tmp_path: Pat
         (root / "capabilities" / str(i)).touch()
     assert Tripwire(str(root)).last is None
     assert "more than" in absent_reason(str(root))
+
+
+def test_the_listing_goes_as_deep_as_the_drivers_tree_and_no_deeper(tmp_path: Path):
+    """gpu<M>/mig/gi<G>/ci<C>/access is five below capabilities/; MAX_DEPTH allows one more."""
+    deep = tmp_path / "capabilities" / "a" / "b" / "c" / "d" / "e" / "f"
+    (deep / "g").mkdir(parents=True)
+    listing = list_tree(str(tmp_path))
+    assert "capabilities/a/b/c/d/e/f" in listing and "capabilities/a/b/c/d/e/f/g" not in listing
+
+
+def test_a_link_in_the_tree_is_listed_not_followed(tmp_path: Path):
+    (tmp_path / "elsewhere" / "inside").mkdir(parents=True)
+    (tmp_path / "capabilities").mkdir()
+    os.symlink(tmp_path / "elsewhere", tmp_path / "capabilities" / "link")
+    assert list_tree(str(tmp_path)) == {"capabilities/link"}
 
 
 # -- end to end --------------------------------------------------------------------------------
