@@ -14,6 +14,7 @@ import pytest
 
 from conftest import AGENT, FakeNode, Proc, clean_env, log_stamp
 from fakenvml import dgx_a100, procfs_root, reset_gpu
+from gpu_supervise import tripwire
 from gpu_supervise.tripwire import MAX_ENTRIES, Tripwire, absent_reason, list_tree
 
 Start = Callable[..., Proc]
@@ -108,13 +109,40 @@ def test_why_the_tree_cannot_be_used_is_said_plainly(tmp_path: Path):
     assert absent_reason(str(procfs_root(tmp_path / "node"))) is None
 
 
-def test_a_listing_stays_bounded_on_a_tree_that_is_not_the_drivers(tmp_path: Path):
+TOO_MANY = f"more than {MAX_ENTRIES} entries: not the NVIDIA driver's tree"
+
+
+@pytest.mark.parametrize("where", ["capabilities", "capabilities/gpu0/mig", "gpus"])
+def test_a_listing_stays_bounded_on_a_tree_that_is_not_the_drivers(tmp_path: Path, where: str):
+    """20,000 entries are a listing; one more, at any depth, and in gpus/ too, is not the
+    driver's tree: never accepted, and the one line says why."""
     root = tmp_path / "big"
     (root / "capabilities").mkdir(parents=True)
-    for i in range(MAX_ENTRIES + 1):
-        (root / "capabilities" / str(i)).touch()
+    (root / where).mkdir(parents=True, exist_ok=True)
+    for i in range(20_000 - len(list_tree(str(root)))):
+        (root / where / str(i)).touch()
+    assert len(list_tree(str(root))) == 20_000 and Tripwire(str(root)).last is not None
+    (root / where / "one more").touch()
     assert Tripwire(str(root)).last is None
-    assert "more than" in absent_reason(str(root))
+    assert absent_reason(str(root)) == f"{root}/capabilities cannot be listed: {TOO_MANY}"
+
+
+def test_an_unreadable_folder_deeper_down_makes_the_listing_unusable(tmp_path: Path, monkeypatch):
+    """As at the top: a listing that misses a folder is no listing, and the line names it.
+    (os.scandir is made to refuse it: the tests run as root, whom permissions do not stop.)"""
+    dgx_a100(["3g.20gb"] * 2, count=1).write(tmp_path / "node")
+    root = procfs_root(tmp_path / "node")
+    refused = root / "capabilities" / "gpu0" / "mig" / "gi2"
+    scandir = os.scandir
+
+    def refusing(path):
+        if Path(path) == refused:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(tripwire.os, "scandir", refusing)
+    assert Tripwire(str(root)).last is None
+    assert absent_reason(str(root)) == f"{refused} cannot be listed: Permission denied"
 
 
 def test_the_listing_goes_as_deep_as_the_drivers_tree_and_no_deeper(tmp_path: Path):

@@ -35,13 +35,20 @@ MAX_DEPTH = 6
 Listing = frozenset[str]
 
 
+class TooLarge(OSError):
+    """The listing passed MAX_ENTRIES: whatever folder this is, it is not the driver's."""
+
+
 def list_tree(root: str) -> Listing:
     """Every entry of `root`/capabilities and the GPUs' folders in `root`/gpus, as paths
-    relative to `root`. Raises OSError when `root`/capabilities cannot be listed at all."""
+    relative to `root`. Raises OSError when a folder of `root`/capabilities cannot be listed
+    (at any depth), and TooLarge past MAX_ENTRIES (gpus/ included)."""
     found: set[str] = set()
     _walk(os.path.join(root, "capabilities"), "capabilities", found, MAX_DEPTH)
     try:
         _walk(os.path.join(root, "gpus"), "gpus", found, 1)  # the bus ids, not their files
+    except TooLarge:
+        raise
     except OSError:
         pass  # the GPUs' own folder is a bonus; capabilities/ is what carries MIG
     return frozenset(found)
@@ -52,7 +59,7 @@ def _walk(path: str, name: str, found: set[str], levels: int) -> None:
     with os.scandir(path) as entries:
         for entry in entries:
             if len(found) >= MAX_ENTRIES:
-                raise OSError(f"more than {MAX_ENTRIES} entries: not the NVIDIA driver's tree")
+                raise TooLarge(f"more than {MAX_ENTRIES} entries: not the NVIDIA driver's tree")
             child = f"{name}/{entry.name}"
             found.add(child)
             if levels > 1 and entry.is_dir(follow_symlinks=False):
@@ -74,8 +81,8 @@ def absent_reason(root: str) -> str | None:
                 "NVIDIA_MIG_MONITOR_DEVICES=all (and CAP_SYS_ADMIN)"
             )
         return f"{root} does not exist (no NVIDIA driver loaded, or not visible here)"
-    except OSError as exc:
-        return f"{caps} cannot be listed: {exc.strerror or exc}"
+    except OSError as exc:  # the folder that failed, deeper down too
+        return f"{exc.filename or caps} cannot be listed: {exc.strerror or exc}"
     return None
 
 
