@@ -226,6 +226,27 @@ def test_without_the_tree_one_line_says_the_poll_alone_detects(
     assert why in line
 
 
+def test_a_tree_absent_at_start_is_listed_until_it_appears(
+    start: Start, fake_node: FakeNode, tmp_path: Path
+):
+    """The driver loaded (or the tree shown) after start: once it appears, the tripwire works
+    as if it had been there all along."""
+    old = dgx_a100(["1g.5gb"] * 7)
+    fake_node.write(old)
+    folder = tmp_path / "nvidia"
+    env = {**fake_node.env, "GPU_SUPERVISE_WATCH_PROCFS_ROOT": str(folder)}
+    proc = start([*SLOW_POLL, "--", *AGENT], env)
+    proc.wait_for("[GPU-Watcher] baseline")
+    proc.wait_for("detection relies on the poll alone")
+    folder.symlink_to(procfs_root(fake_node.path))  # the tree appears
+    proc.wait_for(TRIPPED, timeout=20)  # its arrival is a change: the next probe comes at once
+    new = old.copy()
+    new.gpu(0).set_layout(["3g.20gb"] * 2)
+    fake_node.write(new)
+    assert proc.wait(25) == 1  # a poll every 30 s could not have seen it yet
+    assert proc.log.count(TRIPPED) >= 2 and "MIG devices 7x1g.5gb -> 2x3g.20gb" in proc.log
+
+
 def test_tripwire_interval_0_turns_it_off(start: Start, fake_node: FakeNode):
     old = dgx_a100(["1g.5gb"] * 7)
     fake_node.write(old)
