@@ -8,6 +8,8 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from conftest import AGENT, FakeNode, Proc, clean_env, pid_alive
 from fakenvml import dgx_a100
 from gpu_supervise import __version__
@@ -60,6 +62,19 @@ def test_the_heartbeat_says_the_watcher_is_alive(start: Start, fake_node: FakeNo
     )
     match = re.search(pattern, beat)
     assert match and 2 <= int(match[1]) <= 10  # about five probes a second
+
+
+@pytest.mark.parametrize("watch", ["--no-watch", "between probes"])
+def test_the_heartbeat_comes_on_time_when_nothing_else_wakes_the_loop(
+    start: Start, fake_node: FakeNode, watch: str
+):
+    """Without watching, or with a probe every 30 s and no tripwire, only the heartbeat's own
+    time wakes the loop: a line a second, not one per probe."""
+    fake_node.write(dgx_a100(count=1))
+    args = ["--no-watch"] if watch == "--no-watch" else [
+        "--interval", "30", "--cooldown", "0", "--tripwire-interval", "0"]  # fmt: skip
+    proc = start([*args, "--log-heartbeat", "1", "--", *AGENT, "--no-nvml"], fake_node.env)
+    proc.wait_for("alive (running)", timeout=20, count=4)
 
 
 def test_no_heartbeat_at_0(start: Start, fake_node: FakeNode):
