@@ -4,6 +4,7 @@ it (fakenvml.Node.write); the tests point watch.procfs_root there, as conftest's
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -270,3 +271,24 @@ def test_a_file_source_has_no_tripwire(start: Start, tmp_path: Path):
     proc.wait_for("[GPU-Watcher] baseline")
     time.sleep(1)
     assert "no tripwire" in proc.log_lines()[0] and "poll alone" not in proc.log
+
+
+@pytest.mark.parametrize("source", ["file", "nvml"])
+def test_the_json_start_line_gives_the_tripwire_interval_the_text_gives(
+    start: Start, fake_node: FakeNode, tmp_path: Path, source: str
+):
+    """tripwire_interval is the interval in force: 0 for a file source, as "no tripwire" says."""
+    fake_node.write(dgx_a100())
+    doc = tmp_path / "node.json"
+    doc.write_text((Path(__file__).parent.parent / "examples" / "node.json").read_text())
+    args = ["--source", f"file:{doc}"] if source == "file" else []
+    proc = start([*args, "--log-format", "json", "--tripwire-interval", "0.2", "--", "sleep",
+                  "30"], fake_node.env)  # fmt: skip
+    proc.wait_for('"event": "baseline"')
+    first = json.loads(proc.log.splitlines()[0])
+    assert first["event"] == "start"
+    if source == "file":
+        assert first["tripwire_interval"] == 0
+        assert first["message"].endswith(", no tripwire; a child subreaper")
+    else:
+        assert first["tripwire_interval"] == 0.2 and "tripwire every 0.2 s on " in first["message"]
