@@ -1,5 +1,5 @@
-"""Mutation testing of the pure code (watch, topology, config, text; the text builders of events
-and the line fitting of logs) with mutmut.
+"""Mutation testing of the pure code (watch, topology, config, text, the tripwire's listing; the
+text builders of events and the line fitting of logs) with mutmut.
 
     python tests/mutation/run.py [--all] [--docs] [--keep DIR]
 
@@ -38,12 +38,13 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-MODULES = ("watch", "topology", "config", "text", "events", "logs")
+MODULES = ("watch", "topology", "config", "text", "tripwire", "events", "logs")
 # Modules where a survivor is only reported, never failed: mutated with --all (and --docs) alone,
 # so that CI spends its time on the modules it gates.
 REPORTED = ("config",)
 TESTS = (
     "test_watch.py", "test_topology.py", "test_config.py", "test_events.py", "test_logs.py",
+    "test_tripwire.py",
 )  # fmt: skip
 # What the tests import: the folders named here, and every module of tests/ that is not a test
 # (conftest.py and the helpers it imports).
@@ -67,7 +68,7 @@ STRICT = re.compile(
     r"|gpu_supervise\.topology\.x(ǁTopologyǁ(identity|same_as|absent|pending_mig_changes)"
     r"|ǁMigDeviceǁ(key|describe)|ǁGpuǁ(mig_enabled|mig_change_pending|describe)"
     r"|ǁChangeǁ|_diff|__diff_lines|__gpu_diff|__mig_suffix|__profile_counts|__slot|__onoff)"
-    r"|gpu_supervise\.(text|events|logs)\."
+    r"|gpu_supervise\.(text|tripwire|events|logs)\."
 )
 
 # Survivors that change nothing observable: (function, a piece of the mutated line) -> why.
@@ -90,6 +91,7 @@ EQUIVALENT = {
     ("Watcher.__init__", "self.settled_at = 1.0"): (
         "read only while a candidate exists, and set together with it"
     ),
+    ("walk", "follow_symlinks=None"): "is_dir reads it as a truth value: None is False",
     ("printable", '"UNICODE_ESCAPE"'): "codec names are case-insensitive",
     ("clip", '"UNICODE_ESCAPE"'): "codec names are case-insensitive",
     ("fit_text", '"UTF-8"'): "codec names are case-insensitive",
