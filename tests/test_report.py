@@ -37,6 +37,21 @@ def test_a_message_cut_to_the_limit_replaces_a_longer_file_whole(tmp_path: Path)
     assert data.endswith(b"\n[truncated]")
 
 
+def test_a_symlink_is_never_followed(tmp_path: Path):
+    """The termination log is a symlink to a regular file: nothing is written, the file it
+    names keeps every byte (a link to a file elsewhere is not the kubelet's file)."""
+    target = tmp_path / "elsewhere"
+    target.write_text(OLD)
+    log = tmp_path / "termination-log"
+    log.symlink_to(target)
+    assert not write_termination_message(str(log), "gpu-supervise: GPU topology changed.")
+    assert target.read_text() == OLD
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "absent")
+    assert not write_termination_message(str(dangling), "gpu-supervise: GPU topology changed.")
+    assert not (tmp_path / "absent").exists()
+
+
 def test_a_restart_replaces_the_previous_containers_message(
     start: Start, fake_node: FakeNode, tmp_path: Path
 ):

@@ -14,7 +14,8 @@ TERMINATION_LOG_LIMIT = 4096  # kubelet reads at most this many bytes
 def write_termination_message(path: str, text: str) -> bool:
     """Write the restart reason where `kubectl describe pod` shows it, only if it is a regular
     file that exists (the kubelet creates it; we never create files on a host). Never blocks:
-    a FIFO with no reader, a device or a terminal there is left alone."""
+    a FIFO with no reader, a device or a terminal there is left alone. Never follows a symlink
+    (O_NOFOLLOW): a link there would have us truncate whatever file it names."""
     if not path:
         return False
     data = text.encode("utf-8", errors="replace")
@@ -23,8 +24,8 @@ def write_termination_message(path: str, text: str) -> bool:
         data = data[: TERMINATION_LOG_LIMIT - len(marker)]
         data = data.decode("utf-8", errors="ignore").encode() + marker
     try:
-        fd = open_regular_file(path, os.O_WRONLY)
-    except OSError:  # absent, not ours to write, or not a regular file
+        fd = open_regular_file(path, os.O_WRONLY | os.O_NOFOLLOW)
+    except OSError:  # absent, not ours to write, a symlink, or not a regular file
         return False
     try:
         os.ftruncate(fd, 0)
