@@ -6,12 +6,16 @@ before it: what it writes must replace that whole, never leave a tail of it."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import signal
+import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from conftest import AGENT, FakeNode, Proc
+import pytest
+
+from conftest import AGENT, FakeNode, Proc, clean_env
 from fakenvml import dgx_a100
-from gpu_supervise.report import TERMINATION_LOG_LIMIT, write_termination_message
+from gpu_supervise.report import TERMINATION_LOG_LIMIT, sd_notify, write_termination_message
 
 FAST = ["--interval", "0.2", "--cooldown", "0", "--settle", "0"]
 # What a previous container left: longer than any message below, and easy to spot.
@@ -78,3 +82,49 @@ def test_a_restart_replaces_the_previous_containers_message(
     ]
     assert lines[3].startswith("GPU 0 ") and "MIG devices 7x1g.5gb -> 2x3g.20gb" in lines[3]
     assert len(lines) == 4  # the message ends with its last line: no tail, no newline after it
+
+
+# -- systemd's notify socket ---------------------------------------------------------------------
+
+# Every kind of control character a command line can carry: ESC (a terminal sequence), BEL, CR,
+# TAB, DEL, a newline (that would begin a field of its own) and a Unicode line separator.
+CONTROL = "\x1b[2J\x07\r\t\x7f\nSTOPPING=1\u2028"
+ESCAPED = "\\x1b[2J\\x07\\r\\t\\x7f\\nSTOPPING=1\\u2028"
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
+    """A real AF_UNIX datagram socket standing in for systemd's."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    address = str(tmp_path / "notify.sock")
+    sock.bind(address)
+    sock.settimeout(30)
+    yield sock, address
+    sock.close()
+
+
+def test_every_control_character_in_a_notify_field_is_escaped(notify_socket):
+    sock, address = notify_socket
+    assert sd_notify(address, STATUS=f"running {CONTROL}\x00 as pid 7", READY="1")
+    data = sock.recv(4096)
+    assert data == f"STATUS=running {ESCAPED}\\x00 as pid 7\nREADY=1".encode()
+    assert not any(byte < 0x20 and byte != 0x0A or byte == 0x7F for byte in data)
+
+
+def test_an_agent_named_with_control_characters_reaches_systemd_escaped(
+    start: Start, notify_socket, tmp_path: Path
+):
+    """End to end: the agent's argv[0], raw from the command line, is in READY=1's STATUS;
+    systemd reads three fields, none with a control character, and no STOPPING=1."""
+    sock, address = notify_socket
+    agent = tmp_path / f"agent{CONTROL}"
+    agent.symlink_to("/bin/sleep")
+    proc = start(["--no-watch", "--", str(agent), "60"], clean_env(NOTIFY_SOCKET=address))
+    try:
+        ready, status, mainpid = sock.recv(4096).decode().split("\n")
+        assert (ready, mainpid) == ("READY=1", f"MAINPID={proc.pid}")
+        assert status.startswith(f"STATUS=running {tmp_path}/agent{ESCAPED} as pid ")
+        assert status.endswith("; not watching the GPU topology")
+    finally:
+        proc.signal(signal.SIGTERM)
+        proc.wait()

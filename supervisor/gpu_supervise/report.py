@@ -46,8 +46,9 @@ def take_notify_socket(environ: dict[str, str]) -> str | None:
 
 
 def escape(value: str) -> str:
-    """A notify field's value on one line: a newline in it (an argv[0] holding "\\nSTOPPING=1")
-    would be read by systemd as a field of its own."""
+    """A notify field's value on one line, every control character escaped (printable): a
+    newline in it (an argv[0] holding "\\nSTOPPING=1") would be read by systemd as a field of
+    its own, and an ESC or a CR would reach `systemctl status` raw."""
     return printable(value)
 
 
