@@ -6,16 +6,25 @@ before it: what it writes must replace that whole, never leave a tail of it."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import AGENT, FakeNode, Proc, clean_env
+from conftest import AGENT, FakeNode, Proc, clean_env, gpu_supervise_cmd
 from fakenvml import dgx_a100
-from gpu_supervise.report import TERMINATION_LOG_LIMIT, sd_notify, write_termination_message
+from gpu_supervise.report import (
+    TERMINATION_LOG_LIMIT,
+    sd_notify,
+    take_notify_socket,
+    watchdog_period,
+    write_termination_message,
+)
+from procfs import stat_fields
 
 FAST = ["--interval", "0.2", "--cooldown", "0", "--settle", "0"]
 # What a previous container left: longer than any message below, and easy to spot.
@@ -128,3 +137,98 @@ def test_an_agent_named_with_control_characters_reaches_systemd_escaped(
     finally:
         proc.signal(signal.SIGTERM)
         proc.wait()
+
+
+# -- systemd's watchdog ---------------------------------------------------------------------------
+
+PERIOD = 6.0  # WATCHDOG_USEC, in seconds: WATCHDOG=1 is due every 3 s
+WATCHDOG_AGENT = 'echo "agent sees [${WATCHDOG_USEC-unset} ${WATCHDOG_PID-unset}]"; exec sleep 300'
+
+
+def test_the_watchdog_is_ours_when_its_pid_is_unset_or_ours():
+    ours = str(os.getpid())
+    assert watchdog_period({"WATCHDOG_USEC": "1500000"}) == 1.5
+    assert watchdog_period({"WATCHDOG_USEC": "1500000", "WATCHDOG_PID": ours}) == 1.5
+    assert watchdog_period({"WATCHDOG_USEC": "1500000", "WATCHDOG_PID": ""}) == 1.5
+    for other in ({"WATCHDOG_USEC": "1500000", "WATCHDOG_PID": "1"}, {"WATCHDOG_USEC": "0"},
+                  {"WATCHDOG_USEC": "soon"}, {"WATCHDOG_PID": ours}, {}):  # fmt: skip
+        assert watchdog_period(other) is None, other
+
+
+def test_the_agent_gets_no_watchdog_meant_for_us():
+    """Ours: removed with NOTIFY_SOCKET (the agent cannot ping; systemd would take its
+    WATCHDOG_PID check for ours). Another process's: left as it is."""
+    env = {"NOTIFY_SOCKET": "/run/n", "WATCHDOG_USEC": "1", "WATCHDOG_PID": str(os.getpid())}
+    assert take_notify_socket(env) == "/run/n" and env == {}
+    env = {"NOTIFY_SOCKET": "/run/n", "WATCHDOG_USEC": "1", "WATCHDOG_PID": "1"}
+    assert take_notify_socket(env) == "/run/n"
+    assert env == {"WATCHDOG_USEC": "1", "WATCHDOG_PID": "1"}
+
+
+def watchdog_pings(sock: socket.socket, count: int) -> list[float]:
+    """When each of the next `count` WATCHDOG=1 datagrams arrived (other datagrams skipped)."""
+    times = []
+    while len(times) < count:
+        if sock.recv(4096).split(b"\n") == [b"WATCHDOG=1"]:
+            times.append(time.monotonic())
+    return times
+
+
+def stopped(pid: int) -> None:
+    deadline = time.monotonic() + 30
+    while stat_fields(pid)[0] != "T":
+        assert time.monotonic() < deadline, f"pid {pid} did not stop"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("watching", [True, False])
+def test_watchdog_pings_at_half_the_period_and_stop_when_the_loop_hangs(
+    start_cmd: Callable[..., Proc], fake_node: FakeNode, notify_socket, watching: bool
+):
+    """WATCHDOG_USEC set and WATCHDOG_PID ours (set by the shell that execs gpu-supervise, as
+    systemd does): WATCHDOG=1 every half period, whether probes wake the loop every 0.2 s or
+    nothing else does (--no-watch), never a whole period apart; none while the loop cannot run
+    (SIGSTOP), and again once it can. The agent sees neither variable."""
+    sock, address = notify_socket
+    fake_node.write(dgx_a100())
+    env = {**fake_node.env, "NOTIFY_SOCKET": address, "WATCHDOG_USEC": str(int(PERIOD * 1e6))}
+    cmd = ["sh", "-c", 'export WATCHDOG_PID=$$; exec "$@"', "sh", *gpu_supervise_cmd(),
+           *(FAST if watching else ["--no-watch"]), "--", "sh", "-c", WATCHDOG_AGENT]  # fmt: skip
+    proc = start_cmd(cmd, env)
+    proc.wait_for("agent sees [unset unset]")
+    times = watchdog_pings(sock, 5)
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert all(PERIOD / 4 < gap < PERIOD for gap in gaps), gaps
+    proc.signal(signal.SIGSTOP)
+    try:
+        stopped(proc.pid)
+        sock.setblocking(False)
+        try:
+            while sock.recv(4096):
+                pass  # whatever was sent before it stopped
+        except BlockingIOError:
+            pass
+        sock.settimeout(PERIOD)
+        with pytest.raises(TimeoutError):
+            sock.recv(4096)  # a whole period, and not one WATCHDOG=1
+    finally:
+        proc.signal(signal.SIGCONT)
+    sock.settimeout(30)
+    watchdog_pings(sock, 1)
+    proc.signal(signal.SIGTERM)
+    assert proc.wait() == 143
+
+
+def test_a_watchdog_meant_for_another_process_is_not_pinged(start: Start, notify_socket):
+    """WATCHDOG_PID names another process: not ours to ping, nor to take from the agent."""
+    sock, address = notify_socket
+    env = clean_env(NOTIFY_SOCKET=address, WATCHDOG_USEC="500000", WATCHDOG_PID="1")
+    proc = start(["--no-watch", "--", "sh", "-c", WATCHDOG_AGENT], env)
+    assert b"READY=1" in sock.recv(4096)
+    proc.wait_for("agent sees [500000 1]")
+    sock.settimeout(2)  # four periods
+    with pytest.raises(TimeoutError):
+        sock.recv(4096)
+    proc.signal(signal.SIGTERM)
+    assert proc.wait() == 143

@@ -4,6 +4,7 @@ systemd notify protocol. Both are best effort: they must never stop a restart fr
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 from .files import open_regular_file
 from .text import printable
@@ -41,8 +42,24 @@ def write_termination_message(path: str, text: str) -> bool:
 
 def take_notify_socket(environ: dict[str, str]) -> str | None:
     """Remove NOTIFY_SOCKET from the child's environment and return it: the unit's main process
-    (us) speaks the protocol; an agent that also sent READY=1 would confuse systemd."""
+    (us) speaks the protocol; an agent that also sent READY=1 would confuse systemd. So do
+    WATCHDOG_USEC and WATCHDOG_PID when the watchdog is ours (watchdog_period): we send its
+    WATCHDOG=1; those naming another process are not ours to touch."""
+    if watchdog_period(environ) is not None:
+        environ.pop("WATCHDOG_USEC", None)
+        environ.pop("WATCHDOG_PID", None)
     return environ.pop("NOTIFY_SOCKET", None) or None
+
+
+def watchdog_period(environ: Mapping[str, str]) -> float | None:
+    """systemd's watchdog period in seconds, where it is meant for us: WATCHDOG_USEC set, and
+    WATCHDOG_PID unset or our pid (sd_watchdog_enabled's rule). None otherwise."""
+    try:
+        usec = int(environ.get("WATCHDOG_USEC", ""))
+        pid = int(environ.get("WATCHDOG_PID") or os.getpid())
+    except ValueError:
+        return None
+    return usec / 1e6 if usec > 0 and pid == os.getpid() else None
 
 
 def escape(value: str) -> str:
