@@ -472,6 +472,7 @@ def test_a_line_cut_short_by_a_non_blocking_stderr_is_finished_not_glued(driver)
     assert found == {0: "x" * 12000, 1: "x" * 100, 2: "x" * 100, 3: "x" * 100}
 
 
+@pytest.mark.slow
 def test_lines_the_stalled_pipe_holds_back_are_counted_by_kind(driver):
     """The pipe full to the last byte, the writer idle: each line logged after it waits. What
     flush gives up on is said with its numbers: 7 lines, 2 of them decision lines."""
@@ -488,6 +489,7 @@ def test_lines_the_stalled_pipe_holds_back_are_counted_by_kind(driver):
     assert logged(d.finish()) == {i: "x" * 10 for i in range(7)}
 
 
+@pytest.mark.slow
 def test_lines_whose_reader_is_gone_are_counted_as_unwritten(driver):
     """stderr's reader is gone (EPIPE): the lines are lost at once, and counted, the decision
     lines apart, not taken for written."""
