@@ -18,11 +18,13 @@ import sys
 import termios
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 
-from conftest import clean_env
+from conftest import FakeNode, clean_env, gpu_supervise_cmd
+from fakenvml import dgx_a100
 from gpu_supervise.logs import LINE_LIMIT, _fit_json, _fit_text
 from gpu_supervise.text import printable
 from procfs import status_mib
@@ -214,32 +216,59 @@ def test_a_json_line_of_many_small_fields_still_fits():
 # -- a stalled stderr: a real process, stderr a pipe the test stops reading -----------------------
 
 # Logs what the test tells it on stdin, one command a line, and answers each on stdout:
-#   log N SIZE     N lines of a SIZE-character message, as fast as it can
-#   paced N SIZE   N lines, each written out (flush) before the next is logged
-#   flush          wait until every queued line is written
-#   exit           flush, and exit
+#   log N SIZE        N lines of a SIZE-character message, as fast as it can
+#   paced N SIZE      N lines, each written out (flush) before the next is logged
+#   decision N SIZE   N decision lines (logs.decision), as fast as it can
+#   flush             wait until every queued line is written
+#   unwritten T D     flush(T, D): answers what it could not get written, "LINES DECISIONS NOTE"
+#   nonblock          make stderr non-blocking, as an agent sharing it can (libuv does)
+#   fill              fill stderr's pipe with newlines to the last byte, the writer idle
+#   exit              flush, and exit
 DRIVER = r"""
+import os
 import sys
 from loguru import logger
 from gpu_supervise import logs
 
 logs.setup("INFO", sys.argv[1])
 count = 0
+
+
+def fill():
+    blocking = os.get_blocking(2)
+    os.set_blocking(2, False)
+    for size in (4096, 1):
+        try:
+            while True:
+                os.write(2, b"\n" * size)
+        except BlockingIOError:
+            pass
+    os.set_blocking(2, blocking)
+
+
 for command in sys.stdin:
     what, *args = command.split()
+    answer = ""
     if what in ("exit", "flush"):
         logs.flush(60)
         if what == "exit":
             break
-        print("done", flush=True)
-        continue
-    n, size = map(int, args)
-    for _ in range(n):
-        logger.info(f"line {count} " + "x" * size)
-        count += 1
-        if what == "paced":
-            logs.flush(60)
-    print("done", flush=True)
+    elif what == "unwritten":
+        left = logs.flush(*map(float, args))
+        answer = f" {left.lines} {left.decisions} {left.note()}"
+    elif what == "nonblock":
+        os.set_blocking(2, False)
+    elif what == "fill":
+        fill()
+    else:
+        n, size = map(int, args)
+        log = logs.decision(event="test") if what == "decision" else logger
+        for _ in range(n):
+            log.info(f"line {count} " + "x" * size)
+            count += 1
+            if what == "paced":
+                logs.flush(60)
+    print("done" + answer, flush=True)
 """
 
 
@@ -258,12 +287,16 @@ class Driver:
         self.stderr = bytearray()
         self._reader: threading.Thread | None = None
 
-    def do(self, command: str) -> None:
+    def do(self, command: str) -> str:
+        """Run `command`; its answer (what follows "done")."""
         assert self.popen.stdin is not None and self.popen.stdout is not None
         self.popen.stdin.write(command + "\n")
         self.popen.stdin.flush()
-        if command != "exit":
-            assert self.popen.stdout.readline() == "done\n", f"the driver died at {command!r}"
+        if command == "exit":
+            return ""
+        answer = self.popen.stdout.readline()
+        assert answer.startswith("done"), f"the driver died at {command!r}"
+        return answer[len("done") :].strip()
 
     def stalled(self) -> None:
         """Wait until stderr's pipe is full (64 KiB): the writer thread is blocked from here on,
@@ -293,10 +326,23 @@ class Driver:
         self._reader.join(60)
         return self.stderr.decode().splitlines()
 
+    def take(self, size: int) -> None:
+        """Read `size` bytes of stderr, no more: room for that much in the pipe."""
+        while size > 0:
+            chunk = os.read(self._read, size)
+            self.stderr += chunk
+            size -= len(chunk)
+
+    def reader_gone(self) -> None:
+        """Close stderr's read end: every write gets EPIPE from here on."""
+        os.close(self._read)
+        self._read = -1
+
     def close(self) -> None:
         self.popen.kill()
         self.popen.wait()
-        os.close(self._read)
+        if self._read >= 0:
+            os.close(self._read)
 
 
 @pytest.fixture
@@ -371,3 +417,165 @@ def test_no_line_written_exceeds_the_limit_around_it(driver, fmt: str):
     assert len(sizes) == 350 and max(sizes) == LINE_LIMIT
     if fmt == "json":
         assert all(json.loads(line)["program"] == "gpu-supervise" for line in lines)
+
+
+# -- what the agent does to the stderr it shares, and lines that cannot get out -----------------
+
+NOTE = "log line(s), {} of them decision lines (the change, failure or exit line), could not be "
+
+
+def logged(lines: Iterable[str]) -> dict[int, str]:
+    """The driver's lines by number: each one whole (its message's x's all there, its number
+    told once), so that nothing was cut short or glued to the next."""
+    found: dict[int, str] = {}
+    for line in lines:
+        if not line:
+            continue  # fill's newlines
+        assert line.count(" line ") == 1, f"lines glued together: {line[:200]!r}"
+        number, xs = line.split(" line ")[1].split()
+        found[int(number)] = xs
+    return found
+
+
+@pytest.mark.slow
+def test_lines_wait_for_a_stderr_the_agent_made_non_blocking(driver):
+    """The agent shares gpu-supervise's stderr, its flags included, and sets O_NONBLOCK on it
+    (libuv does, on a pipe). The collector stalls for a few seconds across the decision: its
+    lines wait (they are counted as not yet written, meanwhile), and once it reads again all
+    of them come, each whole."""
+    d = driver()
+    d.do("nonblock")
+    d.do("fill")
+    d.do("log 20 100")
+    d.do("decision 70 300")  # a change line and its per-GPU lines
+    time.sleep(3)  # the stall
+    assert d.do("unwritten 0.2 0.2").split()[:2] == ["90", "70"]  # none taken for written
+    d.drain()
+    assert d.do("unwritten 60 60").split()[:2] == ["0", "0"]
+    found = logged(d.finish())
+    assert found == {i: "x" * (100 if i < 20 else 300) for i in range(90)}
+
+
+@pytest.mark.slow
+def test_a_line_cut_short_by_a_non_blocking_stderr_is_finished_not_glued(driver):
+    """A 12 KB line meets a non-blocking pipe with 8 KiB of room: the write is short. The rest
+    follows once there is room again, before the next line begins."""
+    d = driver()
+    d.do("nonblock")
+    d.do("fill")
+    d.take(8192)
+    d.do("log 1 12000")
+    d.do("log 3 100")
+    time.sleep(1)
+    d.drain()
+    found = logged(d.finish())
+    assert found == {0: "x" * 12000, 1: "x" * 100, 2: "x" * 100, 3: "x" * 100}
+
+
+@pytest.mark.slow
+def test_lines_the_stalled_pipe_holds_back_are_counted_by_kind(driver):
+    """The pipe full to the last byte, the writer idle: each line logged after it waits. What
+    flush gives up on is said with its numbers: 7 lines, 2 of them decision lines."""
+    d = driver()
+    d.do("fill")
+    d.do("log 3 10")
+    d.do("decision 2 10")
+    d.do("log 2 10")
+    lines, decisions, note = d.do("unwritten 0.2 0.5").split(" ", 2)
+    assert (lines, decisions) == ("7", "2")
+    assert note == "7 " + NOTE.format(2) + "written: stderr was not being read"
+    d.drain()
+    assert d.do("unwritten 60 60").split()[:2] == ["0", "0"]
+    assert logged(d.finish()) == {i: "x" * 10 for i in range(7)}
+
+
+@pytest.mark.slow
+def test_lines_whose_reader_is_gone_are_counted_as_unwritten(driver):
+    """stderr's reader is gone (EPIPE): the lines are lost at once, and counted, the decision
+    lines apart, not taken for written."""
+    d = driver()
+    d.reader_gone()
+    d.do("log 4 10")
+    d.do("decision 3 10")
+    assert d.do("unwritten 5 5").split(" ", 2)[:2] == ["7", "3"]
+    d.do("exit")
+    assert d.popen.wait(60) == 0
+
+
+@pytest.mark.slow
+def test_a_decision_line_is_never_dropped_for_1000_other_lines(driver):
+    """The pipe full and 1000 other lines waiting (500 more dropped): decision lines logged
+    then are queued still, counted while they wait, and written once stderr is read again,
+    after one note for the 500."""
+    d = driver()
+    d.do("fill")
+    d.do("log 1500 10")
+    d.do("decision 3 10")
+    # waiting: the 1000 lines and 3 decision lines; never to be written: the 500 dropped
+    assert d.do("unwritten 0.2 0.5").split()[:2] == ["1503", "3"]
+    d.drain()
+    lines = d.finish()
+    assert [line for line in lines if DROPPED in line] == [f"gpu-supervise: 500{DROPPED}"]
+    found = logged(line for line in lines if DROPPED not in line)
+    assert sorted(found) == [*range(1000), 1500, 1501, 1502]
+
+
+# The agent makes the stderr it shares non-blocking and writes to it until it would block: the
+# pipe is full, and gpu-supervise's writes meet EAGAIN from then on.
+NON_BLOCKING_AGENT = """
+import os, sys, time
+os.set_blocking(2, False)
+try:
+    while True:
+        os.write(2, b"agent " * 100 + b"\\n")
+except BlockingIOError:
+    pass
+print("up", flush=True)
+time.sleep(300)
+"""
+
+
+@pytest.mark.slow
+def test_the_decision_lines_get_out_when_the_agent_made_stderr_non_blocking(
+    fake_node: FakeNode, tmp_path: Path
+):
+    """End to end: the collector stalls for a few seconds across a MIG change while the agent's
+    O_NONBLOCK is on the stderr gpu-supervise shares with it. Once it reads again, the change
+    line, its per-GPU line and the exit line are there, and the termination message says
+    nothing of lines lost."""
+    node = dgx_a100(["1g.5gb"] * 7, count=2)
+    fake_node.write(node)
+    out, message = tmp_path / "out", tmp_path / "termination-log"
+    message.write_text("")
+    fast = ["--interval", "0.2", "--cooldown", "0", "--settle", "0"]
+    agent = [sys.executable, "-c", NON_BLOCKING_AGENT]
+    cmd = [*gpu_supervise_cmd(), *fast, "--termination-log", str(message), "--", *agent]
+    with open(out, "wb") as stdout:
+        proc = subprocess.Popen(cmd, env=fake_node.env, stdout=stdout, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while b"up" not in out.read_bytes():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        time.sleep(1)  # the baseline, queued behind the agent's lines
+        node.gpu(1).set_layout(["3g.20gb"] * 2)
+        fake_node.write(node)
+        while not message.read_text():  # the decision is taken
+            assert time.monotonic() < deadline + 60
+            time.sleep(0.05)
+        time.sleep(3)  # the collector is still stalled
+        assert proc.stderr is not None
+        log = proc.stderr.read().decode(errors="replace")  # it reads again, to the end
+        assert proc.wait(60) == 1
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+    assert "[GPU-Watcher] baseline" in log
+    assert "[GPU-Watcher] MIG configuration change detected (Old UUIDs: [" in log
+    assert f"[GPU-Watcher]   GPU 1 {node.gpu(1).uuid}" in log
+    assert "INFO    exiting 1: restart me (GPU topology changed)" in log
+    ours = [line for line in log.splitlines() if not line.startswith("agent ")]
+    assert all(line.count(" gpu-supervise[") == 1 for line in ours), "lines glued together"
+    assert "could not be written" not in message.read_text()

@@ -557,7 +557,7 @@ WRAP_FILE = ROOT / "packaging/systemd/wrap-agent.conf"
 VENDOR = "vendor-gpu-agent.service"
 VENDOR_DIR = f"/etc/systemd/system/{VENDOR}.d"
 VENDOR_STOP_TIMEOUT = 1  # seconds: shorter than the agent takes to stop (LINGER)
-VENDOR_WATCHDOG = 1  # seconds: nothing sends WATCHDOG=1 under gpu-supervise
+VENDOR_WATCHDOG = 1  # seconds: for the agent's pings, which cannot reach systemd any more
 
 # What the stand-in vendor unit sets against supervision, each overridden by the drop-in. Its
 # Restart= is left out, as in many vendor units: systemd's default, Restart=no.
@@ -753,16 +753,43 @@ def test_wrapped_agent_keeps_the_vendors_user_and_reload(box: Box, wrapped_agent
 
 
 def test_wrapped_agent_outlives_the_vendors_watchdog(box: Box, wrapped_agent: Install):
-    """WatchdogSec=0: nothing under gpu-supervise sends WATCHDOG=1, so the vendor's one-second
-    watchdog would kill the unit; the unit runs on well past it, same process, no restart."""
+    """The drop-in's WatchdogSec=30 replaces the vendor's one second, meant for the agent's pings
+    (the agent has no NOTIFY_SOCKET now): the unit runs on well past that second, same process,
+    no restart, and gpu-supervise's keep-alive is what systemd watches."""
     unit = wrapped_agent()
     after = box.container.cursor()
     box.container.systemctl("start", VENDOR)
     before = unit.wait(ActiveState="active", SubState="running")
     agent_lines(unit, after)
-    time.sleep(VENDOR_WATCHDOG * 2)  # a watchdog in force would have fired by now
+    time.sleep(VENDOR_WATCHDOG * 2)  # the vendor's watchdog, were it in force, would have fired
     state = unit.show("WatchdogUSec")
     assert (state["ActiveState"], state["MainPID"], state["NRestarts"], state["WatchdogUSec"]) == (
-        "active", before["MainPID"], "0", "0"
+        "active", before["MainPID"], "0", "30s"
     )  # fmt: skip
     assert not any("Watchdog timeout" in e.message for e in unit.journal(after))
+
+
+HUNG_WATCHDOG = 2  # seconds, in a test drop-in over the shipped unit's 30
+
+
+def test_the_watchdog_restarts_a_hung_supervisor(box: Box, gpu_agent: Install):
+    """WatchdogSec= in the shipped unit: gpu-supervise's WATCHDOG=1 keeps the unit running for
+    many periods; once its loop cannot run (SIGSTOP), systemd's watchdog fires and Restart=
+    brings a new gpu-supervise and agent."""
+    assert "\nWatchdogSec=30\n" in UNIT_FILE.read_text()
+    unit = gpu_agent(extra=["WatchdogSec=" + str(HUNG_WATCHDOG)])
+    after = box.container.cursor()
+    box.container.systemctl("start", UNIT)
+    before = unit.wait(ActiveState="active", SubState="running")
+    agent_lines(unit, after)
+    time.sleep(HUNG_WATCHDOG * 3)  # three periods: a watchdog nobody pinged would have fired
+    state = unit.show("WatchdogUSec")
+    assert (state["ActiveState"], state["MainPID"], state["NRestarts"], state["WatchdogUSec"]) == (
+        "active", before["MainPID"], "0", f"{HUNG_WATCHDOG}s"
+    )  # fmt: skip
+    assert not any("Watchdog timeout" in e.message for e in unit.journal(after))
+    box.container.exec("kill", "-STOP", before["MainPID"])
+    unit.wait_journal("Watchdog timeout", after, timeout=60)
+    restarted = unit.wait(ActiveState="active", SubState="running", NRestarts="1", timeout=90)
+    assert restarted["MainPID"] != before["MainPID"]
+    agent_lines(unit, after, count=2, timeout=60)

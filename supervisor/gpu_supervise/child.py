@@ -51,7 +51,7 @@ def become_subreaper() -> bool:
 
 def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
     """The environment the agent gets: exactly the one gpu-supervise was started with, except
-    NOTIFY_SOCKET (report.take_notify_socket).
+    NOTIFY_SOCKET and a watchdog meant for us (report.take_notify_socket).
 
     Two layers change what this process sees, and both are undone here:
     - The interpreter: started under the C locale, Python adds LC_CTYPE=C.UTF-8 to os.environ

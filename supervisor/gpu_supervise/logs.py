@@ -13,19 +13,28 @@ Logging must never stop a supervisor: lines are written by a thread of their own
 that nobody reads (a stalled pipe) blocks that thread, never the main loop that handles signals
 and stops. While it is blocked, up to QUEUE_LINES lines wait; more are dropped and counted (one
 note says how many, before the next line written). A line that cannot be written at all (stderr
-closed, its reader gone) is dropped.
+closed, its reader gone) is dropped and counted as unwritten.
+
+stderr is the agent's too: the same open file description, so its flags are shared, and an
+agent that makes it non-blocking (libuv does, on a pipe) makes ours so. A write that would
+block then waits in poll() for room, as a blocking write would, and a short write is finished
+before the next line begins: a line is never lost to EAGAIN, cut short or glued to another.
+(Reopening /proc/self/fd/2 would give us flags of our own for a pipe, but not for a socket,
+and a file reopened so gets an offset of its own that overwrites the agent's lines.)
 
 Decision lines (bound with `decision()`: the change line and its per-GPU lines, the failure
 line, the exit line) are never dropped for want of room (up to DECISION_LINES of them), and at
 exit they get a wait of their own (`flush`'s `decision_timeout`, stop_timeout at the
 supervisor's exit): a log collector stalled for a few seconds across the exit still gets them.
-What could not be written even so is counted, for the termination message.
+What could not be written even so is counted, for the termination message: the lines still
+waiting, those lost to an error, and those dropped that no note has told of yet.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
 import threading
 import time
 from collections import deque
@@ -74,7 +83,8 @@ class _Writer:
     def __init__(self) -> None:
         self._lines: deque[tuple[bytes, bool]] = deque()  # (line, is a decision line)
         self._waiting = [0, 0]  # lines queued: [others, decision lines]
-        self._dropped = 0  # dropped since the last note
+        self._lost = [0, 0]  # lines a write error lost: [others, decision lines]
+        self._dropped = 0  # dropped, and told of by no note yet
         self._cond = threading.Condition()
         threading.Thread(target=self._run, name="log-writer", daemon=True).start()
 
@@ -101,7 +111,9 @@ class _Writer:
                 if waited >= limit:
                     break
                 self._cond.wait(min(limit - waited, 0.05))
-            return Unwritten(len(self._lines), self._waiting[True])
+            lost, lost_decisions = self._lost
+            lines = len(self._lines) + lost + lost_decisions + self._dropped
+            return Unwritten(lines, self._waiting[True] + lost_decisions)
 
     def _run(self) -> None:
         while True:
@@ -109,24 +121,36 @@ class _Writer:
                 while not self._lines:
                     self._cond.wait()
                 data, is_decision = self._lines[0]  # stays queued until written: flush waits
-                dropped, self._dropped = self._dropped, 0
-            if dropped:
-                self._write(f"{PROGRAM}: {dropped} log line(s) dropped: stderr was not being "
-                            "read\n".encode())  # fmt: skip
-            self._write(data)
+                dropped = self._dropped
+            if dropped and self._write(f"{PROGRAM}: {dropped} log line(s) dropped: stderr was "
+                                       "not being read\n".encode()):  # fmt: skip
+                with self._cond:
+                    self._dropped -= dropped  # told of now; more may have come meanwhile
+            written = self._write(data)
             with self._cond:
                 self._lines.popleft()
                 self._waiting[is_decision] -= 1
+                self._lost[is_decision] += not written
                 self._cond.notify_all()
 
     @staticmethod
-    def _write(data: bytes) -> None:
+    def _write(data: bytes) -> bool:
+        """All of `data` to fd 2, waiting for room while it is non-blocking (the module's
+        docstring says why); False if an error (EPIPE, EBADF) lost it."""
         view = memoryview(data)
+        poller: select.poll | None = None
         try:
             while view:
-                view = view[os.write(2, view) :]
+                try:
+                    view = view[os.write(2, view) :]
+                except BlockingIOError:
+                    if poller is None:
+                        poller = select.poll()
+                        poller.register(2, select.POLLOUT)
+                    poller.poll()  # an error or a hang-up wakes it too: the write then says
         except OSError:
-            pass
+            return False
+        return True
 
 
 _writer: _Writer | None = None

@@ -115,6 +115,9 @@ class Supervisor:
         self.stop: Stop | None = None
         self.exit: tuple[int, str] | None = None
         self.notify_socket = notify_socket
+        # systemd's watchdog: WATCHDOG=1 at half its period from the loop (_keep_alive)
+        self.watchdog = report.watchdog_period(os.environ) if notify_socket else None
+        self.watchdog_at = 0.0  # the next WATCHDOG=1
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -166,6 +169,7 @@ class Supervisor:
         status = events.running_status(self.argv, self.pid, self.settings)
         self._notify(READY="1", STATUS=status, MAINPID=str(os.getpid()))
         code, why = self._loop()
+        self._keep_alive(self.watchdog_at)  # the exit's flush has a whole period from here
         logs.decision(event="exit", code=code, reason=why).info(f"exiting {code}: {why}")
         self._flush_log()
         return code
@@ -230,6 +234,7 @@ class Supervisor:
             self._handle_signals()
             self._reap()
             now = time.monotonic()
+            self._keep_alive(now)
             if self.state is not State.STOPPING:
                 self._check_tripwire(now)
                 self._watch(now)
@@ -247,6 +252,8 @@ class Supervisor:
 
     def _next_wake(self, now: float) -> float:
         times = [now + 3600.0]
+        if self.watchdog is not None:
+            times.append(self.watchdog_at)
         if self.stop is not None:
             times.append(now + 0.05 if self.stop.give_up_at is not None else self.stop.kill_at)
         if self.heartbeat is not None and self.settings.log_heartbeat > 0:
@@ -271,6 +278,14 @@ class Supervisor:
 
     def _notify(self, **fields: str) -> None:
         report.sd_notify(self.notify_socket, **fields)
+
+    def _keep_alive(self, now: float) -> None:
+        """WATCHDOG=1 when due, every half period: a loop that hangs stops sending it, and
+        systemd kills and restarts the unit (WatchdogSec=)."""
+        if self.watchdog is None or now < self.watchdog_at:
+            return
+        self._notify(WATCHDOG="1")
+        self.watchdog_at = now + self.watchdog / 2
 
     # -- signals and children -------------------------------------------------------------------
 
