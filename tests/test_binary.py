@@ -385,6 +385,99 @@ def test_install_over_a_link_replaces_the_link_and_writes_nothing_outside(
         assert os.readlink(target / "_internal") == "../outside/_internal"
 
 
+@pytest.mark.parametrize("kind", ["another folder", "the running folder"])
+def test_install_over_a_link_to_a_folder_replaces_the_link(binary: Path, tmp_path: Path, kind: str):
+    """DIR/gpu-supervise a link to a folder (someone's, or the running copy itself) is not a
+    folder: the link is replaced, what it led to is left as it was."""
+    target, outside = tmp_path / "dir", tmp_path / "outside"
+    target.mkdir()
+    if kind == "another folder":
+        (outside / "_internal").mkdir(parents=True)
+        (outside / "gpu-supervise").write_text("someone else's\n")
+    else:
+        outside = binary.parent
+    (target / "gpu-supervise").symlink_to(outside, target_is_directory=True)
+    before = _tree(outside, contents=True)
+    out = _install(binary, target)
+    assert out.returncode == 0, out.stderr
+    assert INSTALLED.fullmatch(out.stdout), out.stdout
+    assert (target / "gpu-supervise").resolve().parent.parent == target / "gpu-supervise.versions"
+    assert _tree(outside, contents=True) == before
+    assert _version_of(target / "gpu-supervise") == _version_of(binary)
+
+
+@pytest.mark.parametrize("linked", ["DIR", "its parent"])
+def test_install_refuses_a_dir_whose_resolved_path_holds_a_colon(
+    binary: Path, tmp_path: Path, linked: str
+):
+    """DIR -> /x/vol:1 (or DIR's parent such a link, DIR not there yet): the copy would be
+    under a path with ':' all the same. Refused with the resolved path, nothing written."""
+    colon = tmp_path / "x" / "vol:1"
+    colon.mkdir(parents=True)
+    if linked == "DIR":
+        target = tmp_path / "supervise"
+        target.symlink_to(colon, target_is_directory=True)
+    else:
+        (tmp_path / "volume").symlink_to(colon, target_is_directory=True)
+        target = tmp_path / "volume" / "supervise"
+    out = _install(binary, target)
+    assert (out.returncode, out.stdout) == (2, ""), out.stderr
+    where = colon if linked == "DIR" else colon / "supervise"
+    assert out.stderr == (
+        f"gpu-supervise: {where}: a path with ':' cannot hold gpu-supervise (the library search "
+        "path is colon-separated: it would load the image's C library)\n"
+    )
+    assert list(colon.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["a folder", "a dangling link"])
+def test_install_refuses_a_versions_folder_that_is_a_link(binary: Path, tmp_path: Path, kind: str):
+    """DIR/gpu-supervise.versions a link (to a folder elsewhere, or to nothing): following it
+    would write outside DIR. Refused, one line, exit 2; nothing written anywhere."""
+    target, outside = tmp_path / "dir", tmp_path / "outside"
+    target.mkdir()
+    outside.mkdir()
+    if kind == "a folder":
+        (outside / "versions").mkdir()
+    (target / "gpu-supervise.versions").symlink_to(outside / "versions")
+    before = _tree(tmp_path, contents=True)
+    out = _install(binary, target)
+    assert (out.returncode, out.stdout) == (2, ""), out.stderr
+    assert out.stderr == (
+        f"gpu-supervise: {target}/gpu-supervise.versions is not a folder of gpu-supervise's\n"
+    )
+    assert _tree(tmp_path, contents=True) == before
+
+
+def test_install_keeps_a_folder_mapped_through_a_bind_mount(
+    binary: Path, tmp_path: Path, start_cmd: Callable[..., Proc]
+):
+    """The agent's container sees the volume at another path (a bind mount in its own mount
+    namespace): its supervisor maps files under a path that is not DIR's here. The inode
+    check keeps its folder all the same, and the next install after it stops removes it."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        missing_capability("a mount namespace of its own needs root and unshare")
+    volume, view = tmp_path / "volume", tmp_path / "view"
+    view.mkdir()
+    first = _installed(binary, volume)
+    proc = start_cmd(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         'mount --bind "$1" "$2" && exec "$2/gpu-supervise" --no-watch -- sleep 300', "sh",
+         str(volume), str(view)],
+        clean_env(),
+    )  # fmt: skip
+    proc.wait_for("as pid")
+    assert _started_from(proc.pid) == view / "gpu-supervise.versions" / first.name
+    assert list(view.iterdir()) == []  # here, the view is an empty folder
+    _installed(binary, volume)  # keeps first: the copy the link named before
+    _installed(binary, volume)  # keeps first: mapped, as the inode says
+    assert first.name in _versions(volume)
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(60) == 143, proc.log
+    last = _installed(binary, volume)
+    assert first.name not in _versions(volume) and last.name in _versions(volume)
+
+
 def test_install_on_a_full_filesystem_keeps_the_old_copy_running(
     binary: Path, binary_b: Path, tmpfs: Callable[[str], Path], start_cmd: Callable[..., Proc]
 ):
