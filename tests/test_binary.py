@@ -178,6 +178,23 @@ def _version_of(exe: Path) -> str:
     return out.stdout.strip()
 
 
+def _token_of(folder: Path) -> str:
+    """The build token of a build's folder (the launcher's, or a version folder)."""
+    return (folder / "_internal" / "gpu-supervise.build").read_text()
+
+
+def _another_build(binary: Path, where: Path) -> Path:
+    """Another build of the same program, as a second run of build-binary.sh makes: the folder
+    copied with a token of its own. Its launcher."""
+    folder = where / "gpu-supervise"
+    shutil.copytree(binary.parent, folder, symlinks=True)
+    token = _token_of(folder)
+    while token == _token_of(folder):
+        token = os.urandom(4).hex()
+    (folder / "_internal" / "gpu-supervise.build").write_text(token)
+    return folder / "gpu-supervise"
+
+
 def _mapped_files(pid: int) -> set[str]:
     """The files a process maps, as /proc/PID/maps names them."""
     lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
@@ -231,8 +248,10 @@ def binary_b(binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert len(index) <= len(pyz) - toc_offset
     rebuilt += index + b"\0" * (len(pyz) - toc_offset - len(index))
     program.write_bytes(data[:at] + bytes(rebuilt) + data[at + len(pyz) :])
+    token = f"{int(_token_of(folder), 16) ^ 0xFFFFFFFF:08x}"  # and a build token of its own
+    (folder / "_internal" / "gpu-supervise.build").write_text(token)
     exe = folder / "gpu-supervise"
-    assert _version_of(exe) == f"gpu-supervise {__version__}+b"
+    assert _version_of(exe) == f"gpu-supervise {__version__}+b-{token}"
     return exe
 
 
@@ -263,11 +282,12 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
 def test_install_copies_the_running_folder(binary: Path, tmp_path: Path):
     target = tmp_path / "volume" / "supervise"
     first = _installed(binary, target)
-    again = _install(binary, target)  # over the first copy, as a re-run init container does
+    other = _another_build(binary, tmp_path / "other")
+    again = _install(other, target)  # over the first copy, as an upgrade does
     assert again.returncode == 0, again.stderr
     match = INSTALLED.fullmatch(again.stdout)
     assert match and match["link"] == f"{target}/gpu-supervise", again.stdout
-    assert match["source"] == str(binary.parent)
+    assert match["source"] == str(other.parent)
     assert sorted(p.name for p in target.iterdir()) == ["gpu-supervise", "gpu-supervise.versions"]
     # one link, relative (the volume is mounted elsewhere in the agent's container), switched
     link = os.readlink(target / "gpu-supervise")
@@ -275,8 +295,46 @@ def test_install_copies_the_running_folder(binary: Path, tmp_path: Path):
     assert _versions(target) == sorted([first.name, match["folder"]])  # the one before stays
     copy = target / "gpu-supervise.versions" / match["folder"]
     assert (copy / "_internal/ld/gpu-supervise").is_symlink()  # links stay links
-    assert _tree(copy) == _tree(binary.parent)
-    assert _version_of(target / "gpu-supervise").startswith("gpu-supervise ")
+    assert _tree(copy, contents=True) == _tree(other.parent, contents=True)
+    # the folder is named by the build, as --version names it, here and in the copy
+    named = f"gpu-supervise {match['folder']}"
+    assert _version_of(other) == named == _version_of(target / "gpu-supervise")
+    assert _version_of(binary) == f"gpu-supervise {first.name}"
+
+
+def test_version_tells_builds_apart(binary: Path, tmp_path: Path):
+    """--version: VERSION-TOKEN, the build's token, for the binary; for the Python package,
+    which has none, its version and the folder it runs from."""
+    import gpu_supervise
+    from gpu_supervise import __version__
+
+    package = gpu_supervise.__file__
+
+    token = _token_of(binary.parent)
+    assert re.fullmatch(r"[0-9a-f]{8}", token)
+    assert _version_of(binary) == f"gpu-supervise {__version__}-{token}"
+    other = _another_build(binary, tmp_path)
+    assert _version_of(other) == f"gpu-supervise {__version__}-{_token_of(other.parent)}"
+    assert _version_of(other) != _version_of(binary)
+    out = run(["--version"], clean_env())
+    assert (out.returncode, out.stderr) == (0, "")
+    assert out.stdout == f"gpu-supervise {__version__} (Python package, {Path(package).parent})\n"
+
+
+def test_install_of_the_same_build_again_switches_to_its_folder(binary: Path, tmp_path: Path):
+    """A re-run init container installs the build that is there already: its folder (which may
+    be running) is switched to again, not copied nor written over. A folder of that name that
+    is not a copy of the build is an error: one line, exit 1, nothing changed."""
+    first = _installed(binary, tmp_path)
+    inode = first.stat().st_ino
+    assert _installed(binary, tmp_path) == first and first.stat().st_ino == inode
+    assert _versions(tmp_path) == [first.name]
+    (first / "_internal" / "extra").write_text("not the build's\n")
+    before = _tree(tmp_path, contents=True)
+    out = _install(binary, tmp_path)
+    assert (out.returncode, out.stdout) == (1, ""), out.stderr
+    assert out.stderr.count("\n") == 1 and "is not a copy of this build" in out.stderr
+    assert _tree(tmp_path, contents=True) == before
 
 
 @pytest.mark.parametrize(
@@ -459,6 +517,7 @@ def test_install_keeps_a_folder_mapped_through_a_bind_mount(
         missing_capability("a mount namespace of its own needs root and unshare")
     volume, view = tmp_path / "volume", tmp_path / "view"
     view.mkdir()
+    builds = [_another_build(binary, tmp_path / f"build-{n}") for n in range(3)]
     first = _installed(binary, volume)
     proc = start_cmd(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c",
@@ -469,12 +528,12 @@ def test_install_keeps_a_folder_mapped_through_a_bind_mount(
     proc.wait_for("as pid")
     assert _started_from(proc.pid) == view / "gpu-supervise.versions" / first.name
     assert list(view.iterdir()) == []  # here, the view is an empty folder
-    _installed(binary, volume)  # keeps first: the copy the link named before
-    _installed(binary, volume)  # keeps first: mapped, as the inode says
+    _installed(builds[0], volume)  # keeps first: the copy the link named before
+    _installed(builds[1], volume)  # keeps first: mapped, as the inode says
     assert first.name in _versions(volume)
     proc.signal(signal.SIGTERM)
     assert proc.wait(60) == 143, proc.log
-    last = _installed(binary, volume)
+    last = _installed(builds[2], volume)
     assert first.name not in _versions(volume) and last.name in _versions(volume)
 
 
@@ -555,7 +614,8 @@ def hooked(kind, function):
 for name in ("mkdir", "symlink", "rename", "chmod", "unlink", "rmdir"):
     setattr(os, name, hooked(name, getattr(os, name)))
 shutil.copy2 = hooked("copy2", shutil.copy2)
-bundle = install.Bundle(source, ("gpu-supervise", "_internal"), source / "gpu-supervise")
+token = (source / "_internal" / "gpu-supervise.build").read_text()
+bundle = install.Bundle(source, ("gpu-supervise", "_internal"), source / "gpu-supervise", token)
 try:
     done, problems = install.install(bundle, target)
 except OSError as exc:
@@ -573,7 +633,8 @@ def test_install_failing_or_crashing_at_any_step_leaves_a_working_copy(
     with each step made to fail or to crash: before the switch, DIR/gpu-supervise is A, byte
     for byte; after it, B; never anything else (and each starts, either side of the switch).
     A failure before the switch leaves DIR exactly as it was; after a crash, the next install
-    succeeds and clears what the crash left."""
+    succeeds and clears what the crash left. A folder with a version's name is always whole
+    (an install of that build again would run it): one being removed is renamed first."""
     fs = tmpfs("size=400m")
     base = fs / "base"
     _installed(binary, base)
@@ -582,7 +643,9 @@ def test_install_failing_or_crashing_at_any_step_leaves_a_working_copy(
     (versions / ".new-0badc0de" / "gpu-supervise").write_text("half\n")
     (versions / "0.0.1-0badc0de").mkdir()  # an old version nothing runs
     (versions / "0.0.1-0badc0de" / "gpu-supervise").write_text("old\n")
+    (versions / "0.0.1-0badc0de" / "_internal").write_text("old\n")
     builds = {False: _tree(binary.parent, contents=True), True: _tree(binary_b.parent, True)}
+    whole = [*builds.values(), _tree(versions / "0.0.1-0badc0de", contents=True)]
     versions_of = {False: _version_of(binary), True: _version_of(binary_b)}
     journal = fs / "journal"
 
@@ -614,6 +677,9 @@ def test_install_failing_or_crashing_at_any_step_leaves_a_working_copy(
             out, done = hooked(mode, at, work)
             switched = at > switch(steps, dry)
             where = f"{mode} at step {at}: {done[at - 1]}"
+            for folder in (work / "gpu-supervise.versions").iterdir():
+                if not folder.name.startswith("."):
+                    assert _tree(folder, contents=True) in whole, f"{where}: {folder.name}"
             linked = (work / "gpu-supervise").resolve().parent
             assert _tree(linked, contents=True) == builds[switched], where
             if at in (switch(steps, dry), switch(steps, dry) + 1):  # the last A, the first B
@@ -627,7 +693,10 @@ def test_install_failing_or_crashing_at_any_step_leaves_a_working_copy(
                 again, _ = hooked("none", 0, work)
                 assert again.returncode == 0, f"{where}: {again.stderr}"
                 left = _versions(work)
-                assert len(left) == 2 and not [n for n in left if n.startswith(".")], where
+                # B, and A while the link still names it (B's install again keeps the copy
+                # the link names, and that is B once switched)
+                assert len(left) == 2 - switched, where
+                assert not [n for n in left if n.startswith(".")], where
                 assert _tree((work / "gpu-supervise").resolve().parent, True) == builds[True]
             shutil.rmtree(work)
 
@@ -728,7 +797,7 @@ def test_upgrade_from_an_install_of_the_older_layout(
     assert not pid_alive(agent) and not pid_alive(child)
     again = _installed(binary_b, opt)
     assert sorted(p.name for p in opt.iterdir()) == ["gpu-supervise", "gpu-supervise.versions"]
-    assert _versions(opt) == sorted([b.name, again.name])
+    assert again == b and _versions(opt) == [b.name]
 
 
 def test_install_removes_old_copies_only_once_nothing_runs_from_them(
@@ -736,19 +805,21 @@ def test_install_removes_old_copies_only_once_nothing_runs_from_them(
 ):
     """Each install keeps the copy the link named before it (supervisors started until then,
     in any namespace, run from it) and every copy a process maps; the rest goes."""
-    first = _installed(binary, tmp_path)
-    proc = start_cmd([str(tmp_path / "gpu-supervise"), "--no-watch", "--", "sleep", "300"],
+    target = tmp_path / "dir"
+    builds = [_another_build(binary, tmp_path / f"build-{n}") for n in range(4)]
+    first = _installed(binary, target)
+    proc = start_cmd([str(target / "gpu-supervise"), "--no-watch", "--", "sleep", "300"],
                      clean_env())  # fmt: skip
     proc.wait_for("as pid")
-    second = _installed(binary, tmp_path)
-    third = _installed(binary, tmp_path)
-    fourth = _installed(binary, tmp_path)
-    assert _versions(tmp_path) == sorted([first.name, third.name, fourth.name])
-    assert second.name not in _versions(tmp_path)
+    second = _installed(builds[0], target)
+    third = _installed(builds[1], target)
+    fourth = _installed(builds[2], target)
+    assert _versions(target) == sorted([first.name, third.name, fourth.name])
+    assert second.name not in _versions(target)
     proc.signal(signal.SIGTERM)
     assert proc.wait(60) == 143
-    fifth = _installed(binary, tmp_path)
-    assert _versions(tmp_path) == sorted([fourth.name, fifth.name])
+    fifth = _installed(builds[3], target)
+    assert _versions(target) == sorted([fourth.name, fifth.name])
 
 
 # -- where it may run from ------------------------------------------------------------------------
