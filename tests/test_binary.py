@@ -394,21 +394,131 @@ def test_install_needs_the_self_contained_binary(tmp_path: Path):
     assert not (tmp_path / "x").exists()
 
 
-def test_install_one_at_a_time(binary: Path, tmp_path: Path):
-    """A second install into DIR while one runs fails at once and changes nothing."""
+def test_install_waits_for_the_one_running(binary: Path, tmp_path: Path):
+    """A second install into DIR while one runs (holds the lock) waits for it, says so on
+    stderr, and goes ahead once it is done."""
     import fcntl
 
     first = _installed(binary, tmp_path)
+    other = _another_build(binary, tmp_path / "other")
     fd = os.open(tmp_path / "gpu-supervise.versions", os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # as the running install holds it
-        out = _install(binary, tmp_path)
+        proc = subprocess.Popen([str(other), "install", str(tmp_path)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            assert proc.stderr is not None
+            waiting = proc.stderr.readline()
+        finally:
+            os.close(fd)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert waiting == (
+        f"gpu-supervise: waiting for another install into {tmp_path} to finish (at most 60 s)\n"
+    )
+    assert (proc.returncode, stderr) == (0, ""), stderr
+    assert INSTALLED.fullmatch(stdout), stdout
+    linked = (tmp_path / "gpu-supervise").resolve().parent
+    assert linked.name.endswith(f"-{_token_of(other.parent)}")
+    assert first.name in _versions(tmp_path)
+
+
+# The package's install() with its lock wait shortened; with "race", DIR and then
+# gpu-supervise.versions are made by another install between the check that they are missing
+# and install's own mkdir of them.
+RACED_INSTALL = r"""
+import os, sys
+from pathlib import Path
+from gpu_supervise import install
+
+race, source, target = sys.argv[1] == "race", Path(sys.argv[2]), Path(sys.argv[3])
+install.LOCK_WAIT = 1.5
+mkdir = os.mkdir
+
+def raced(path, *args, **kwargs):
+    if race and Path(path) in (target, target / "gpu-supervise.versions"):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        mkdir(path)  # another install, meanwhile
+    return mkdir(path, *args, **kwargs)
+
+os.mkdir = raced
+entries = ("gpu-supervise", "_internal")
+bundle = install.Bundle(source, entries, source / "gpu-supervise", "abcdef12")
+try:
+    install.install(bundle, target)
+except OSError as exc:
+    sys.exit(f"failed: {exc}")
+"""
+
+
+def test_install_waits_for_the_lock_a_bounded_time(binary: Path, tmp_path: Path):
+    """One that never finishes: after the wait (here shortened), one line, exit 1, DIR as it
+    was. The package's install(), with the binary's folder as its bundle."""
+    import fcntl
+
+    first = _installed(binary, tmp_path)
+    before = _tree(tmp_path)
+    fd = os.open(tmp_path / "gpu-supervise.versions", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        out = subprocess.run(
+            [sys.executable, "-c", RACED_INSTALL, "no race", str(binary.parent), str(tmp_path)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
     finally:
         os.close(fd)
-    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
-    assert "another gpu-supervise install into it is running" in out.stderr
-    assert (tmp_path / "gpu-supervise").resolve().parent == first
-    assert _versions(tmp_path) == [first.name]
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.splitlines() == [
+        f"gpu-supervise: waiting for another install into {tmp_path} to finish (at most 1.5 s)",
+        "failed: [Errno 16] another gpu-supervise install into it still runs after 1.5 s",
+    ]
+    assert _tree(tmp_path) == before and _versions(tmp_path) == [first.name]
+
+
+def test_install_into_a_dir_another_install_makes_meanwhile(binary: Path, tmp_path: Path):
+    """Concurrent installs into a DIR not there yet: DIR or gpu-supervise.versions made by
+    another between the check and the mkdir is no error."""
+    from gpu_supervise import __version__
+
+    target = tmp_path / "volume" / "supervise"
+    out = subprocess.run(
+        [sys.executable, "-c", RACED_INSTALL, "race", str(binary.parent), str(target)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert (out.returncode, out.stderr) == (0, "")
+    assert _versions(target) == [f"{__version__}-abcdef12"]
+
+
+def test_concurrent_installs_all_succeed(binary: Path, tmp_path: Path):
+    """Five init containers (pods of one node, one volume) install at once into a DIR that is
+    not there yet: each takes its turn, all succeed, and one copy of the build is there."""
+    target = tmp_path / "volume" / "supervise"
+    procs = [
+        subprocess.Popen(
+            [str(binary), "install", str(target)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for _ in range(5)
+    ]
+    try:
+        outs = [proc.communicate(timeout=300) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for proc, (stdout, stderr) in zip(procs, outs):
+        assert proc.returncode == 0, stderr
+        assert INSTALLED.fullmatch(stdout), stdout
+        assert not [line for line in stderr.splitlines() if "waiting for" not in line], stderr
+    (folder,) = _versions(target)
+    assert (target / "gpu-supervise").resolve().parent.name == folder
+    assert _version_of(target / "gpu-supervise") == f"gpu-supervise {folder}"
 
 
 @pytest.mark.parametrize("kind", ["dangling", "another folder", "another install"])

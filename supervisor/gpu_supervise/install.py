@@ -50,8 +50,8 @@ The steps, and what a failure or a crash after each leaves:
    the command line of a process whose map it may not read). A version folder is renamed to
    .old-RANDOM first. A failure here is reported, and the install stands.
 
-One install into DIR at a time (a lock on gpu-supervise.versions/): a second one fails.
-Nothing of DIR but DIR/gpu-supervise
+One install into DIR at a time (a lock on gpu-supervise.versions/): another one waits for it,
+saying so on stderr, up to LOCK_WAIT seconds, then fails. Nothing of DIR but DIR/gpu-supervise
 and DIR/gpu-supervise.versions/ is written, and nothing outside DIR: a DIR/gpu-supervise that
 is a link (elsewhere, to a folder, or dangling) is replaced, never followed; a
 DIR/gpu-supervise.versions that is a link is refused. A usage error (one line, exit 2): no
@@ -70,6 +70,7 @@ import os
 import shutil
 import stat
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,7 @@ from .text import clip
 EXIT_FAILED = 1
 VERSIONS = ".versions"  # DIR/gpu-supervise.versions/: the suffix of the executable's name
 NEW, LINK, OLD = ".new-", ".link-", ".old-"  # the temporary entries of gpu-supervise.versions/
+LOCK_WAIT = 60.0  # seconds an install waits for another install into the same DIR to finish
 
 
 @dataclass(frozen=True)
@@ -251,17 +253,29 @@ def _in_use(folder: Path, mapped: tuple[set[bytes], set[tuple[int, int]]]) -> bo
     return False
 
 
-def _lock(versions: Path) -> int:
-    """An exclusive lock on versions/ for this install (released when the process ends)."""
+def _lock(versions: Path, wait: float) -> int:
+    """An exclusive lock on versions/ for this install (released when the process ends). Init
+    containers of several pods on one volume start together: each waits its turn, up to wait
+    seconds (saying so once on stderr), and then fails."""
     fd = os.open(versions, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise OSError(errno.EBUSY, "another gpu-supervise install into it is running") from None
-    except OSError:
-        pass  # a filesystem without locks: go ahead unlocked
-    return fd
+    deadline = time.monotonic() + wait
+    told = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                busy = f"another gpu-supervise install into it still runs after {wait:g} s"
+                raise OSError(errno.EBUSY, busy) from None
+            if not told:
+                print(f"{PROG}: waiting for another install into {clip(str(versions.parent), 200)}"
+                      f" to finish (at most {wait:g} s)", file=sys.stderr, flush=True)  # fmt: skip
+                told = True
+            time.sleep(0.1)
+        except OSError:
+            return fd  # a filesystem without locks: go ahead unlocked
 
 
 def _copy_folder(bundle: Bundle, new: Path) -> None:
@@ -282,12 +296,12 @@ def install(bundle: Bundle, target: Path) -> tuple[Path, list[str]]:
     name = bundle.executable.name
     link = target / name
     versions = target / (name + VERSIONS)
-    if not target.is_dir():
-        target.mkdir(parents=True)
+    if not target.is_dir():  # exist_ok: another install may make it meanwhile
+        target.mkdir(parents=True, exist_ok=True)
     if not versions.is_dir():
-        versions.mkdir()
+        versions.mkdir(exist_ok=True)
         versions.chmod(0o755)
-    lock = _lock(versions)
+    lock = _lock(versions, LOCK_WAIT)
     try:
         previous = _version_folder(link, versions)
         if previous is None and not link.is_symlink():  # an older install's launcher
