@@ -54,6 +54,10 @@ internal="$work/pyinstaller/gpu-supervise"
 # Prints the glibc floor, bundles glibc, checks that every needed library is in the folder.
 "$python" "$root/packaging/bundle_glibc.py" "$internal"
 
+# The build token: drawn afresh for each build, so that two builds of one version are told
+# apart (`--version` prints VERSION-TOKEN, and `install` names the build's folder so).
+od -An -tx1 -N4 /dev/urandom | tr -d ' \n' > "$internal/gpu-supervise.build"
+
 loader=$(basename "$(readlink "$internal/ld/gpu-supervise")")
 "${CC:-gcc}" -static -Os -s -Wall -Werror -DLOADER_NAME="\"$loader\"" \
     -o "$work/gpu-supervise" "$root/packaging/launcher.c"

@@ -178,6 +178,23 @@ def _version_of(exe: Path) -> str:
     return out.stdout.strip()
 
 
+def _token_of(folder: Path) -> str:
+    """The build token of a build's folder (the launcher's, or a version folder)."""
+    return (folder / "_internal" / "gpu-supervise.build").read_text()
+
+
+def _another_build(binary: Path, where: Path) -> Path:
+    """Another build of the same program, as a second run of build-binary.sh makes: the folder
+    copied with a token of its own. Its launcher."""
+    folder = where / "gpu-supervise"
+    shutil.copytree(binary.parent, folder, symlinks=True)
+    token = _token_of(folder)
+    while token == _token_of(folder):
+        token = os.urandom(4).hex()
+    (folder / "_internal" / "gpu-supervise.build").write_text(token)
+    return folder / "gpu-supervise"
+
+
 def _mapped_files(pid: int) -> set[str]:
     """The files a process maps, as /proc/PID/maps names them."""
     lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
@@ -231,8 +248,10 @@ def binary_b(binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert len(index) <= len(pyz) - toc_offset
     rebuilt += index + b"\0" * (len(pyz) - toc_offset - len(index))
     program.write_bytes(data[:at] + bytes(rebuilt) + data[at + len(pyz) :])
+    token = f"{int(_token_of(folder), 16) ^ 0xFFFFFFFF:08x}"  # and a build token of its own
+    (folder / "_internal" / "gpu-supervise.build").write_text(token)
     exe = folder / "gpu-supervise"
-    assert _version_of(exe) == f"gpu-supervise {__version__}+b"
+    assert _version_of(exe) == f"gpu-supervise {__version__}+b-{token}"
     return exe
 
 
@@ -263,11 +282,12 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
 def test_install_copies_the_running_folder(binary: Path, tmp_path: Path):
     target = tmp_path / "volume" / "supervise"
     first = _installed(binary, target)
-    again = _install(binary, target)  # over the first copy, as a re-run init container does
+    other = _another_build(binary, tmp_path / "other")
+    again = _install(other, target)  # over the first copy, as an upgrade does
     assert again.returncode == 0, again.stderr
     match = INSTALLED.fullmatch(again.stdout)
     assert match and match["link"] == f"{target}/gpu-supervise", again.stdout
-    assert match["source"] == str(binary.parent)
+    assert match["source"] == str(other.parent)
     assert sorted(p.name for p in target.iterdir()) == ["gpu-supervise", "gpu-supervise.versions"]
     # one link, relative (the volume is mounted elsewhere in the agent's container), switched
     link = os.readlink(target / "gpu-supervise")
@@ -275,8 +295,46 @@ def test_install_copies_the_running_folder(binary: Path, tmp_path: Path):
     assert _versions(target) == sorted([first.name, match["folder"]])  # the one before stays
     copy = target / "gpu-supervise.versions" / match["folder"]
     assert (copy / "_internal/ld/gpu-supervise").is_symlink()  # links stay links
-    assert _tree(copy) == _tree(binary.parent)
-    assert _version_of(target / "gpu-supervise").startswith("gpu-supervise ")
+    assert _tree(copy, contents=True) == _tree(other.parent, contents=True)
+    # the folder is named by the build, as --version names it, here and in the copy
+    named = f"gpu-supervise {match['folder']}"
+    assert _version_of(other) == named == _version_of(target / "gpu-supervise")
+    assert _version_of(binary) == f"gpu-supervise {first.name}"
+
+
+def test_version_tells_builds_apart(binary: Path, tmp_path: Path):
+    """--version: VERSION-TOKEN, the build's token, for the binary; for the Python package,
+    which has none, its version and the folder it runs from."""
+    import gpu_supervise
+    from gpu_supervise import __version__
+
+    package = gpu_supervise.__file__
+
+    token = _token_of(binary.parent)
+    assert re.fullmatch(r"[0-9a-f]{8}", token)
+    assert _version_of(binary) == f"gpu-supervise {__version__}-{token}"
+    other = _another_build(binary, tmp_path)
+    assert _version_of(other) == f"gpu-supervise {__version__}-{_token_of(other.parent)}"
+    assert _version_of(other) != _version_of(binary)
+    out = run(["--version"], clean_env())
+    assert (out.returncode, out.stderr) == (0, "")
+    assert out.stdout == f"gpu-supervise {__version__} (Python package, {Path(package).parent})\n"
+
+
+def test_install_of_the_same_build_again_switches_to_its_folder(binary: Path, tmp_path: Path):
+    """A re-run init container installs the build that is there already: its folder (which may
+    be running) is switched to again, not copied nor written over. A folder of that name that
+    is not a copy of the build is an error: one line, exit 1, nothing changed."""
+    first = _installed(binary, tmp_path)
+    inode = first.stat().st_ino
+    assert _installed(binary, tmp_path) == first and first.stat().st_ino == inode
+    assert _versions(tmp_path) == [first.name]
+    (first / "_internal" / "extra").write_text("not the build's\n")
+    before = _tree(tmp_path, contents=True)
+    out = _install(binary, tmp_path)
+    assert (out.returncode, out.stdout) == (1, ""), out.stderr
+    assert out.stderr.count("\n") == 1 and "is not a copy of this build" in out.stderr
+    assert _tree(tmp_path, contents=True) == before
 
 
 @pytest.mark.parametrize(
@@ -336,21 +394,131 @@ def test_install_needs_the_self_contained_binary(tmp_path: Path):
     assert not (tmp_path / "x").exists()
 
 
-def test_install_one_at_a_time(binary: Path, tmp_path: Path):
-    """A second install into DIR while one runs fails at once and changes nothing."""
+def test_install_waits_for_the_one_running(binary: Path, tmp_path: Path):
+    """A second install into DIR while one runs (holds the lock) waits for it, says so on
+    stderr, and goes ahead once it is done."""
     import fcntl
 
     first = _installed(binary, tmp_path)
+    other = _another_build(binary, tmp_path / "other")
     fd = os.open(tmp_path / "gpu-supervise.versions", os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # as the running install holds it
-        out = _install(binary, tmp_path)
+        proc = subprocess.Popen([str(other), "install", str(tmp_path)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            assert proc.stderr is not None
+            waiting = proc.stderr.readline()
+        finally:
+            os.close(fd)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert waiting == (
+        f"gpu-supervise: waiting for another install into {tmp_path} to finish (at most 60 s)\n"
+    )
+    assert (proc.returncode, stderr) == (0, ""), stderr
+    assert INSTALLED.fullmatch(stdout), stdout
+    linked = (tmp_path / "gpu-supervise").resolve().parent
+    assert linked.name.endswith(f"-{_token_of(other.parent)}")
+    assert first.name in _versions(tmp_path)
+
+
+# The package's install() with its lock wait shortened; with "race", DIR and then
+# gpu-supervise.versions are made by another install between the check that they are missing
+# and install's own mkdir of them.
+RACED_INSTALL = r"""
+import os, sys
+from pathlib import Path
+from gpu_supervise import install
+
+race, source, target = sys.argv[1] == "race", Path(sys.argv[2]), Path(sys.argv[3])
+install.LOCK_WAIT = 1.5
+mkdir = os.mkdir
+
+def raced(path, *args, **kwargs):
+    if race and Path(path) in (target, target / "gpu-supervise.versions"):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        mkdir(path)  # another install, meanwhile
+    return mkdir(path, *args, **kwargs)
+
+os.mkdir = raced
+entries = ("gpu-supervise", "_internal")
+bundle = install.Bundle(source, entries, source / "gpu-supervise", "abcdef12")
+try:
+    install.install(bundle, target)
+except OSError as exc:
+    sys.exit(f"failed: {exc}")
+"""
+
+
+def test_install_waits_for_the_lock_a_bounded_time(binary: Path, tmp_path: Path):
+    """One that never finishes: after the wait (here shortened), one line, exit 1, DIR as it
+    was. The package's install(), with the binary's folder as its bundle."""
+    import fcntl
+
+    first = _installed(binary, tmp_path)
+    before = _tree(tmp_path)
+    fd = os.open(tmp_path / "gpu-supervise.versions", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        out = subprocess.run(
+            [sys.executable, "-c", RACED_INSTALL, "no race", str(binary.parent), str(tmp_path)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
     finally:
         os.close(fd)
-    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
-    assert "another gpu-supervise install into it is running" in out.stderr
-    assert (tmp_path / "gpu-supervise").resolve().parent == first
-    assert _versions(tmp_path) == [first.name]
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.splitlines() == [
+        f"gpu-supervise: waiting for another install into {tmp_path} to finish (at most 1.5 s)",
+        "failed: [Errno 16] another gpu-supervise install into it still runs after 1.5 s",
+    ]
+    assert _tree(tmp_path) == before and _versions(tmp_path) == [first.name]
+
+
+def test_install_into_a_dir_another_install_makes_meanwhile(binary: Path, tmp_path: Path):
+    """Concurrent installs into a DIR not there yet: DIR or gpu-supervise.versions made by
+    another between the check and the mkdir is no error."""
+    from gpu_supervise import __version__
+
+    target = tmp_path / "volume" / "supervise"
+    out = subprocess.run(
+        [sys.executable, "-c", RACED_INSTALL, "race", str(binary.parent), str(target)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert (out.returncode, out.stderr) == (0, "")
+    assert _versions(target) == [f"{__version__}-abcdef12"]
+
+
+def test_concurrent_installs_all_succeed(binary: Path, tmp_path: Path):
+    """Five init containers (pods of one node, one volume) install at once into a DIR that is
+    not there yet: each takes its turn, all succeed, and one copy of the build is there."""
+    target = tmp_path / "volume" / "supervise"
+    procs = [
+        subprocess.Popen(
+            [str(binary), "install", str(target)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for _ in range(5)
+    ]
+    try:
+        outs = [proc.communicate(timeout=300) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for proc, (stdout, stderr) in zip(procs, outs):
+        assert proc.returncode == 0, stderr
+        assert INSTALLED.fullmatch(stdout), stdout
+        assert not [line for line in stderr.splitlines() if "waiting for" not in line], stderr
+    (folder,) = _versions(target)
+    assert (target / "gpu-supervise").resolve().parent.name == folder
+    assert _version_of(target / "gpu-supervise") == f"gpu-supervise {folder}"
 
 
 @pytest.mark.parametrize("kind", ["dangling", "another folder", "another install"])
@@ -383,6 +551,100 @@ def test_install_over_a_link_replaces_the_link_and_writes_nothing_outside(
     assert _version_of(target / "gpu-supervise").startswith("gpu-supervise ")
     if kind == "another folder":  # not a copy of ours: left alone
         assert os.readlink(target / "_internal") == "../outside/_internal"
+
+
+@pytest.mark.parametrize("kind", ["another folder", "the running folder"])
+def test_install_over_a_link_to_a_folder_replaces_the_link(binary: Path, tmp_path: Path, kind: str):
+    """DIR/gpu-supervise a link to a folder (someone's, or the running copy itself) is not a
+    folder: the link is replaced, what it led to is left as it was."""
+    target, outside = tmp_path / "dir", tmp_path / "outside"
+    target.mkdir()
+    if kind == "another folder":
+        (outside / "_internal").mkdir(parents=True)
+        (outside / "gpu-supervise").write_text("someone else's\n")
+    else:
+        outside = binary.parent
+    (target / "gpu-supervise").symlink_to(outside, target_is_directory=True)
+    before = _tree(outside, contents=True)
+    out = _install(binary, target)
+    assert out.returncode == 0, out.stderr
+    assert INSTALLED.fullmatch(out.stdout), out.stdout
+    assert (target / "gpu-supervise").resolve().parent.parent == target / "gpu-supervise.versions"
+    assert _tree(outside, contents=True) == before
+    assert _version_of(target / "gpu-supervise") == _version_of(binary)
+
+
+@pytest.mark.parametrize("linked", ["DIR", "its parent"])
+def test_install_refuses_a_dir_whose_resolved_path_holds_a_colon(
+    binary: Path, tmp_path: Path, linked: str
+):
+    """DIR -> /x/vol:1 (or DIR's parent such a link, DIR not there yet): the copy would be
+    under a path with ':' all the same. Refused with the resolved path, nothing written."""
+    colon = tmp_path / "x" / "vol:1"
+    colon.mkdir(parents=True)
+    if linked == "DIR":
+        target = tmp_path / "supervise"
+        target.symlink_to(colon, target_is_directory=True)
+    else:
+        (tmp_path / "volume").symlink_to(colon, target_is_directory=True)
+        target = tmp_path / "volume" / "supervise"
+    out = _install(binary, target)
+    assert (out.returncode, out.stdout) == (2, ""), out.stderr
+    where = colon if linked == "DIR" else colon / "supervise"
+    assert out.stderr == (
+        f"gpu-supervise: {where}: a path with ':' cannot hold gpu-supervise (the library search "
+        "path is colon-separated: it would load the image's C library)\n"
+    )
+    assert list(colon.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["a folder", "a dangling link"])
+def test_install_refuses_a_versions_folder_that_is_a_link(binary: Path, tmp_path: Path, kind: str):
+    """DIR/gpu-supervise.versions a link (to a folder elsewhere, or to nothing): following it
+    would write outside DIR. Refused, one line, exit 2; nothing written anywhere."""
+    target, outside = tmp_path / "dir", tmp_path / "outside"
+    target.mkdir()
+    outside.mkdir()
+    if kind == "a folder":
+        (outside / "versions").mkdir()
+    (target / "gpu-supervise.versions").symlink_to(outside / "versions")
+    before = _tree(tmp_path, contents=True)
+    out = _install(binary, target)
+    assert (out.returncode, out.stdout) == (2, ""), out.stderr
+    assert out.stderr == (
+        f"gpu-supervise: {target}/gpu-supervise.versions is not a folder of gpu-supervise's\n"
+    )
+    assert _tree(tmp_path, contents=True) == before
+
+
+def test_install_keeps_a_folder_mapped_through_a_bind_mount(
+    binary: Path, tmp_path: Path, start_cmd: Callable[..., Proc]
+):
+    """The agent's container sees the volume at another path (a bind mount in its own mount
+    namespace): its supervisor maps files under a path that is not DIR's here. The inode
+    check keeps its folder all the same, and the next install after it stops removes it."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        missing_capability("a mount namespace of its own needs root and unshare")
+    volume, view = tmp_path / "volume", tmp_path / "view"
+    view.mkdir()
+    builds = [_another_build(binary, tmp_path / f"build-{n}") for n in range(3)]
+    first = _installed(binary, volume)
+    proc = start_cmd(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         'mount --bind "$1" "$2" && exec "$2/gpu-supervise" --no-watch -- sleep 300', "sh",
+         str(volume), str(view)],
+        clean_env(),
+    )  # fmt: skip
+    proc.wait_for("as pid")
+    assert _started_from(proc.pid) == view / "gpu-supervise.versions" / first.name
+    assert list(view.iterdir()) == []  # here, the view is an empty folder
+    _installed(builds[0], volume)  # keeps first: the copy the link named before
+    _installed(builds[1], volume)  # keeps first: mapped, as the inode says
+    assert first.name in _versions(volume)
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(60) == 143, proc.log
+    last = _installed(builds[2], volume)
+    assert first.name not in _versions(volume) and last.name in _versions(volume)
 
 
 def test_install_on_a_full_filesystem_keeps_the_old_copy_running(
@@ -462,7 +724,8 @@ def hooked(kind, function):
 for name in ("mkdir", "symlink", "rename", "chmod", "unlink", "rmdir"):
     setattr(os, name, hooked(name, getattr(os, name)))
 shutil.copy2 = hooked("copy2", shutil.copy2)
-bundle = install.Bundle(source, ("gpu-supervise", "_internal"), source / "gpu-supervise")
+token = (source / "_internal" / "gpu-supervise.build").read_text()
+bundle = install.Bundle(source, ("gpu-supervise", "_internal"), source / "gpu-supervise", token)
 try:
     done, problems = install.install(bundle, target)
 except OSError as exc:
@@ -480,7 +743,8 @@ def test_install_failing_or_crashing_at_any_step_leaves_a_working_copy(
     with each step made to fail or to crash: before the switch, DIR/gpu-supervise is A, byte
     for byte; after it, B; never anything else (and each starts, either side of the switch).
     A failure before the switch leaves DIR exactly as it was; after a crash, the next install
-    succeeds and clears what the crash left."""
+    succeeds and clears what the crash left. A folder with a version's name is always whole
+    (an install of that build again would run it): one being removed is renamed first."""
     fs = tmpfs("size=400m")
     base = fs / "base"
     _installed(binary, base)
@@ -489,7 +753,9 @@ def test_install_failing_or_crashing_at_any_step_leaves_a_working_copy(
     (versions / ".new-0badc0de" / "gpu-supervise").write_text("half\n")
     (versions / "0.0.1-0badc0de").mkdir()  # an old version nothing runs
     (versions / "0.0.1-0badc0de" / "gpu-supervise").write_text("old\n")
+    (versions / "0.0.1-0badc0de" / "_internal").write_text("old\n")
     builds = {False: _tree(binary.parent, contents=True), True: _tree(binary_b.parent, True)}
+    whole = [*builds.values(), _tree(versions / "0.0.1-0badc0de", contents=True)]
     versions_of = {False: _version_of(binary), True: _version_of(binary_b)}
     journal = fs / "journal"
 
@@ -521,6 +787,9 @@ def test_install_failing_or_crashing_at_any_step_leaves_a_working_copy(
             out, done = hooked(mode, at, work)
             switched = at > switch(steps, dry)
             where = f"{mode} at step {at}: {done[at - 1]}"
+            for folder in (work / "gpu-supervise.versions").iterdir():
+                if not folder.name.startswith("."):
+                    assert _tree(folder, contents=True) in whole, f"{where}: {folder.name}"
             linked = (work / "gpu-supervise").resolve().parent
             assert _tree(linked, contents=True) == builds[switched], where
             if at in (switch(steps, dry), switch(steps, dry) + 1):  # the last A, the first B
@@ -534,7 +803,10 @@ def test_install_failing_or_crashing_at_any_step_leaves_a_working_copy(
                 again, _ = hooked("none", 0, work)
                 assert again.returncode == 0, f"{where}: {again.stderr}"
                 left = _versions(work)
-                assert len(left) == 2 and not [n for n in left if n.startswith(".")], where
+                # B, and A while the link still names it (B's install again keeps the copy
+                # the link names, and that is B once switched)
+                assert len(left) == 2 - switched, where
+                assert not [n for n in left if n.startswith(".")], where
                 assert _tree((work / "gpu-supervise").resolve().parent, True) == builds[True]
             shutil.rmtree(work)
 
@@ -635,7 +907,7 @@ def test_upgrade_from_an_install_of_the_older_layout(
     assert not pid_alive(agent) and not pid_alive(child)
     again = _installed(binary_b, opt)
     assert sorted(p.name for p in opt.iterdir()) == ["gpu-supervise", "gpu-supervise.versions"]
-    assert _versions(opt) == sorted([b.name, again.name])
+    assert again == b and _versions(opt) == [b.name]
 
 
 def test_install_removes_old_copies_only_once_nothing_runs_from_them(
@@ -643,19 +915,21 @@ def test_install_removes_old_copies_only_once_nothing_runs_from_them(
 ):
     """Each install keeps the copy the link named before it (supervisors started until then,
     in any namespace, run from it) and every copy a process maps; the rest goes."""
-    first = _installed(binary, tmp_path)
-    proc = start_cmd([str(tmp_path / "gpu-supervise"), "--no-watch", "--", "sleep", "300"],
+    target = tmp_path / "dir"
+    builds = [_another_build(binary, tmp_path / f"build-{n}") for n in range(4)]
+    first = _installed(binary, target)
+    proc = start_cmd([str(target / "gpu-supervise"), "--no-watch", "--", "sleep", "300"],
                      clean_env())  # fmt: skip
     proc.wait_for("as pid")
-    second = _installed(binary, tmp_path)
-    third = _installed(binary, tmp_path)
-    fourth = _installed(binary, tmp_path)
-    assert _versions(tmp_path) == sorted([first.name, third.name, fourth.name])
-    assert second.name not in _versions(tmp_path)
+    second = _installed(builds[0], target)
+    third = _installed(builds[1], target)
+    fourth = _installed(builds[2], target)
+    assert _versions(target) == sorted([first.name, third.name, fourth.name])
+    assert second.name not in _versions(target)
     proc.signal(signal.SIGTERM)
     assert proc.wait(60) == 143
-    fifth = _installed(binary, tmp_path)
-    assert _versions(tmp_path) == sorted([fourth.name, fifth.name])
+    fifth = _installed(builds[3], target)
+    assert _versions(target) == sorted([fourth.name, fifth.name])
 
 
 # -- where it may run from ------------------------------------------------------------------------

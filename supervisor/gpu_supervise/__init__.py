@@ -18,4 +18,40 @@ The modules form layers; each uses only those below it (tests/test_layers.py kee
     files, signals     opening files safely; which signals are forwarded
 """
 
+from __future__ import annotations
+
 __version__ = "0.1.0"
+BUILD_FILE = "gpu-supervise.build"  # the build token, in the self-contained binary's _internal/
+
+
+def build_token() -> str | None:
+    """The token of this self-contained build: 8 hex digits that packaging/build-binary.sh
+    draws afresh for each build and writes beside the program. It tells two builds of one
+    version apart, and `install` names the build's folder VERSION-TOKEN with it. None from
+    Python packages, and from a frozen build made without build-binary.sh."""
+    import os
+    import sys
+
+    if not getattr(sys, "frozen", False):
+        return None
+    try:
+        with open(os.path.join(getattr(sys, "_MEIPASS", ""), BUILD_FILE), "rb") as fh:
+            token = fh.read(64).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return token if len(token) == 8 and all(c in "0123456789abcdef" for c in token) else None
+
+
+def version_text() -> str:
+    """What --version prints after the program's name: VERSION-TOKEN for the self-contained
+    binary (the name of its folder in gpu-supervise.versions/), and for the Python package,
+    which has no build token, its version and the folder it is imported from."""
+    token = build_token()
+    if token is not None:
+        return f"{__version__}-{token}"
+    import os
+    import sys
+
+    if getattr(sys, "frozen", False):
+        return f"{__version__} (a build without a token: not made by build-binary.sh)"
+    return f"{__version__} (Python package, {os.path.dirname(os.path.abspath(__file__))})"

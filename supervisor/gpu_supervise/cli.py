@@ -14,7 +14,7 @@ import os
 import shlex
 import sys
 
-from . import __version__
+from . import version_text
 from .args import EXIT_INTERNAL, EXIT_USAGE, PROG, Parser, describe_failure
 from .config import (
     DEFAULT_CONFIG,
@@ -104,8 +104,20 @@ def supervise_parser() -> Parser:
     )
     parser.usage = f"{USAGE}\n       {PROG} snapshot|demo|install --help"
     parser.add_argument("--no-watch", action="store_true", help="plain supervisor: no NVML at all")
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("--version", action=_Version, help="show the version and build; exit")
     return parser
+
+
+class _Version(argparse.Action):
+    """--version: VERSION-TOKEN for the self-contained binary, read only when asked (the token
+    is a file of the build's: no read on the way to the agent's start)."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        print(f"{PROG} {version_text()}")
+        parser.exit()
 
 
 def _flag_values(ns: argparse.Namespace) -> dict[tuple[str, str], Any]:

@@ -27,30 +27,39 @@ Why a folder per copy and one link, and never a copy written over another:
   filesystem failed halfway (ENOSPC), leaving half a folder: nothing is deleted before the new
   copy is complete and switched to.
 
+A version folder is named VERSION-TOKEN by the build's token (what --version prints), so the
+same build installed again (a re-run init container) finds its folder there: complete (a
+folder gets that name only once complete, and loses it before it is removed), and maybe
+running, it is switched to again, not copied nor written over (steps 1 and 2 are skipped).
+Anything else of that name is an error. A build without a token gets a fresh one each time.
+
 The steps, and what a failure or a crash after each leaves:
-1. Copy into gpu-supervise.versions/.new-TOKEN, each file and folder fsync'ed (so that a power
+1. Copy into gpu-supervise.versions/.new-RANDOM, each file and folder fsync'ed (so that a power
    loss after the switch cannot leave a link to files whose data never reached the disk).
    Before the switch, DIR/gpu-supervise still runs the copy it ran; a failure removes the
    partial folder, a crash leaves it for the next install to remove.
 2. Rename it to VERSION-TOKEN: a folder has that name only once complete.
-3. Make the link gpu-supervise.versions/.link-TOKEN -> gpu-supervise.versions/VERSION-TOKEN/
+3. Make the link gpu-supervise.versions/.link-RANDOM -> gpu-supervise.versions/VERSION-TOKEN/
    gpu-supervise (relative: DIR may be mounted elsewhere in the agent's container), and rename
    it over DIR/gpu-supervise: the switch. Before it, the old copy starts; after it, the new.
 4. Remove the copies nobody can be running: every other folder of gpu-supervise.versions/ (and
    the _internal/ of an install made before this layout), except the copy DIR/gpu-supervise
    named before the switch (supervisors started until now run from it, possibly in other PID
    namespaces) and any folder that a process this install can see maps a file from
-   (/proc/PID/maps; the command line of a process whose map it may not read). A failure here
-   is reported, and the install stands.
+   (/proc/PID/maps, by path or by inode: another mount namespace sees it under another path;
+   the command line of a process whose map it may not read). A version folder is renamed to
+   .old-RANDOM first. A failure here is reported, and the install stands.
 
-One install into DIR at a time (a lock on gpu-supervise.versions/): a second one fails. Nothing
-of DIR but DIR/gpu-supervise and DIR/gpu-supervise.versions/ is written, and nothing outside
-DIR: a DIR/gpu-supervise that is a link elsewhere or a dangling link is replaced, never
-followed. A usage error (one line, exit 2): no DIR; a DIR inside the running copy; a
-DIR/gpu-supervise that is a folder (the running copy when DIR is its parent: it is never
-deleted); a DIR whose path holds ':' (the library search path is colon-separated: the copy
-would load the image's C library); gpu-supervise installed from Python packages (pip), which
-has no such files. A failed copy: one line, exit 1, DIR as it was.
+One install into DIR at a time (a lock on gpu-supervise.versions/): another one waits for it,
+saying so on stderr, up to LOCK_WAIT seconds, then fails. Nothing of DIR but DIR/gpu-supervise
+and DIR/gpu-supervise.versions/ is written, and nothing outside DIR: a DIR/gpu-supervise that
+is a link (elsewhere, to a folder, or dangling) is replaced, never followed; a
+DIR/gpu-supervise.versions that is a link is refused. A usage error (one line, exit 2): no
+DIR; a DIR inside the running copy; a DIR/gpu-supervise that is a folder (the running copy
+when DIR is its parent: it is never deleted); a DIR whose resolved path holds ':' (the library
+search path is colon-separated: the copy would load the image's C library); gpu-supervise
+installed from Python packages (pip), which has no such files. A failed copy: one line, exit
+1, DIR as it was.
 """
 
 from __future__ import annotations
@@ -59,29 +68,34 @@ import errno
 import fcntl
 import os
 import shutil
+import stat
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__
+from . import __version__, build_token
 from .args import EXIT_USAGE, PROG, Parser
 from .config import ConfigError
 from .text import clip
 
 EXIT_FAILED = 1
 VERSIONS = ".versions"  # DIR/gpu-supervise.versions/: the suffix of the executable's name
-NEW, LINK = ".new-", ".link-"  # the temporary entries of gpu-supervise.versions/
+NEW, LINK, OLD = ".new-", ".link-", ".old-"  # the temporary entries of gpu-supervise.versions/
+LOCK_WAIT = 60.0  # seconds an install waits for another install into the same DIR to finish
 
 
 @dataclass(frozen=True)
 class Bundle:
     """The files of a running frozen gpu-supervise (root/entry for each entry), and the file
     that runs it again: the launcher for build-binary.sh's folder, not sys.executable, which
-    is the program inside _internal/ and needs the build host's glibc."""
+    is the program inside _internal/ and needs the build host's glibc. token: the build's
+    (build-binary.sh's), or None for a build without one."""
 
     root: Path
     entries: tuple[str, ...]
     executable: Path
+    token: str | None = None
 
 
 class Refused(Exception):
@@ -97,11 +111,12 @@ def running_bundle() -> Bundle | None:
     launcher = exe.parent.parent / exe.name
     if contents == exe.parent and exe.parent.name == "_internal" and launcher.is_file():
         # build-binary.sh: the launcher, and PyInstaller's folder as _internal/ beside it
-        return Bundle(exe.parent.parent, (exe.name, "_internal"), launcher)
+        return Bundle(exe.parent.parent, (exe.name, "_internal"), launcher, build_token())
     if contents == exe.parent / "_internal":  # PyInstaller's own one-folder layout
-        return Bundle(exe.parent, (exe.name, "_internal"), exe)
+        return Bundle(exe.parent, (exe.name, "_internal"), exe, build_token())
     if contents == exe.parent:  # one folder with no contents directory: all of it
-        return Bundle(exe.parent, tuple(sorted(p.name for p in exe.parent.iterdir())), exe)
+        entries = tuple(sorted(p.name for p in exe.parent.iterdir()))
+        return Bundle(exe.parent, entries, exe, build_token())
     return Bundle(exe.parent, (exe.name,), exe)  # one-file: unpacked elsewhere at each start
 
 
@@ -166,9 +181,15 @@ def _copy(source: Path, target: Path) -> None:
         _fsync(target)
 
 
-def _remove(path: Path) -> None:
-    """Remove a folder, file or link of gpu-supervise's: a link is removed, never followed."""
+def _remove(path: Path, versions: Path | None = None) -> None:
+    """Remove a folder, file or link of gpu-supervise's: a link is removed, never followed. A
+    version folder (of versions/) is first renamed to .old-TOKEN: a folder that a failure or a
+    crash leaves half removed never keeps the name a later install of its build runs again."""
     if path.is_dir() and not path.is_symlink():
+        if path.parent == versions and not path.name.startswith((NEW, LINK, OLD)):
+            aside = path.with_name(f"{OLD}{os.urandom(4).hex()}")
+            os.rename(path, aside)
+            path = aside
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
@@ -232,17 +253,29 @@ def _in_use(folder: Path, mapped: tuple[set[bytes], set[tuple[int, int]]]) -> bo
     return False
 
 
-def _lock(versions: Path) -> int:
-    """An exclusive lock on versions/ for this install (released when the process ends)."""
+def _lock(versions: Path, wait: float) -> int:
+    """An exclusive lock on versions/ for this install (released when the process ends). Init
+    containers of several pods on one volume start together: each waits its turn, up to wait
+    seconds (saying so once on stderr), and then fails."""
     fd = os.open(versions, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise OSError(errno.EBUSY, "another gpu-supervise install into it is running") from None
-    except OSError:
-        pass  # a filesystem without locks: go ahead unlocked
-    return fd
+    deadline = time.monotonic() + wait
+    told = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                busy = f"another gpu-supervise install into it still runs after {wait:g} s"
+                raise OSError(errno.EBUSY, busy) from None
+            if not told:
+                print(f"{PROG}: waiting for another install into {clip(str(versions.parent), 200)}"
+                      f" to finish (at most {wait:g} s)", file=sys.stderr, flush=True)  # fmt: skip
+                told = True
+            time.sleep(0.1)
+        except OSError:
+            return fd  # a filesystem without locks: go ahead unlocked
 
 
 def _copy_folder(bundle: Bundle, new: Path) -> None:
@@ -256,42 +289,43 @@ def _copy_folder(bundle: Bundle, new: Path) -> None:
 
 
 def install(bundle: Bundle, target: Path) -> tuple[Path, list[str]]:
-    """Install bundle into target (the steps are in the module's docstring): the new version
+    """Install bundle into target (the steps are in the module's docstring): the version
     folder, and a line for each problem after the switch. Refused or OSError: target as it
     was, but for an empty gpu-supervise.versions/."""
     _check(bundle, target)
     name = bundle.executable.name
     link = target / name
     versions = target / (name + VERSIONS)
-    if not target.is_dir():
-        target.mkdir(parents=True)
+    if not target.is_dir():  # exist_ok: another install may make it meanwhile
+        target.mkdir(parents=True, exist_ok=True)
     if not versions.is_dir():
-        versions.mkdir()
+        versions.mkdir(exist_ok=True)
         versions.chmod(0o755)
-    lock = _lock(versions)
+    lock = _lock(versions, LOCK_WAIT)
     try:
         previous = _version_folder(link, versions)
         if previous is None and not link.is_symlink():  # an older install's launcher
             previous = _legacy(target, name)
-        token = os.urandom(4).hex()
+        scratch = os.urandom(4).hex()  # names this install's temporary entries
         version = "".join(c if c.isalnum() or c in "._+-" else "_" for c in __version__)
-        new = versions / f"{NEW}{token}"
-        done = versions / f"{version}-{token}"
-        temporary_link = versions / f"{LINK}{token}"
+        new = versions / f"{NEW}{scratch}"
+        done = versions / f"{version}-{bundle.token or scratch}"
+        temporary_link = versions / f"{LINK}{scratch}"
         made: list[Path] = []  # what to remove if a step fails: only what this install made
         try:
-            made.append(new)
-            _copy_folder(bundle, new)  # 1
-            os.rename(new, done)  # 2
-            made[0] = done
-            _fsync(versions)
+            if not _copied_before(done, bundle):
+                made.append(new)
+                _copy_folder(bundle, new)  # 1
+                os.rename(new, done)  # 2
+                made[0] = done
+                _fsync(versions)
             os.symlink(os.path.join(versions.name, done.name, name), temporary_link)  # 3
             made.append(temporary_link)
             os.rename(temporary_link, link)  # the switch
         except BaseException:
             for leftover in made:
                 try:
-                    _remove(leftover)
+                    _remove(leftover, versions)
                 except OSError:
                     pass  # the next install removes it
             raise
@@ -303,6 +337,44 @@ def install(bundle: Bundle, target: Path) -> tuple[Path, list[str]]:
         return done, problems + _remove_unused(target, name, keep={done, previous})  # 4
     finally:
         os.close(lock)
+
+
+def _signature(root: Path, entries: list[str]) -> list[tuple[object, ...]]:
+    """What a copy is made of: each entry under root with its kind, mode, and size or link
+    target (links are read, never followed)."""
+    found: list[tuple[object, ...]] = []
+    todo = [Path(entry) for entry in entries]
+    while todo:
+        path = todo.pop()
+        st = os.lstat(root / path)
+        if stat.S_ISLNK(st.st_mode):
+            found.append((str(path), "link", os.readlink(root / path)))
+        elif stat.S_ISDIR(st.st_mode):
+            found.append((str(path), "folder", st.st_mode))
+            todo.extend(path / child for child in os.listdir(root / path))
+        else:
+            found.append((str(path), "file", st.st_mode, st.st_size))
+    return sorted(found, key=str)
+
+
+def _copied_before(done: Path, bundle: Bundle) -> bool:
+    """Whether done, the folder of this build, is there already: an install of the same build
+    ran before (a re-run init container). It is complete (a folder gets its name only once
+    complete, and loses it before it is removed) and may be running: switched to again, never
+    written over. Anything else of that name is an error."""
+    if not os.path.lexists(done):
+        return False
+    if (
+        done.is_symlink()
+        or not done.is_dir()
+        or _signature(done, os.listdir(done)) != _signature(bundle.root, list(bundle.entries))
+    ):
+        raise OSError(
+            errno.EEXIST,
+            f"{clip(str(done), 200)} is there and is not a copy of this build (remove it if "
+            "nothing runs from it)",
+        )
+    return True
 
 
 def _remove_unused(target: Path, name: str, keep: set[Path | None]) -> list[str]:
@@ -319,9 +391,9 @@ def _remove_unused(target: Path, name: str, keep: set[Path | None]) -> list[str]
     problems = []
     for path in candidates:
         try:
-            if not path.name.startswith((NEW, LINK)) and _in_use(path, mapped):
+            if not path.name.startswith((NEW, LINK, OLD)) and _in_use(path, mapped):
                 continue  # maybe running: kept until an install finds it unused
-            _remove(path)
+            _remove(path, versions)
         except OSError as exc:
             problems.append(f"cannot remove {clip(str(path), 200)}: {clip(str(exc), 200)}")
     return problems
