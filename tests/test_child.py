@@ -83,6 +83,34 @@ def test_command_not_found_is_127_and_not_executable_is_126(tmp_path: Path):
     assert out.returncode == 126
 
 
+MISSING = "(first line) was not found"
+
+
+@pytest.mark.parametrize(
+    ("first_line", "shown"),
+    [
+        (b"#!/bin/sh\r\n", f"its interpreter /bin/sh\\r {MISSING} (a CRLF line ending)"),
+        (b"#! /nonexistent/python3 -u\n", f"its interpreter /nonexistent/python3 {MISSING}"),
+    ],
+)
+def test_a_script_whose_interpreter_is_missing_says_so(
+    tmp_path: Path, first_line: bytes, shown: str
+):
+    """exec says ENOENT for a script that exists when the interpreter its first line names does
+    not: the line names the interpreter (a carriage return shown as \\r), not the script, which
+    is there. Found on PATH or named by a path, and on the terminal's way to start it too."""
+    script = tmp_path / "agent.sh"
+    script.write_bytes(first_line + b"echo hi\n")
+    script.chmod(0o755)
+    out = run([*PLAIN, "--", str(script)], clean_env())
+    assert (out.returncode, out.stderr) == (127, f"gpu-supervise: {script}: {shown}\n")
+    out = run([*PLAIN, "--", "agent.sh"], clean_env(PATH=f"/nonexistent:{tmp_path}:/usr/bin:/bin"))
+    assert (out.returncode, out.stderr) == (127, f"gpu-supervise: agent.sh: {shown}\n")
+    with Terminal([*PLAIN, "--", str(script)]) as term:
+        assert term.proc.wait(60) == 127
+        term.expect(f"{script}: {shown}".encode())
+
+
 def test_output_passes_straight_through_and_arguments_arrive_verbatim(tmp_path: Path):
     """No shell, no pipe: the child writes to our own stdout file; odd arguments are data."""
     target = tmp_path / "out.txt"

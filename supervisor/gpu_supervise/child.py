@@ -130,17 +130,62 @@ def spawn(argv: list[str], env: dict[str, str], death_signal: int = 0) -> int:
             setsigdef=_RESET_TO_DEFAULT,
         )
     except OSError as exc:
-        raise _spawn_error(argv[0], exc) from None
+        raise _spawn_error(argv[0], exc, env) from None
     except ValueError as exc:  # what exec cannot take (the checks above should leave none)
         raise SpawnError(126, f"{argv[0]}: cannot execute: {exc}") from None
 
 
-def _spawn_error(command: str, exc: OSError) -> SpawnError:
+def _spawn_error(command: str, exc: OSError, env: Mapping[str, str]) -> SpawnError:
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-        return SpawnError(127, f"{command}: command not found")
+        return SpawnError(127, _not_found(command, env))
     if exc.errno == errno.EACCES:
         return SpawnError(126, f"{command}: permission denied (not executable?)")
     return SpawnError(126, f"{command}: cannot execute: {exc.strerror}")
+
+
+def _not_found(command: str, env: Mapping[str, str]) -> str:
+    """Why exec found nothing. A file that exists gets ENOENT too when what it names is missing:
+    a script's interpreter, most often a CRLF first line (`#!/bin/sh\r` names "/bin/sh\r").
+    (Where the line is shown, its control characters are escaped: \r, not a carriage return.)"""
+    found = _executable(command, env)
+    if found is None:
+        return f"{command}: command not found"
+    interpreter = _interpreter(found)
+    if interpreter is None or os.path.exists(interpreter):
+        return f"{command}: cannot execute: a file it needs is missing (No such file or directory)"
+    crlf = " (a CRLF line ending)" if interpreter.endswith("\r") else ""
+    return f"{command}: its interpreter {interpreter} (first line) was not found{crlf}"
+
+
+def _executable(command: str, env: Mapping[str, str]) -> str | None:
+    """The file exec tried: `command` itself if it holds a slash, else the first executable
+    regular file of that name on PATH; None if there is none."""
+    if "/" in command:
+        paths = [command]
+    else:
+        paths = [os.path.join(folder, command) for folder in os.get_exec_path(env)]
+    for path in paths:
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def _interpreter(path: str) -> str | None:
+    """What the first line `#!INTERPRETER [ARG]` names, as the kernel reads it (up to a space,
+    a tab or the newline: a carriage return is part of the name); None for no such line."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            head = os.read(fd, 256)  # the kernel reads no more of it either
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    if not head.startswith(b"#!"):
+        return None
+    words = head[2:].split(b"\n", 1)[0].replace(b"\t", b" ").split(b" ")
+    name = next((word for word in words if word), None)
+    return None if name is None else os.fsdecode(name)
 
 
 def owns_terminal() -> bool:
