@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from .signals import FORWARDED, IGNORED
 
@@ -28,11 +28,29 @@ PR_SET_CHILD_SUBREAPER = 36
 
 
 class SpawnError(Exception):
-    """The command could not be executed; `code` is what tini/dumb-init would exit with."""
+    """The command could not be executed; `code` is what tini/dumb-init would exit with.
+    `transient`: the cause may pass by itself (start_retrying tries again)."""
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, transient: bool = False) -> None:
         super().__init__(message)
-        self.code = code
+        self.code, self.transient = code, transient
+
+
+# Causes of a failed start that pass by themselves: the pids limit reached (EAGAIN, from fork or
+# clone), memory or buffers short, no file descriptor left, the binary still open for writing
+# (ETXTBSY: an upgrade of the agent in progress), a device or file system busy or hiccuping.
+# Every other cause is the command's own (not found, not executable, a bad format): 126/127,
+# which restart policies are told never to retry.
+TRANSIENT = frozenset(
+    {
+        errno.EAGAIN, errno.ENOMEM, errno.ENOBUFS, errno.EMFILE, errno.ENFILE, errno.ETXTBSY,
+        errno.EINTR, errno.EBUSY, errno.EIO,
+    }
+)  # fmt: skip
+RETRY_SECONDS = 5.0
+# sysexits' EX_TEMPFAIL: the start failed for a cause that passes (TRANSIENT), for RETRY_SECONDS.
+# Not 126/127, which the shipped units and policies never restart; not 70, a fault of ours.
+EXIT_TEMPFAIL = 75
 
 
 def become_subreaper() -> bool:
@@ -135,11 +153,39 @@ def spawn(argv: list[str], env: dict[str, str], death_signal: int = 0) -> int:
         raise SpawnError(126, f"{argv[0]}: cannot execute: {exc}") from None
 
 
+def start_retrying(
+    argv: list[str],
+    env: dict[str, str],
+    death_signal: int,
+    wait: Callable[[SpawnError, float], bool],
+) -> int:
+    """spawn, tried again with back-off while it fails for a TRANSIENT cause, for up to
+    RETRY_SECONDS; then EXIT_TEMPFAIL, which restart policies retry. `wait(error, seconds)`
+    reports the failure and waits; False: stop trying (a stop was asked for)."""
+    began = time.monotonic()
+    delay = 0.1
+    while True:
+        try:
+            return spawn(argv, env, death_signal)
+        except SpawnError as exc:
+            if not exc.transient:
+                raise
+            left = began + RETRY_SECONDS - time.monotonic()
+            if left <= 0 or not wait(exc, min(delay, left)):
+                spent = time.monotonic() - began
+                raise SpawnError(
+                    EXIT_TEMPFAIL, f"{exc} (still, after trying again for {spent:.1f} s)"
+                ) from None
+            delay = min(2 * delay, 1.0)
+
+
 def _spawn_error(command: str, exc: OSError, env: Mapping[str, str]) -> SpawnError:
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
         return SpawnError(127, _not_found(command, env))
     if exc.errno == errno.EACCES:
         return SpawnError(126, f"{command}: permission denied (not executable?)")
+    if exc.errno in TRANSIENT:
+        return SpawnError(EXIT_TEMPFAIL, f"{command}: cannot execute: {exc.strerror}", True)
     return SpawnError(126, f"{command}: cannot execute: {exc.strerror}")
 
 
