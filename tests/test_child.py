@@ -205,6 +205,48 @@ def test_a_second_sigterm_during_the_stop_reaches_the_tree_again(start: Start):
     assert "still running 3 s after SIGTERM: sent SIGKILL" in out
 
 
+def test_a_stopped_tree_is_continued_after_sigterm(start: Start, tmp_path: Path):
+    """A stopped process acts on no signal but SIGKILL: an agent stopped by a forwarded ^Z
+    (SIGTSTP), or a daemon of its stopped by SIGSTOP, would sit out stop_timeout and die of
+    SIGKILL. Like systemd, the stop sends SIGCONT after SIGTERM, to the whole tree, and
+    SIGTERM ends it: the agent's 143, no SIGKILL."""
+    pidfile = tmp_path / "daemon"
+    script = f"setsid sleep 300 & echo $! > {pidfile}; echo up; exec sleep 300"
+    proc = start([*PLAIN, "--stop-timeout", "20", "--", "sh", "-c", script], clean_env())
+    proc.wait_for("up")
+    proc.wait_for(" as pid ")
+    agent = int(proc.log.split(" as pid ")[1].split()[0])
+    daemon = int(pidfile.read_text())
+    wait_until(lambda: "sleep" in Path(f"/proc/{agent}/comm").read_text(), "no exec sleep")
+    proc.signal(signal.SIGTSTP)  # forwarded: the agent stops
+    os.kill(daemon, signal.SIGSTOP)
+    for pid in (agent, daemon):
+        wait_until(lambda pid=pid: stat_fields(pid)[0] == "T", f"pid {pid} never stopped")
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(120) == 143, proc.log
+    assert "sent SIGKILL" not in proc.log
+    assert not pid_alive(daemon)
+
+
+def test_the_last_resort_stop_continues_a_stopped_agent_too():
+    """stop_group_now (gpu-supervise failing right after the spawn) sends SIGCONT as well."""
+    from gpu_supervise import child
+
+    pid = os.fork()
+    if pid == 0:
+        os.setpgid(0, 0)
+        os.kill(os.getpid(), signal.SIGSTOP)
+        time.sleep(300)
+        os._exit(0)
+    try:
+        wait_until(lambda: stat_fields(pid)[0] == "T", "the child never stopped")
+        assert child.stop_group_now(pid, 20) == 143  # SIGTERM's, not SIGKILL's 137
+    finally:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
 def test_the_agent_leads_a_process_group_of_its_own(start: Start, tmp_path: Path):
     """So that a stop signals the whole group at once, and a ^C meant for gpu-supervise's own
     group (a shell's job) is not the agent's business: the agent's group is its own pid."""

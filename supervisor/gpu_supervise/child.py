@@ -313,6 +313,7 @@ def stop_group_now(pid: int, timeout: float) -> int:
     import time  # a built-in module: nothing to read from disk
 
     _killpg(pid, signal.SIGTERM)
+    _killpg(pid, signal.SIGCONT)  # a stopped agent acts on SIGTERM only once continued
     deadline = time.monotonic() + timeout
     killed_at = None
     while True:
@@ -433,10 +434,15 @@ def signal_tree(pgid: int | None, sig: int, leader_ours: bool = False) -> int:
     name somebody else's. `leader_ours` says the child itself is not reaped yet, so its group
     is ours for certain: it is signalled at once, before the walk of the tree (which loads
     psutil and costs milliseconds). Exactly once matters: many agents take a second SIGTERM or
-    SIGINT as "quit now, skip the clean shutdown"."""
+    SIGINT as "quit now, skip the clean shutdown".
+
+    Any signal but SIGKILL is followed by SIGCONT, as systemd does it: a stopped process (^Z,
+    a SIGTSTP forwarded) acts on nothing else, and would wait for SIGKILL."""
+    sigs = (sig,) if sig in (signal.SIGKILL, signal.SIGCONT) else (sig, signal.SIGCONT)
     done: set[int | None] = set()
     if pgid is not None and leader_ours:
-        _killpg(pgid, sig)
+        for each in sigs:
+            _killpg(pgid, each)
         done.add(pgid)
     tree = descendants()
     own_session = os.getsid(0)
@@ -449,11 +455,13 @@ def signal_tree(pgid: int | None, sig: int, leader_ours: bool = False) -> int:
         and (group == pgid or (session is not None and session != own_session))
     }
     for group in whole:
-        _killpg(group, sig)
+        for each in sigs:
+            _killpg(group, each)
     done |= whole
     for pid in tree:
         if ids[pid][0] not in done:
-            _kill(pid, sig)
+            for each in sigs:
+                _kill(pid, each)
     return len(tree)
 
 
