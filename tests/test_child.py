@@ -316,6 +316,39 @@ def test_leftover_daemons_are_stopped_when_the_child_exits(start: Start, tmp_pat
     assert not any(pid_alive(int(p)) for p in pidfile.read_text().split())
 
 
+# Raises once, in gpu-supervise only (its pid in the file GS_TEST_BREAK_PID names), at its first
+# os.kill or os.killpg: with --no-watch and no signal to forward, the stop after the agent's
+# exit. A bug in the loop, planted through the interpreter's audit hooks.
+BREAK_AT_THE_FIRST_KILL = """
+import os, sys
+_armed = [os.environ.get("GS_TEST_BREAK_PID")]
+def _hook(event, args):
+    if event in ("os.kill", "os.killpg") and _armed[0] and os.path.exists(_armed[0]):
+        if str(os.getpid()) == open(_armed[0]).read().strip():
+            _armed[0] = None
+            raise RuntimeError("planted failure in the stop")
+sys.addaudithook(_hook)
+"""
+
+
+def test_a_failure_after_the_agent_exited_still_stops_what_it_left(start: Start, tmp_path: Path):
+    """The agent has exited and left a daemon (setsid, ignoring SIGTERM); the stop of what it
+    left fails inside gpu-supervise. The last resort must still stop the daemon: gone when
+    gpu-supervise exits 70, not left running unsupervised."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(BREAK_AT_THE_FIRST_KILL)
+    gs_pid, pidfile = tmp_path / "gs.pid", tmp_path / "pids"
+    env = clean_env(PYTHONPATH=str(tmp_path / "site"), GS_TEST_BREAK_PID=str(gs_pid))
+    agent = tree_agent(pidfile, "--no-nvml", "--run", "1", "--exit", "5")
+    proc = start([*PLAIN, *STOP_1S, "--", *agent], env)
+    gs_pid.write_text(str(proc.pid))
+    assert proc.wait() == 70, proc.output
+    assert "CRITICAL internal error (RuntimeError: planted failure in the stop at " in proc.log
+    assert "child " in proc.log and " exited with code 5" in proc.log  # the agent went first
+    daemon = int(pidfile.read_text().split()[1])
+    assert not pid_alive(daemon)
+
+
 def test_orphans_are_reaped_as_subreaper(start: Start, tmp_path: Path):
     """Grandchildren whose parent died come to us (PR_SET_CHILD_SUBREAPER); none stays a zombie."""
     script = "for i in $(seq 20); do (sleep 0.2 &) ; done; sleep 1; echo done"
