@@ -146,6 +146,38 @@ def test_environment_is_inherited_and_never_logged():
     assert "hunter2" not in out.stderr
 
 
+# exec with an environment that names DUP twice, as a C program can (a mapping cannot).
+DUPLICATE_ENV = r"""
+#include <unistd.h>
+int main(int argc, char **argv) {
+    (void)argc;
+    char *env[] = {"DUP=first", "PATH=/usr/bin:/bin", "DUP=second", argv[1], 0};
+    execve(argv[2], argv + 2, env);
+    return 127;
+}
+"""
+
+
+def test_of_a_name_given_twice_the_agent_gets_the_first_value(tmp_path: Path):
+    """As getenv and os.environ have it: the agent's environment, as the kernel shows it, holds
+    the name once, with its first value."""
+    from conftest import SESSION_MARK
+
+    source = tmp_path / "dupenv.c"
+    source.write_text(DUPLICATE_ENV)
+    subprocess.run(["gcc", "-o", str(tmp_path / "dupenv"), str(source)], check=True)
+    mark = f"{SESSION_MARK}={os.environ[SESSION_MARK]}"
+    out = subprocess.run(
+        [str(tmp_path / "dupenv"), mark, *gpu_supervise_cmd(), *PLAIN, "--termination-log", "",
+         "--", "cat", "/proc/self/environ"],
+        capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert sorted(out.stdout.split(b"\0")[:-1]) == sorted(
+        [b"DUP=first", b"PATH=/usr/bin:/bin", os.fsencode(mark)]
+    )
+
+
 @pytest.mark.parametrize("sig", ["SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGWINCH"])
 def test_signals_are_forwarded_to_the_child(start: Start, sig: str):
     proc = start([*PLAIN, "--", *AGENT, "--no-nvml"], clean_env())
