@@ -370,6 +370,39 @@ def test_the_pids_limit_reached_is_tried_again_until_it_is_raised(
     assert "INFO    started sh -c 'exit 3' as pid " in log.read_text()
 
 
+def _pipes(pid: int) -> int:
+    """How many pipe ends the process has open."""
+    fds = Path(f"/proc/{pid}/fd")
+    return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("pipe:"))
+
+
+def test_tries_that_fork_leave_no_descriptor_behind(pids_cgroup: Path, start_cmd, tmp_path: Path):
+    """With a parent-death signal the agent is started by fork (and a pipe for exec's errno):
+    a fork that fails for the pids limit must close that pipe, or each try leaks two
+    descriptors (and EMFILE, tried again too, would only grow). gpu-supervise ends with as many
+    pipes open as one whose start never failed."""
+    args = [*gpu_supervise_cmd(), *PLAIN, "--parent-death-signal", "TERM", "--", "sleep", "300"]
+    control = start_cmd(args, clean_env())
+    control.wait_for(" as pid ")
+    (pids_cgroup / "pids.max").write_text("1")
+    procs = pids_cgroup / "cgroup.procs"
+    log = tmp_path / "log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stderr=err, env=clean_env(),
+            preexec_fn=lambda: procs.write_text(str(os.getpid())),
+        )  # fmt: skip
+    try:
+        wait_for_text(log, "; trying again in 0.4 s", proc)  # three tries failed
+        (pids_cgroup / "pids.max").write_text("max")
+        wait_for_text(log, " as pid ", proc)
+        time.sleep(0.5)  # both past their start-up
+        assert _pipes(proc.pid) == _pipes(control.pid), log.read_text()
+    finally:
+        proc.kill()  # its agent gets the parent-death signal; the cgroup's end kills the rest
+        proc.wait()
+
+
 def test_the_start_again_after_a_hold_is_tried_again_too(
     start: Start, fake_node: FakeNode, busy_binary: tuple[Path, Writer]
 ):

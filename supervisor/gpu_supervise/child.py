@@ -272,7 +272,12 @@ def _spawn_forked(argv: list[str], env: dict[str, str], foreground: bool, death_
     prctl = ctypes.CDLL(None, use_errno=True).prctl if death_signal else None
     parent = os.getpid()
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:  # the pids limit, memory: tried again, so nothing may be left open
+        os.close(rfd)
+        os.close(wfd)
+        raise
     if pid == 0:  # the child: only system calls from here to the exec
         try:
             os.close(rfd)
