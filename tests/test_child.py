@@ -111,6 +111,23 @@ def test_a_script_whose_interpreter_is_missing_says_so(
         term.expect(f"{script}: {shown}".encode())
 
 
+def test_a_file_that_exists_is_never_command_not_found(tmp_path: Path):
+    """ENOENT for a file that exists whose first line names one that exists too: what is
+    missing lies further on (here the interpreter of its interpreter). Not "command not
+    found": the file is there, and the line says something it needs is missing."""
+    inner, outer = tmp_path / "inner", tmp_path / "agent.sh"
+    inner.write_text("#!/nonexistent/sh\n")
+    outer.write_text(f"#!{inner}\necho hi\n")
+    for script in (inner, outer):
+        script.chmod(0o755)
+    out = run([*PLAIN, "--", str(outer)], clean_env())
+    assert out.returncode == 127
+    assert out.stderr == (
+        f"gpu-supervise: {outer}: cannot execute: a file it needs is missing (No such file or "
+        "directory)\n"
+    )
+
+
 def test_output_passes_straight_through_and_arguments_arrive_verbatim(tmp_path: Path):
     """No shell, no pipe: the child writes to our own stdout file; odd arguments are data."""
     target = tmp_path / "out.txt"
