@@ -398,6 +398,49 @@ def test_a_failure_after_the_agent_exited_still_stops_what_it_left(start: Start,
     assert not pid_alive(daemon)
 
 
+# Raises at gpu-supervise's first two os.kill/os.killpg (the stop after the agent's exit, then
+# the last resort's own), and from then on writes each os.killpg it is asked for to a file.
+BREAK_TWICE = """
+import os, sys
+_file, _log, _left = os.environ["GS_TEST_BREAK_PID"], os.environ["GS_TEST_KILLPG_LOG"], [2]
+def _hook(event, args):
+    if event not in ("os.kill", "os.killpg") or not os.path.exists(_file):
+        return
+    if str(os.getpid()) != open(_file).read().strip():
+        return
+    if _left[0]:
+        _left[0] -= 1
+        raise RuntimeError("planted failure in the stop")
+    if event == "os.killpg":
+        with open(_log, "a") as fh:
+            fh.write(f"{args[0]} {args[1]}\\n")
+sys.addaudithook(_hook)
+"""
+
+
+def test_the_last_resort_never_signals_the_group_of_an_agent_already_reaped(
+    start: Start, tmp_path: Path
+):
+    """When even the tree walk fails, the last resort signals the agent's group with system
+    calls only; once the agent is reaped its group's number is free, and may name somebody
+    else's group: then it must not be signalled."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(BREAK_TWICE)
+    gs_pid, pidfile, killpg = tmp_path / "gs.pid", tmp_path / "pids", tmp_path / "killpg"
+    env = clean_env(PYTHONPATH=str(tmp_path / "site"), GS_TEST_BREAK_PID=str(gs_pid),
+                    GS_TEST_KILLPG_LOG=str(killpg))  # fmt: skip
+    agent = tree_agent(pidfile, "--no-nvml", "--run", "1", "--exit", "5")
+    proc = start([*PLAIN, *STOP_1S, "--", *agent], env)
+    gs_pid.write_text(str(proc.pid))
+    assert proc.wait() == 70, proc.output
+    assert proc.log.count("RuntimeError: planted failure in the stop") == 1  # the CRITICAL line
+    reaped = int(pidfile.read_text().split()[0])
+    groups = (
+        [line.split()[0] for line in killpg.read_text().splitlines()] if killpg.exists() else []
+    )
+    assert str(reaped) not in groups
+
+
 def test_orphans_are_reaped_as_subreaper(start: Start, tmp_path: Path):
     """Grandchildren whose parent died come to us (PR_SET_CHILD_SUBREAPER); none stays a zombie."""
     script = "for i in $(seq 20); do (sleep 0.2 &) ; done; sleep 1; echo done"

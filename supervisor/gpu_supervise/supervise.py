@@ -187,7 +187,8 @@ class Supervisor:
             if self.status is None or child.has_children():
                 self._stop_now()
         except Exception:  # even the tree walk failed: the agent's group, with system calls only
-            child.stop_group_now(self.pid, self.settings.stop_timeout)
+            if self.status is None:  # once reaped, its group's number may be somebody else's
+                child.stop_group_now(self.pid, self.settings.stop_timeout)
         try:
             self._flush_log()
         except Exception:
