@@ -83,6 +83,51 @@ def test_command_not_found_is_127_and_not_executable_is_126(tmp_path: Path):
     assert out.returncode == 126
 
 
+MISSING = "(first line) was not found"
+
+
+@pytest.mark.parametrize(
+    ("first_line", "shown"),
+    [
+        (b"#!/bin/sh\r\n", f"its interpreter /bin/sh\\r {MISSING} (a CRLF line ending)"),
+        (b"#! /nonexistent/python3 -u\n", f"its interpreter /nonexistent/python3 {MISSING}"),
+    ],
+)
+def test_a_script_whose_interpreter_is_missing_says_so(
+    tmp_path: Path, first_line: bytes, shown: str
+):
+    """exec says ENOENT for a script that exists when the interpreter its first line names does
+    not: the line names the interpreter (a carriage return shown as \\r), not the script, which
+    is there. Found on PATH or named by a path, and on the terminal's way to start it too."""
+    script = tmp_path / "agent.sh"
+    script.write_bytes(first_line + b"echo hi\n")
+    script.chmod(0o755)
+    out = run([*PLAIN, "--", str(script)], clean_env())
+    assert (out.returncode, out.stderr) == (127, f"gpu-supervise: {script}: {shown}\n")
+    out = run([*PLAIN, "--", "agent.sh"], clean_env(PATH=f"/nonexistent:{tmp_path}:/usr/bin:/bin"))
+    assert (out.returncode, out.stderr) == (127, f"gpu-supervise: agent.sh: {shown}\n")
+    with Terminal([*PLAIN, "--", str(script)]) as term:
+        assert term.proc.wait(60) == 127
+        term.expect(f"{script}: {shown}".encode())
+
+
+def test_a_file_that_exists_is_never_command_not_found(tmp_path: Path):
+    """ENOENT for a file that exists whose first line names one that exists too: what is
+    missing lies further on (here the interpreter of its interpreter). Not "command not
+    found": the file is there, and the line says something it needs is missing."""
+    inner, outer = tmp_path / "inner", tmp_path / "agent.sh"
+    inner.write_text("#!/nonexistent/sh\n")
+    outer.write_text(f"#!{inner}\necho hi\n")
+    for script in (inner, outer):
+        script.chmod(0o755)
+    out = run([*PLAIN, "--", str(outer)], clean_env())
+    assert out.returncode == 127
+    assert out.stderr == (
+        f"gpu-supervise: {outer}: cannot execute: a file it needs is missing (No such file or "
+        "directory)\n"
+    )
+
+
 def test_output_passes_straight_through_and_arguments_arrive_verbatim(tmp_path: Path):
     """No shell, no pipe: the child writes to our own stdout file; odd arguments are data."""
     target = tmp_path / "out.txt"
@@ -116,6 +161,38 @@ def test_environment_is_inherited_and_never_logged():
     out = run(["--log-level", "DEBUG", *PLAIN, "--", "sh", "-c", 'echo "seen=$AGENT_SECRET"'], env)
     assert "seen=hunter2-token" in out.stdout
     assert "hunter2" not in out.stderr
+
+
+# exec with an environment that names DUP twice, as a C program can (a mapping cannot).
+DUPLICATE_ENV = r"""
+#include <unistd.h>
+int main(int argc, char **argv) {
+    (void)argc;
+    char *env[] = {"DUP=first", "PATH=/usr/bin:/bin", "DUP=second", argv[1], 0};
+    execve(argv[2], argv + 2, env);
+    return 127;
+}
+"""
+
+
+def test_of_a_name_given_twice_the_agent_gets_the_first_value(tmp_path: Path):
+    """As getenv and os.environ have it: the agent's environment, as the kernel shows it, holds
+    the name once, with its first value."""
+    from conftest import SESSION_MARK
+
+    source = tmp_path / "dupenv.c"
+    source.write_text(DUPLICATE_ENV)
+    subprocess.run(["gcc", "-o", str(tmp_path / "dupenv"), str(source)], check=True)
+    mark = f"{SESSION_MARK}={os.environ[SESSION_MARK]}"
+    out = subprocess.run(
+        [str(tmp_path / "dupenv"), mark, *gpu_supervise_cmd(), *PLAIN, "--termination-log", "",
+         "--", "cat", "/proc/self/environ"],
+        capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert sorted(out.stdout.split(b"\0")[:-1]) == sorted(
+        [b"DUP=first", b"PATH=/usr/bin:/bin", os.fsencode(mark)]
+    )
 
 
 @pytest.mark.parametrize("sig", ["SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGWINCH"])
@@ -175,6 +252,48 @@ def test_a_second_sigterm_during_the_stop_reaches_the_tree_again(start: Start):
     out = proc.log
     assert "received SIGTERM during the stop: sending it to the child's tree too" in out
     assert "still running 3 s after SIGTERM: sent SIGKILL" in out
+
+
+def test_a_stopped_tree_is_continued_after_sigterm(start: Start, tmp_path: Path):
+    """A stopped process acts on no signal but SIGKILL: an agent stopped by a forwarded ^Z
+    (SIGTSTP), or a daemon of its stopped by SIGSTOP, would sit out stop_timeout and die of
+    SIGKILL. Like systemd, the stop sends SIGCONT after SIGTERM, to the whole tree, and
+    SIGTERM ends it: the agent's 143, no SIGKILL."""
+    pidfile = tmp_path / "daemon"
+    script = f"setsid sleep 300 & echo $! > {pidfile}; echo up; exec sleep 300"
+    proc = start([*PLAIN, "--stop-timeout", "20", "--", "sh", "-c", script], clean_env())
+    proc.wait_for("up")
+    proc.wait_for(" as pid ")
+    agent = int(proc.log.split(" as pid ")[1].split()[0])
+    daemon = int(pidfile.read_text())
+    wait_until(lambda: "sleep" in Path(f"/proc/{agent}/comm").read_text(), "no exec sleep")
+    proc.signal(signal.SIGTSTP)  # forwarded: the agent stops
+    os.kill(daemon, signal.SIGSTOP)
+    for pid in (agent, daemon):
+        wait_until(lambda pid=pid: stat_fields(pid)[0] == "T", f"pid {pid} never stopped")
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(120) == 143, proc.log
+    assert "sent SIGKILL" not in proc.log
+    assert not pid_alive(daemon)
+
+
+def test_the_last_resort_stop_continues_a_stopped_agent_too():
+    """stop_group_now (gpu-supervise failing right after the spawn) sends SIGCONT as well."""
+    from gpu_supervise import child
+
+    pid = os.fork()
+    if pid == 0:
+        os.setpgid(0, 0)
+        os.kill(os.getpid(), signal.SIGSTOP)
+        time.sleep(300)
+        os._exit(0)
+    try:
+        wait_until(lambda: stat_fields(pid)[0] == "T", "the child never stopped")
+        assert child.stop_group_now(pid, 20) == 143  # SIGTERM's, not SIGKILL's 137
+    finally:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
 
 
 def test_the_agent_leads_a_process_group_of_its_own(start: Start, tmp_path: Path):
@@ -244,6 +363,82 @@ def test_leftover_daemons_are_stopped_when_the_child_exits(start: Start, tmp_pat
     proc = start([*PLAIN, *STOP_1S, "--", *agent], clean_env())
     assert proc.wait() == 5
     assert not any(pid_alive(int(p)) for p in pidfile.read_text().split())
+
+
+# Raises once, in gpu-supervise only (its pid in the file GS_TEST_BREAK_PID names), at its first
+# os.kill or os.killpg: with --no-watch and no signal to forward, the stop after the agent's
+# exit. A bug in the loop, planted through the interpreter's audit hooks.
+BREAK_AT_THE_FIRST_KILL = """
+import os, sys
+_armed = [os.environ.get("GS_TEST_BREAK_PID")]
+def _hook(event, args):
+    if event in ("os.kill", "os.killpg") and _armed[0] and os.path.exists(_armed[0]):
+        if str(os.getpid()) == open(_armed[0]).read().strip():
+            _armed[0] = None
+            raise RuntimeError("planted failure in the stop")
+sys.addaudithook(_hook)
+"""
+
+
+def test_a_failure_after_the_agent_exited_still_stops_what_it_left(start: Start, tmp_path: Path):
+    """The agent has exited and left a daemon (setsid, ignoring SIGTERM); the stop of what it
+    left fails inside gpu-supervise. The last resort must still stop the daemon: gone when
+    gpu-supervise exits 70, not left running unsupervised."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(BREAK_AT_THE_FIRST_KILL)
+    gs_pid, pidfile = tmp_path / "gs.pid", tmp_path / "pids"
+    env = clean_env(PYTHONPATH=str(tmp_path / "site"), GS_TEST_BREAK_PID=str(gs_pid))
+    agent = tree_agent(pidfile, "--no-nvml", "--run", "1", "--exit", "5")
+    proc = start([*PLAIN, *STOP_1S, "--", *agent], env)
+    gs_pid.write_text(str(proc.pid))
+    assert proc.wait() == 70, proc.output
+    assert "CRITICAL internal error (RuntimeError: planted failure in the stop at " in proc.log
+    assert "child " in proc.log and " exited with code 5" in proc.log  # the agent went first
+    daemon = int(pidfile.read_text().split()[1])
+    assert not pid_alive(daemon)
+
+
+# Raises at gpu-supervise's first two os.kill/os.killpg (the stop after the agent's exit, then
+# the last resort's own), and from then on writes each os.killpg it is asked for to a file.
+BREAK_TWICE = """
+import os, sys
+_file, _log, _left = os.environ["GS_TEST_BREAK_PID"], os.environ["GS_TEST_KILLPG_LOG"], [2]
+def _hook(event, args):
+    if event not in ("os.kill", "os.killpg") or not os.path.exists(_file):
+        return
+    if str(os.getpid()) != open(_file).read().strip():
+        return
+    if _left[0]:
+        _left[0] -= 1
+        raise RuntimeError("planted failure in the stop")
+    if event == "os.killpg":
+        with open(_log, "a") as fh:
+            fh.write(f"{args[0]} {args[1]}\\n")
+sys.addaudithook(_hook)
+"""
+
+
+def test_the_last_resort_never_signals_the_group_of_an_agent_already_reaped(
+    start: Start, tmp_path: Path
+):
+    """When even the tree walk fails, the last resort signals the agent's group with system
+    calls only; once the agent is reaped its group's number is free, and may name somebody
+    else's group: then it must not be signalled."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(BREAK_TWICE)
+    gs_pid, pidfile, killpg = tmp_path / "gs.pid", tmp_path / "pids", tmp_path / "killpg"
+    env = clean_env(PYTHONPATH=str(tmp_path / "site"), GS_TEST_BREAK_PID=str(gs_pid),
+                    GS_TEST_KILLPG_LOG=str(killpg))  # fmt: skip
+    agent = tree_agent(pidfile, "--no-nvml", "--run", "1", "--exit", "5")
+    proc = start([*PLAIN, *STOP_1S, "--", *agent], env)
+    gs_pid.write_text(str(proc.pid))
+    assert proc.wait() == 70, proc.output
+    assert proc.log.count("RuntimeError: planted failure in the stop") == 1  # the CRITICAL line
+    reaped = int(pidfile.read_text().split()[0])
+    groups = (
+        [line.split()[0] for line in killpg.read_text().splitlines()] if killpg.exists() else []
+    )
+    assert str(reaped) not in groups
 
 
 def test_orphans_are_reaped_as_subreaper(start: Start, tmp_path: Path):

@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from .signals import FORWARDED, IGNORED
 
@@ -28,11 +28,29 @@ PR_SET_CHILD_SUBREAPER = 36
 
 
 class SpawnError(Exception):
-    """The command could not be executed; `code` is what tini/dumb-init would exit with."""
+    """The command could not be executed; `code` is what tini/dumb-init would exit with.
+    `transient`: the cause may pass by itself (start_retrying tries again)."""
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, transient: bool = False) -> None:
         super().__init__(message)
-        self.code = code
+        self.code, self.transient = code, transient
+
+
+# Causes of a failed start that pass by themselves: the pids limit reached (EAGAIN, from fork or
+# clone), memory or buffers short, no file descriptor left, the binary still open for writing
+# (ETXTBSY: an upgrade of the agent in progress), a device or file system busy or hiccuping.
+# Every other cause is the command's own (not found, not executable, a bad format): 126/127,
+# which restart policies are told never to retry.
+TRANSIENT = frozenset(
+    {
+        errno.EAGAIN, errno.ENOMEM, errno.ENOBUFS, errno.EMFILE, errno.ENFILE, errno.ETXTBSY,
+        errno.EINTR, errno.EBUSY, errno.EIO,
+    }
+)  # fmt: skip
+RETRY_SECONDS = 5.0
+# sysexits' EX_TEMPFAIL: the start failed for a cause that passes (TRANSIENT), for RETRY_SECONDS.
+# Not 126/127, which the shipped units and policies never restart; not 70, a fault of ours.
+EXIT_TEMPFAIL = 75
 
 
 def become_subreaper() -> bool:
@@ -130,17 +148,90 @@ def spawn(argv: list[str], env: dict[str, str], death_signal: int = 0) -> int:
             setsigdef=_RESET_TO_DEFAULT,
         )
     except OSError as exc:
-        raise _spawn_error(argv[0], exc) from None
+        raise _spawn_error(argv[0], exc, env) from None
     except ValueError as exc:  # what exec cannot take (the checks above should leave none)
         raise SpawnError(126, f"{argv[0]}: cannot execute: {exc}") from None
 
 
-def _spawn_error(command: str, exc: OSError) -> SpawnError:
+def start_retrying(
+    argv: list[str],
+    env: dict[str, str],
+    death_signal: int,
+    wait: Callable[[SpawnError, float], bool],
+) -> int:
+    """spawn, tried again with back-off while it fails for a TRANSIENT cause, for up to
+    RETRY_SECONDS; then EXIT_TEMPFAIL, which restart policies retry. `wait(error, seconds)`
+    reports the failure and waits; False: stop trying (a stop was asked for)."""
+    began = time.monotonic()
+    delay = 0.1
+    while True:
+        try:
+            return spawn(argv, env, death_signal)
+        except SpawnError as exc:
+            if not exc.transient:
+                raise
+            left = began + RETRY_SECONDS - time.monotonic()
+            if left <= 0 or not wait(exc, min(delay, left)):
+                spent = time.monotonic() - began
+                raise SpawnError(
+                    EXIT_TEMPFAIL, f"{exc} (still, after trying again for {spent:.1f} s)"
+                ) from None
+            delay = min(2 * delay, 1.0)
+
+
+def _spawn_error(command: str, exc: OSError, env: Mapping[str, str]) -> SpawnError:
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-        return SpawnError(127, f"{command}: command not found")
+        return SpawnError(127, _not_found(command, env))
     if exc.errno == errno.EACCES:
         return SpawnError(126, f"{command}: permission denied (not executable?)")
+    if exc.errno in TRANSIENT:
+        return SpawnError(EXIT_TEMPFAIL, f"{command}: cannot execute: {exc.strerror}", True)
     return SpawnError(126, f"{command}: cannot execute: {exc.strerror}")
+
+
+def _not_found(command: str, env: Mapping[str, str]) -> str:
+    """Why exec found nothing. A file that exists gets ENOENT too when what it names is missing:
+    a script's interpreter, most often a CRLF first line (`#!/bin/sh\r` names "/bin/sh\r").
+    (Where the line is shown, its control characters are escaped: \r, not a carriage return.)"""
+    found = _executable(command, env)
+    if found is None:
+        return f"{command}: command not found"
+    interpreter = _interpreter(found)
+    if interpreter is None or os.path.exists(interpreter):
+        return f"{command}: cannot execute: a file it needs is missing (No such file or directory)"
+    crlf = " (a CRLF line ending)" if interpreter.endswith("\r") else ""
+    return f"{command}: its interpreter {interpreter} (first line) was not found{crlf}"
+
+
+def _executable(command: str, env: Mapping[str, str]) -> str | None:
+    """The file exec tried: `command` itself if it holds a slash, else the first executable
+    regular file of that name on PATH; None if there is none."""
+    if "/" in command:
+        paths = [command]
+    else:
+        paths = [os.path.join(folder, command) for folder in os.get_exec_path(env)]
+    for path in paths:
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def _interpreter(path: str) -> str | None:
+    """What the first line `#!INTERPRETER [ARG]` names, as the kernel reads it (up to a space,
+    a tab or the newline: a carriage return is part of the name); None for no such line."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            head = os.read(fd, 256)  # the kernel reads no more of it either
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    if not head.startswith(b"#!"):
+        return None
+    words = head[2:].split(b"\n", 1)[0].replace(b"\t", b" ").split(b" ")
+    name = next((word for word in words if word), None)
+    return None if name is None else os.fsdecode(name)
 
 
 def owns_terminal() -> bool:
@@ -181,7 +272,12 @@ def _spawn_forked(argv: list[str], env: dict[str, str], foreground: bool, death_
     prctl = ctypes.CDLL(None, use_errno=True).prctl if death_signal else None
     parent = os.getpid()
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:  # the pids limit, memory: tried again, so nothing may be left open
+        os.close(rfd)
+        os.close(wfd)
+        raise
     if pid == 0:  # the child: only system calls from here to the exec
         try:
             os.close(rfd)
@@ -222,6 +318,7 @@ def stop_group_now(pid: int, timeout: float) -> int:
     import time  # a built-in module: nothing to read from disk
 
     _killpg(pid, signal.SIGTERM)
+    _killpg(pid, signal.SIGCONT)  # a stopped agent acts on SIGTERM only once continued
     deadline = time.monotonic() + timeout
     killed_at = None
     while True:
@@ -342,10 +439,15 @@ def signal_tree(pgid: int | None, sig: int, leader_ours: bool = False) -> int:
     name somebody else's. `leader_ours` says the child itself is not reaped yet, so its group
     is ours for certain: it is signalled at once, before the walk of the tree (which loads
     psutil and costs milliseconds). Exactly once matters: many agents take a second SIGTERM or
-    SIGINT as "quit now, skip the clean shutdown"."""
+    SIGINT as "quit now, skip the clean shutdown".
+
+    Any signal but SIGKILL is followed by SIGCONT, as systemd does it: a stopped process (^Z,
+    a SIGTSTP forwarded) acts on nothing else, and would wait for SIGKILL."""
+    sigs = (sig,) if sig in (signal.SIGKILL, signal.SIGCONT) else (sig, signal.SIGCONT)
     done: set[int | None] = set()
     if pgid is not None and leader_ours:
-        _killpg(pgid, sig)
+        for each in sigs:
+            _killpg(pgid, each)
         done.add(pgid)
     tree = descendants()
     own_session = os.getsid(0)
@@ -358,11 +460,13 @@ def signal_tree(pgid: int | None, sig: int, leader_ours: bool = False) -> int:
         and (group == pgid or (session is not None and session != own_session))
     }
     for group in whole:
-        _killpg(group, sig)
+        for each in sigs:
+            _killpg(group, each)
     done |= whole
     for pid in tree:
         if ids[pid][0] not in done:
-            _kill(pid, sig)
+            for each in sigs:
+                _kill(pid, each)
     return len(tree)
 
 

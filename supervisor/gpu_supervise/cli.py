@@ -48,6 +48,8 @@ exit codes:
   child's  the agent exited by itself (128+N if signal N killed it); also after SIGTERM/SIGINT
   2        usage or configuration error (one line on stderr; nothing is started)
   70       gpu-supervise itself failed (one line says why; the agent's tree is stopped)
+  75       the command could not be started for a cause that passes (pids limit, memory, the
+           binary open for writing...), tried again for 5 s: a restart may succeed
   126/127  the command cannot be executed / was not found
 
 configuration: --config PATH, else ${ENV_CONFIG}, else {DEFAULT_CONFIG} if it exists;
@@ -188,7 +190,7 @@ def _supervise(settings: Settings, command: list[str]) -> int:
     signals.block_signals()
     reaper = child.become_subreaper()
     try:
-        pid = child.spawn(command, env, settings.parent_death_signal)
+        pid = child.start_retrying(command, env, settings.parent_death_signal, _wait_to_retry)
     except child.SpawnError as exc:
         print(f"{PROG}: {clip(str(exc), 1000)}", file=sys.stderr)  # one line, no escapes
         return exc.code
@@ -205,6 +207,22 @@ def _supervise(settings: Settings, command: list[str]) -> int:
               file=sys.stderr)  # fmt: skip
         return EXIT_INTERNAL
     return supervisor.run()
+
+
+def _wait_to_retry(exc: Exception, seconds: float) -> bool:
+    """Before the first start succeeds: one line per failure (the log is not set up yet), and
+    no more tries once SIGTERM or SIGINT waits (held, so pending: the stop is for the loop)."""
+    import signal
+    import time
+
+    print(f"{PROG}: {clip(str(exc), 1000)}; trying again in {seconds:.1f} s", file=sys.stderr)
+    deadline = time.monotonic() + seconds
+    stop = {signal.SIGTERM, signal.SIGINT}
+    while time.monotonic() < deadline:
+        if stop & signal.sigpending():
+            return False
+        time.sleep(0.02)
+    return not stop & signal.sigpending()
 
 
 def _snapshot(argv: list[str]) -> int:

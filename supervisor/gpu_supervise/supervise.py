@@ -191,7 +191,8 @@ class Supervisor:
             if self.status is None or child.has_children():
                 self._stop_now()
         except Exception:  # even the tree walk failed: the agent's group, with system calls only
-            child.stop_group_now(self.pid, self.settings.stop_timeout)
+            if self.status is None:  # once reaped, its group's number may be somebody else's
+                child.stop_group_now(self.pid, self.settings.stop_timeout)
         try:
             self._flush_log()
         except Exception:
@@ -396,15 +397,29 @@ class Supervisor:
         the first one had it)."""
         child.take_terminal_back(self.pid)
         try:
-            self.pid = child.spawn(self.argv, self.env, self.settings.parent_death_signal)
+            self.pid = child.start_retrying(
+                self.argv, self.env, self.settings.parent_death_signal, self._wait_to_retry
+            )
         except child.SpawnError as exc:
             logger.error(f"cannot start the agent again: {exc}")
-            self.exit = (exc.code, str(exc))
+            if not self._stop_asked():  # else the loop ends the hold by the rule for SIGTERM
+                self.exit = (exc.code, str(exc))
             return
         self.status = None
         self.state = State.RUNNING
         logger.info(f"started {self.argv[0]} again as pid {self.pid}")
         self._notify(STATUS=events.running_status(self.argv, self.pid, self.settings))
+
+    def _wait_to_retry(self, exc: Exception, seconds: float) -> bool:
+        """Between two tries to start the agent again; a SIGTERM or SIGINT ends the tries."""
+        logger.warning(f"cannot start the agent again: {exc}; trying again in {seconds:.1f} s")
+        deadline = time.monotonic() + seconds
+        while not self._stop_asked() and (left := deadline - time.monotonic()) > 0:
+            self._sleep(left)
+        return not self._stop_asked()
+
+    def _stop_asked(self) -> bool:
+        return signal.SIGTERM in self.signals or signal.SIGINT in self.signals
 
     # -- watching ------------------------------------------------------------------------------
 
