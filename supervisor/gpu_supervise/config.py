@@ -232,7 +232,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "parent_death_signal": Key(
             "",
             _signal,
-            "signal the agent gets if gpu-supervise dies (e.g. SIGTERM); '' none",
+            "signal gpu-supervise gets when its parent dies, handled as if sent (SIGTERM stops "
+            "the agent), and the agent gets if gpu-supervise dies (e.g. SIGTERM); '' none",
             "SIGNAL",
         ),
     },

@@ -20,6 +20,7 @@ import enum
 import os
 import select
 import signal
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -139,6 +140,16 @@ class Supervisor:
         for sig in (*signals.FORWARDED, signal.SIGCHLD):
             signal.signal(sig, self._record)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        # The faults stay blocked (a handler would make a real one of ours loop forever): those
+        # sent from outside are taken by a thread of their own (signals.FAULTS).
+        threading.Thread(target=self._take_faults, name="faults", daemon=True).start()
+
+    def _take_faults(self) -> None:
+        """Thread: hand each fault signal another process sent to the loop, as a handler
+        would."""
+        while True:
+            self.signals.append(signals.take_fault())
+            self._wake()
 
     def _wake(self) -> None:
         try:
@@ -154,7 +165,7 @@ class Supervisor:
 
     def _run(self) -> int:
         self._install_signals()
-        signals.unblock_signals()  # anything that arrived since the spawn is handled now
+        signals.unblock_signals(keep_faults=True)  # what arrived since the spawn is handled now
         events.log_start(self.settings, self.reaper)
         logger.info(f"started {events.command(self.argv)} as pid {self.pid}")
         self.heartbeat = Heartbeat(time.monotonic())
