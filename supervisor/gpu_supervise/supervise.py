@@ -151,6 +151,28 @@ class Supervisor:
             self.signals.append(signals.take_fault())
             self._wake()
 
+    def _leave_workdir(self) -> None:
+        """Hold no directory but /, as dumb-init does once its child runs: a volume can be
+        unmounted under us. The agent keeps its own; one started again gets it back
+        (_spawn_again). Every path the settings hold is absolute (config._path)."""
+        try:
+            self.workdir: str | None = os.getcwd()
+        except OSError:  # already gone: an agent started again starts at /
+            self.workdir = None
+        os.chdir("/")
+
+    def _spawn_again(self) -> int:
+        """spawn() from the agent's first working directory (at / if it is gone now)."""
+        try:
+            if self.workdir is not None:
+                os.chdir(self.workdir)
+        except OSError as exc:
+            logger.warning(f"the agent starts again at /: cannot enter {self.workdir}: {exc}")
+        try:
+            return child.spawn(self.argv, self.env, self.settings.parent_death_signal)
+        finally:
+            os.chdir("/")
+
     def _wake(self) -> None:
         try:
             os.write(self._wake_w, b"\0")
@@ -164,6 +186,7 @@ class Supervisor:
             return self._last_resort(exc)
 
     def _run(self) -> int:
+        self._leave_workdir()
         self._install_signals()
         signals.unblock_signals(keep_faults=True)  # what arrived since the spawn is handled now
         events.log_start(self.settings, self.reaper)
@@ -392,7 +415,7 @@ class Supervisor:
         the first one had it)."""
         child.take_terminal_back(self.pid)
         try:
-            self.pid = child.spawn(self.argv, self.env, self.settings.parent_death_signal)
+            self.pid = self._spawn_again()
         except child.SpawnError as exc:
             logger.error(f"cannot start the agent again: {exc}")
             self.exit = (exc.code, str(exc))
