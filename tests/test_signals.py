@@ -230,3 +230,17 @@ def test_an_agent_whose_caller_set_nothing_gets_nothing_of_ours(start: Start):
     assert signal_sets(started_pid(proc)) == {"SigIgn": set(), "SigBlk": set()}
     proc.signal(signal.SIGTERM)
     assert proc.wait() == 143
+
+
+def test_a_sigint_the_caller_ignored_is_forwarded_not_a_stop(start_cmd: Start):
+    """gpu-supervise should only forward a SIGINT its caller ignored (a script's background job
+    gets the terminal's ^C), as tini does: the agent ignores it too, and nothing is stopped."""
+    launcher = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                "os.execv(sys.argv[1], sys.argv[1:])")  # fmt: skip
+    cmd = [*gpu_supervise_cmd(), *PLAIN, "--log-level", "DEBUG", "--", "sleep", "300"]
+    proc = start_cmd([sys.executable, "-c", launcher, *cmd], clean_env())
+    agent = started_pid(proc)
+    proc.signal(signal.SIGINT)
+    proc.wait_for(f"received SIGINT: forwarding it to pid {agent}")
+    proc.signal(signal.SIGTERM)
+    assert proc.wait() == 143, proc.log  # stopped by the SIGTERM, the agent alive until then

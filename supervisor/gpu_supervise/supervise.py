@@ -314,7 +314,7 @@ class Supervisor:
             if sig == signal.SIGCHLD:
                 continue  # reaping follows in the loop
             name = child.signame(sig)
-            if sig in (signal.SIGTERM, signal.SIGINT):
+            if sig in (signal.SIGTERM, signal.SIGINT) and sig not in signals.caller.ignored:
                 self._stop_requested(sig, name)
             elif self.state is State.HOLDING or self.status is not None:
                 logger.debug(f"received {name}: no agent is running to forward it to")
@@ -326,7 +326,9 @@ class Supervisor:
 
     def _stop_requested(self, sig: int, name: str) -> None:
         """SIGTERM or SIGINT from outside: a stop by the README's exit rules, whatever we
-        were doing. A second one during a stop goes to the whole tree again."""
+        were doing. A second one during a stop goes to the whole tree again. (One the caller
+        ignored is only forwarded, as tini does: the agent inherited the ignore, and a
+        background job's SIGINT from the terminal is not meant for it.)"""
         if self.state is State.HOLDING:
             self.exit = (self._agent_code(), f"stopped by {name} while holding")
         elif self.state is State.RUNNING:
