@@ -87,3 +87,24 @@ def test_the_agent_started_again_starts_in_the_callers_directory(
     fake_node.write(node)
     _, again = agent_pids(proc, 2)
     assert (cwd(again), cwd(proc.pid)) == (str(work), "/"), proc.log
+
+
+def test_an_agent_started_again_after_its_directory_went_starts_at_root(
+    start: Start, fake_node: FakeNode, tmp_path: Path
+):
+    """gpu-supervise should start the agent again at / when the caller's directory is gone, and
+    say so: never fail the restart over it."""
+    node = dgx_a100(["1g.5gb"] * 7, count=2)
+    fake_node.write(node)
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = start([*FAST, "--pending-timeout", "1", "--", "sleep", "300"], fake_node.env, cwd=work)
+    proc.wait_for("[GPU-Watcher] baseline")
+    work.rmdir()
+    node.gpu(1).request_mig(True)
+    fake_node.write(node)
+    _, again = agent_pids(proc, 2)
+    assert cwd(again) == "/"
+    assert f"cannot enter {work} (No such file or directory): the agent starts again at /" in (
+        proc.log
+    )

@@ -126,6 +126,7 @@ class Supervisor:
         self.holders: holders.Scan | None = None  # who held the GPU at the last look (holding)
         self.heartbeat: Heartbeat | None = None
         self.tripwire_at = 0.0  # the next listing
+        self.workdir: str | None = None  # where the agent started; we are at / (_leave_workdir)
         load_what_a_stop_needs()
 
     # -- setup ---------------------------------------------------------------------------------
@@ -156,7 +157,7 @@ class Supervisor:
         unmounted under us. The agent keeps its own; one started again gets it back
         (_spawn_again). Every path the settings hold is absolute (config._path)."""
         try:
-            self.workdir: str | None = os.getcwd()
+            self.workdir = os.getcwd()
         except OSError:  # already gone: an agent started again starts at /
             self.workdir = None
         os.chdir("/")
@@ -167,7 +168,8 @@ class Supervisor:
             if self.workdir is not None:
                 os.chdir(self.workdir)
         except OSError as exc:
-            logger.warning(f"the agent starts again at /: cannot enter {self.workdir}: {exc}")
+            why = exc.strerror or str(exc)
+            logger.warning(f"cannot enter {self.workdir} ({why}): the agent starts again at /")
         try:
             return child.spawn(self.argv, self.env, self.settings.parent_death_signal)
         finally:
