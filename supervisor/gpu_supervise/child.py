@@ -18,11 +18,11 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 
-from .signals import FORWARDED, IGNORED
+from .signals import FAULTS, FORWARDED, IGNORED, caller
 
-# A disposition set to "ignore" survives exec; the child gets every signal at its default,
-# like a child of any shell would.
-_RESET_TO_DEFAULT = (*FORWARDED, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, *IGNORED)
+# A disposition set to "ignore" survives exec; the child gets every signal at its default, but
+# for those the caller ignored (signals.record_caller): what it would have had without us.
+_RESET_TO_DEFAULT = (*FORWARDED, *FAULTS, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, *IGNORED)
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -128,24 +128,26 @@ def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 def spawn(argv: list[str], env: dict[str, str], death_signal: int = 0) -> int:
-    """Start the command in a new process group with a clean signal mask and dispositions.
+    """Start the command in a new process group with the caller's signal mask and ignored
+    signals, every other signal at its default.
 
     A failed exec is known here, in the parent, before anything runs: 127 or 126 with the
     reason. posix_spawn, which stays safe whatever threads are running, does it unless the
-    child must do something first that posix_spawn cannot: take over the terminal, or ask for
-    a parent-death signal.
+    child must do something first that posix_spawn cannot: take over the terminal, ask for a
+    parent-death signal, or ignore a signal we handle (posix_spawn can only leave an ignored
+    one so: once our handlers are in place, an agent started again needs the fork).
     """
     try:
         foreground = owns_terminal()
-        if foreground or death_signal:
+        if foreground or death_signal or not _still_ignored(caller.ignored):
             return _spawn_forked(argv, env, foreground, death_signal)
         return os.posix_spawnp(
             argv[0],
             argv,
             env,
             setpgroup=0,
-            setsigmask=(),
-            setsigdef=_RESET_TO_DEFAULT,
+            setsigmask=caller.mask,
+            setsigdef=[sig for sig in _RESET_TO_DEFAULT if sig not in caller.ignored],
         )
     except OSError as exc:
         raise _spawn_error(argv[0], exc, env) from None
@@ -177,6 +179,10 @@ def start_retrying(
                     EXIT_TEMPFAIL, f"{exc} (still, after trying again for {spent:.1f} s)"
                 ) from None
             delay = min(2 * delay, 1.0)
+
+
+def _still_ignored(sigs: frozenset[int]) -> bool:
+    return all(signal.getsignal(sig) is signal.SIG_IGN for sig in sigs)
 
 
 def _spawn_error(command: str, exc: OSError, env: Mapping[str, str]) -> SpawnError:
@@ -271,6 +277,7 @@ def _spawn_forked(argv: list[str], env: dict[str, str], foreground: bool, death_
 
     prctl = ctypes.CDLL(None, use_errno=True).prctl if death_signal else None
     parent = os.getpid()
+    ignored, mask = caller.ignored, caller.mask
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     try:
         pid = os.fork()
@@ -289,12 +296,12 @@ def _spawn_forked(argv: list[str], env: dict[str, str], foreground: bool, death_
                 except OSError:
                     pass  # best effort: without it the agent still runs, in the background
             for sig in _RESET_TO_DEFAULT:
-                signal.signal(sig, signal.SIG_DFL)
+                signal.signal(sig, signal.SIG_IGN if sig in ignored else signal.SIG_DFL)
             if prctl is not None:
                 prctl(PR_SET_PDEATHSIG, death_signal, 0, 0, 0)
                 if os.getppid() != parent:
                     os.kill(os.getpid(), death_signal)
-            signal.pthread_sigmask(signal.SIG_SETMASK, ())
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.execvpe(argv[0], argv, env)
         except OSError as exc:
             os.write(wfd, str(exc.errno or errno.ENOEXEC).encode())

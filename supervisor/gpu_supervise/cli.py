@@ -181,13 +181,17 @@ def _supervise(settings: Settings, command: list[str]) -> int:
     """Start the child first, then load the rest: the agent never waits for our imports.
 
     Signals are held from before the spawn until the supervisor's handlers are in place, and we
-    are a subreaper before the child can fork anything.
+    are a subreaper before the child can fork anything. With a parent-death signal, our
+    parent's death sends it to us too (before the spawn: the agent is never left alone).
     """
     from . import child, report, signals
 
     env = child.child_environment(os.environ)
     notify_socket = report.take_notify_socket(env)
+    signals.record_caller()  # done already by the entry point, unless started otherwise
     signals.block_signals()
+    if settings.parent_death_signal:
+        signals.follow_parent(settings.parent_death_signal)
     reaper = child.become_subreaper()
     try:
         pid = child.start_retrying(command, env, settings.parent_death_signal, _wait_to_retry)

@@ -136,15 +136,27 @@ def _string(value: Any) -> str:
     return value
 
 
+def _path(value: Any) -> str:
+    """A path, made absolute: gpu-supervise leaves its working directory once the agent runs
+    (so that nothing holds it), and what it reads later must not move with it. '' stays ''."""
+    path = _string(value)
+    if not path or os.path.isabs(path):
+        return path
+    try:
+        return os.path.join(os.getcwd(), path)
+    except OSError:  # the working directory is gone: the path names nothing either way
+        return path
+
+
 def _source(value: Any) -> str:
     spec = _string(value).strip()
     if spec == "nvml":
         return spec
     if spec.startswith("file:") and len(spec) > len("file:"):
-        path = spec[len("file:") :]
+        path = _path(spec[len("file:") :])
         if not os.path.isfile(path):
             raise ValueError(f"{_show(path)} is not a file (a `snapshot --json` document)")
-        return spec
+        return f"file:{path}"
     raise ValueError(f"unknown source {_show(spec)} (expected 'nvml' or 'file:PATH')")
 
 
@@ -215,14 +227,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
         ),
         "device_dir": Key(
             "/dev",
-            _string,
+            _path,
             "where the NVIDIA device files are, for the scan that names who blocks a GPU reset "
             "while holding (for tests and debugging)",
             "PATH",
         ),
         "procfs_root": Key(
             "/proc/driver/nvidia",
-            _string,
+            _path,
             "the NVIDIA driver's procfs folder the tripwire lists (for tests and debugging)",
             "PATH",
         ),
@@ -232,7 +244,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "parent_death_signal": Key(
             "",
             _signal,
-            "signal the agent gets if gpu-supervise dies (e.g. SIGTERM); '' none",
+            "signal gpu-supervise gets when its parent dies, handled as if sent (SIGTERM stops "
+            "the agent), and the agent gets if gpu-supervise dies (e.g. SIGTERM); '' none",
             "SIGNAL",
         ),
     },
@@ -256,7 +269,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "report": {
         "termination_log": Key(
             "/dev/termination-log",
-            _string,
+            _path,
             "file for the restart reason when it exists (Kubernetes); '' disables",
             "PATH",
         ),

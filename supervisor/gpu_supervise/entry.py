@@ -5,8 +5,10 @@ Loading the rest takes tens of milliseconds. A SIGINT in that window would end i
 KeyboardInterrupt traceback, a SIGTSTP would stop gpu-supervise itself instead of the agent it
 is about to start, SIGTTIN or SIGTTOU from a terminal would stop it too. So from here they are
 held (blocked: pending until the handlers are in place, then handled or forwarded) or ignored;
-`snapshot`, `demo` and `install` get them back at once (cli.main). What comes before this, the
-interpreter's own start-up, no Python code can shorten.
+`snapshot`, `demo` and `install` get them back at once (cli.main). Before that, what the caller
+handed over is noted (the signals it ignored, its mask, its pid): the agent inherits the first
+two, and the third is the parent whose death --parent-death-signal follows. What comes before
+this, the interpreter's own start-up, no Python code can shorten.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ if TYPE_CHECKING:
 
 
 def run() -> NoReturn:
-    from .signals import block_signals  # imports nothing but `signal`
+    from .signals import block_signals, record_caller  # imports nothing but `signal` and `os`
 
+    record_caller()
     block_signals()
     try:
         from .cli import run as cli_run

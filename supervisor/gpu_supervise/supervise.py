@@ -20,6 +20,7 @@ import enum
 import os
 import select
 import signal
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -128,6 +129,7 @@ class Supervisor:
         self.holders: holders.Scan | None = None  # who held the GPU at the last look (holding)
         self.heartbeat: Heartbeat | None = None
         self.tripwire_at = 0.0  # the next listing
+        self.workdir: str | None = None  # where the agent started; we are at / (_leave_workdir)
         load_what_a_stop_needs()
 
     # -- setup ---------------------------------------------------------------------------------
@@ -142,6 +144,42 @@ class Supervisor:
         for sig in (*signals.FORWARDED, signal.SIGCHLD):
             signal.signal(sig, self._record)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        # The faults stay blocked (a handler would make a real one of ours loop forever): those
+        # sent from outside are taken by a thread of their own (signals.FAULTS).
+        threading.Thread(target=self._take_faults, name="faults", daemon=True).start()
+
+    def _take_faults(self) -> None:
+        """Thread: hand each fault signal another process sent to the loop, as a handler
+        would."""
+        while True:
+            self.signals.append(signals.take_fault())
+            self._wake()
+
+    def _leave_workdir(self) -> None:
+        """Hold no directory but /, as dumb-init does once its child runs: a volume can be
+        unmounted under us. The agent keeps its own; one started again gets it back
+        (_spawn_again). Every path the settings hold is absolute (config._path)."""
+        try:
+            self.workdir = os.getcwd()
+        except OSError:  # already gone: an agent started again starts at /
+            self.workdir = None
+        os.chdir("/")
+
+    def _spawn_again(self) -> int:
+        """The agent started again (tried again while the cause passes), from its first working
+        directory (at / if it is gone now)."""
+        try:
+            if self.workdir is not None:
+                os.chdir(self.workdir)
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            logger.warning(f"cannot enter {self.workdir} ({why}): the agent starts again at /")
+        try:
+            return child.start_retrying(
+                self.argv, self.env, self.settings.parent_death_signal, self._wait_to_retry
+            )
+        finally:
+            os.chdir("/")
 
     def _wake(self) -> None:
         try:
@@ -156,8 +194,9 @@ class Supervisor:
             return self._last_resort(exc)
 
     def _run(self) -> int:
+        self._leave_workdir()
         self._install_signals()
-        signals.unblock_signals()  # anything that arrived since the spawn is handled now
+        signals.unblock_signals(keep_faults=True)  # what arrived since the spawn is handled now
         events.log_start(self.settings, self.reaper)
         logger.info(f"started {events.command(self.argv)} as pid {self.pid}")
         self.heartbeat = Heartbeat(time.monotonic())
@@ -296,7 +335,7 @@ class Supervisor:
             if sig == signal.SIGCHLD:
                 continue  # reaping follows in the loop
             name = child.signame(sig)
-            if sig in (signal.SIGTERM, signal.SIGINT):
+            if sig in (signal.SIGTERM, signal.SIGINT) and sig not in signals.caller.ignored:
                 self._stop_requested(sig, name)
             elif self.state is State.HOLDING or self.status is not None:
                 logger.debug(f"received {name}: no agent is running to forward it to")
@@ -308,7 +347,9 @@ class Supervisor:
 
     def _stop_requested(self, sig: int, name: str) -> None:
         """SIGTERM or SIGINT from outside: a stop by the README's exit rules, whatever we
-        were doing. A second one during a stop goes to the whole tree again."""
+        were doing. A second one during a stop goes to the whole tree again. (One the caller
+        ignored is only forwarded, as tini does: the agent inherited the ignore, and a
+        background job's SIGINT from the terminal is not meant for it.)"""
         if self.state is State.HOLDING:
             self.exit = (self._agent_code(), f"stopped by {name} while holding")
         elif self.state is State.RUNNING:
@@ -397,9 +438,7 @@ class Supervisor:
         the first one had it)."""
         child.take_terminal_back(self.pid)
         try:
-            self.pid = child.start_retrying(
-                self.argv, self.env, self.settings.parent_death_signal, self._wait_to_retry
-            )
+            self.pid = self._spawn_again()
         except child.SpawnError as exc:
             logger.error(f"cannot start the agent again: {exc}")
             if not self._stop_asked():  # else the loop ends the hold by the rule for SIGTERM
