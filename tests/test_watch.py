@@ -35,6 +35,11 @@ def err(text: str = "Unknown Error") -> ProbeResult:
     return ProbeResult(0, None, error=text)
 
 
+def refused(text: str = "nvmlInit: RM has detected an NVML/RM version mismatch.") -> ProbeResult:
+    """NVML refusing to start, as it refused the agent's own start."""
+    return ProbeResult(0, None, error=text, refused=True)
+
+
 def absent() -> ProbeResult:
     return ProbeResult(0, Topology.absent(), unavailable="NVML is not usable: Driver Not Loaded")
 
@@ -176,7 +181,7 @@ def test_failures_from_the_start_never_restart_and_are_reported_rarely():
     loud_at = []
     t = 0.0
     for n in range(10 * POLICY.failure_threshold):  # also well past REPORT_EVERY
-        d = step(w, t, err("RM has detected an NVML/RM version mismatch."))
+        d = step(w, t, refused("RM has detected an NVML/RM version mismatch."))
         assert (d.verdict, d.action, d.next_probe_at) == (Verdict.BROKEN, Action.NONE, t + 30)
         assert len(d.errors) == n + 1
         if d.loud:
@@ -189,7 +194,7 @@ def test_failures_from_the_start_never_restart_and_are_reported_rarely():
 def test_nvml_working_after_failing_from_the_start_is_a_change():
     w = Watcher(POLICY, started_at=0.0)
     for t in (0.0, 30.0, 60.0, 90.0):
-        step(w, t, err())
+        step(w, t, refused())
     d = step(w, 120.0, ok(BIG))
     assert (d.verdict, d.next_probe_at) == (Verdict.SETTLING, 125.0)
     d = step(w, 125.0, ok(BIG))
@@ -198,16 +203,51 @@ def test_nvml_working_after_failing_from_the_start_is_a_change():
     assert "NVML became usable" in d.change.lines and not d.change.is_mig_change
 
 
-def test_even_one_failed_baseline_probe_means_the_agent_started_without_nvml():
+def test_even_one_refused_start_of_nvml_means_the_agent_started_without_it():
     w = Watcher(POLICY, started_at=0.0)
-    assert step(w, 0.0, err()).verdict is Verdict.BROKEN
+    assert step(w, 0.0, refused()).verdict is Verdict.BROKEN
+    assert w.refused_at_start
     assert step(w, 30.0, ok(BIG)).verdict is Verdict.SETTLING
+
+
+def test_a_slow_first_probe_is_a_failure_and_the_next_good_one_is_the_baseline():
+    """A first nvmlInit is slow on a node without persistence mode: the baseline probe runs past
+    probe_timeout. The agent's NVML is fine, so the next good reading is the baseline, not a
+    change from "no GPUs" (which would restart the agent on every start)."""
+    w = Watcher(POLICY, started_at=1000.0)
+    w.begin_probe(1000.0)
+    d = w.overdue(1010.0)
+    assert (d.verdict, d.action, d.next_probe_at) == (Verdict.TOLERATED, Action.NONE, 1040.0)
+    assert d.errors == ("probe did not finish within 10 s",) and not w.refused_at_start
+    d = step(w, 1040.0, ok(SMALL))
+    assert (d.verdict, d.action) == (Verdict.BASELINE, Action.NONE) and w.baseline is SMALL
+    assert step(w, 1070.0, ok(SMALL)).verdict is Verdict.STEADY
+
+
+def test_failures_from_the_start_that_are_not_refusals_count_to_the_threshold_never_restart():
+    w = Watcher(POLICY, started_at=0.0)
+    assert step(w, 0.0, err()).verdict is Verdict.TOLERATED
+    assert step(w, 30.0, err()).verdict is Verdict.TOLERATED
+    for t in (60.0, 90.0):
+        d = step(w, t, err())
+        assert (d.verdict, d.action, d.next_probe_at) == (Verdict.BROKEN, Action.NONE, t + 30)
+    assert not w.refused_at_start
+    d = step(w, 120.0, ok(BIG))
+    assert (d.verdict, d.action) == (Verdict.BASELINE, Action.NONE) and w.baseline is BIG
+
+
+def test_a_refusal_after_other_failures_still_means_the_agent_has_no_nvml():
+    w = Watcher(POLICY, started_at=0.0)
+    assert step(w, 0.0, err()).verdict is Verdict.TOLERATED
+    assert step(w, 30.0, refused()).verdict is Verdict.BROKEN
+    assert step(w, 60.0, err()).verdict is Verdict.BROKEN  # still: the agent has none
+    assert step(w, 90.0, ok(BIG)).verdict is Verdict.SETTLING
 
 
 def test_failing_then_unusable_nvml_is_a_quiet_baseline():
     """From failing to "no driver": the agent has no NVML either way; nothing to restart."""
     w = Watcher(POLICY, started_at=0.0)
-    step(w, 0.0, err())
+    step(w, 0.0, refused())
     d = step(w, 30.0, absent())
     assert (d.verdict, d.action) == (Verdict.BASELINE, Action.NONE)
     assert step(w, 90.0, absent()).verdict is Verdict.STEADY

@@ -318,11 +318,16 @@ def log_decision(
         )
     elif v is Verdict.BROKEN:
         bound = logger.bind(event="nvml_failing", errors=[decision.errors[-1]], restarting=False)
+        then = (  # only an NVML that refused to start left the agent without one
+            "the agent is restarted once it works"
+            if watcher.refused_at_start
+            else "the first good probe is the baseline"
+        )
         text = (
             f"{TAG} {source_name(settings)} has failed every probe since start "
             f"({len(decision.errors)} so far; last: {decision.errors[-1]}). Not restarting: a "
             f"restart cannot give the agent a working NVML. Probing every {settings.interval:g} "
-            "s; the agent is restarted once it works."
+            f"s; {then}."
         )
         if decision.loud:
             bound.error(text)

@@ -21,8 +21,11 @@ saw it: the agent stays stopped while any pending GPU is within its allowance.
 
 Failures: after a baseline, the `failure_threshold`-th consecutive failed probe restarts (the
 specified rule). Before any successful reading a restart cannot give the agent a working NVML, so
-failures never restart then; NVML starting to work afterwards is a topology change, because
-the agent started without it. While holding, failures are expected (NVML fails while a GPU
+failures never restart then. Only NVML refusing to start (no permission, a version mismatch)
+means the agent started without it, so that NVML starting to work afterwards is a topology
+change; a probe that timed out or failed later (a first nvmlInit is slow on a node without
+persistence mode) is a failure like any other, and the first good reading is the baseline. While
+holding, failures are expected (NVML fails while a GPU
 resets) and tolerated until the hold's deadline; past it the failure rule decides first, so an
 agent is never started only to be stopped by the next failures.
 """
@@ -138,6 +141,7 @@ class Watcher:
         self.next_probe_at = started_at
         self.hold: Hold | None = None
         self._reported_at: float | None = None
+        self.refused_at_start = False  # NVML refused to start before any good reading
         self._pending_seen: frozenset[PendingKey] = frozenset()
         self._held_out: frozenset[PendingKey] = frozenset()  # timed out: never held again
         self._seq = 0
@@ -215,18 +219,17 @@ class Watcher:
 
     def judge(self, now: float, result: ProbeResult) -> Decision:
         if result.failed:
-            return self._failure(now, result.error or "probe failed")
+            return self._failure(now, result.error or "probe failed", result.refused)
         topo = result.topology
         assert topo is not None
-        failed_from_start = self.baseline is None and bool(self.errors)
         self.errors.clear()
         pending = self._pending(topo)
         if self.hold is not None:
             return self._holding(now, topo, pending)
         if self.baseline is None:
-            # All probes failed so far: the agent started without a working NVML, so a
+            # NVML refused to start so far: the agent started without a working NVML, so a
             # working one now is a change (the same topology as "no usable NVML").
-            self.baseline = Topology.absent() if failed_from_start else topo
+            self.baseline = Topology.absent() if self.refused_at_start else topo
             if topo.same_as(self.baseline):
                 return self._maybe_hold(now, Verdict.BASELINE, self._after_interval(now), pending)
         if pending and self.policy.on_pending == "hold":
@@ -257,7 +260,7 @@ class Watcher:
 
     # -- failures --------------------------------------------------------------------------
 
-    def _failure(self, now: float, error: str) -> Decision:
+    def _failure(self, now: float, error: str, refused: bool = False) -> Decision:
         self.errors.append(error)
         errors = tuple(self.errors)
         if self.hold is not None and now < self.hold.until:
@@ -271,16 +274,22 @@ class Watcher:
                 return self._decide(Verdict.FAILING, now, errors=errors, action=Action.RESTART)
             return self._decide(Verdict.TOLERATED, now + self.policy.interval, errors=errors)
         if self.baseline is None:
-            loud = self._reported_at is None or now - self._reported_at >= REPORT_EVERY
-            if loud:
-                self._reported_at = now
-            return self._decide(
-                Verdict.BROKEN, now + self.policy.interval, errors=errors, loud=loud
-            )
+            return self._failing_from_start(now, errors, refused)
         if len(self.errors) >= self.policy.failure_threshold:
             return self._decide(Verdict.FAILING, now, errors=errors, action=Action.RESTART)
         retry = now + (self.policy.settle if self.candidate is not None else self.policy.interval)
         return self._decide(Verdict.TOLERATED, retry, errors=errors)
+
+    def _failing_from_start(self, now: float, errors: tuple[str, ...], refused: bool) -> Decision:
+        """No good reading yet: never a restart. NVML refusing to start is reported at once;
+        other failures (a slow first probe) count as ever until the threshold."""
+        self.refused_at_start = self.refused_at_start or refused
+        if not self.refused_at_start and len(errors) < self.policy.failure_threshold:
+            return self._decide(Verdict.TOLERATED, now + self.policy.interval, errors=errors)
+        loud = self._reported_at is None or now - self._reported_at >= REPORT_EVERY
+        if loud:
+            self._reported_at = now
+        return self._decide(Verdict.BROKEN, now + self.policy.interval, errors=errors, loud=loud)
 
     # -- holds -------------------------------------------------------------------------------
 
