@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import signal
+import threading
 import time
 from collections.abc import Callable
 
@@ -303,3 +304,32 @@ def test_sigterm_during_the_stop_that_begins_a_hold_ends_it(start: Start, fake_n
     time.sleep(2.5)  # past pending_timeout: nothing was started
     assert proc.stdout.count(": ready") == 1 and "again as pid" not in proc.log
     assert proc.log_lines()[-1].endswith("exiting 137: stopped by SIGTERM")
+
+
+def test_a_change_amid_instances_coming_and_going_is_acted_on(start: Start, fake_node: FakeNode):
+    """GPU 1's instances come and go every 0.3 s (a scheduler, dynamic MIG): the tripwire fires
+    and every probe differs. GPU 0's reconfiguration in the middle is still acted on, within
+    interval + settle of its first sighting, while the churn goes on."""
+    node = dgx_a100(["1g.5gb"] * 7, ["2g.10gb"], count=2)
+    fake_node.write(node)
+    opts = ["--interval", "3", "--cooldown", "0", "--settle", "1", "--log-level", "DEBUG"]
+    proc = start([*opts, "--", *AGENT, "--no-nvml"], fake_node.env)
+    proc.wait_for("[GPU-Watcher] baseline")
+    node.gpu(0).set_layout(["3g.20gb"] * 2)
+    stop = threading.Event()
+
+    def churn() -> None:
+        n = 0
+        while not stop.wait(0.3):
+            n += 1
+            node.gpu(1).set_layout(["1g.5gb" if n % 2 else "2g.10gb"], salt=str(n))
+            fake_node.write(node)
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        assert proc.wait(60) == 1  # acted on while the churn goes on
+    finally:
+        stop.set()
+        thread.join()
+    assert "MIG devices 7x1g.5gb -> 2x3g.20gb" in proc.log

@@ -652,3 +652,85 @@ def test_failures_past_the_hold_deadline_carry_their_errors():
     step(w, 1060.0, ok(pending(OFF, True)))
     d = step(w, 1360.0, err("GPU is lost"))
     assert (d.verdict, d.errors) == (Verdict.TOLERATED, ("GPU is lost",))
+
+
+# -- a layout that never stops moving: the settle has an end ------------------------------------
+
+
+def churn(n: int) -> Topology:
+    """GPU 1 with instances that come and go (a scheduler, dynamic MIG): new ones every time."""
+    return layout("1g.5gb", salt=f"-{n}") if n % 2 else OFF
+
+
+def act_in_churn(w: Watcher, start: float, reading, until: float = 3e3) -> tuple[float, Decision]:
+    """The tripwire fires every second and every probe sees `reading(t)`: when the policy acts."""
+    t = start
+    while t < until:
+        w.trip(t)
+        if w.probe_due(t):
+            d = step(w, t, ok(reading(t)))
+            if d.action is not Action.NONE:
+                return t, d
+        t += 1.0
+    raise AssertionError("never acted")
+
+
+def test_a_change_amid_instances_coming_and_going_is_acted_on_within_interval_plus_settle():
+    base = two_gpus(SMALL, OFF)
+    w = started(first=ok(base))
+    assert step(w, 1060.0, ok(two_gpus(BIG, OFF))).verdict is Verdict.SETTLING  # GPU 0 changed
+    acted, d = act_in_churn(w, 1061.0, lambda t: two_gpus(BIG, churn(int(t))))
+    assert acted <= 1060.0 + 30 + 5 and (d.verdict, d.action) == (Verdict.CHANGED, Action.RESTART)
+    assert d.change.old is base and d.change.new.gpus[0] == BIG.gpus[0]
+
+
+def test_a_tree_that_keeps_moving_under_a_steady_reading_still_confirms_by_the_limit():
+    """The listing moves every second (instances created and destroyed between probes), the
+    readings do not: each trip pushes the settle, but never past `settle_by`."""
+    w = started(first=ok(two_gpus(SMALL, OFF)))
+    step(w, 1060.0, ok(two_gpus(BIG, OFF)))
+    assert w.settle_by == 1095.0
+    w.trip(1093.0)
+    assert w.settled_at == 1095.0 and w.next_probe_at == 1095.0  # not 1098
+    acted, d = act_in_churn(w, 1061.0, lambda t: two_gpus(BIG, OFF))
+    assert (acted, d.verdict) == (1095.0, Verdict.CHANGED)
+
+
+def test_a_settle_that_confirms_early_is_not_held_to_the_limit():
+    w = started()
+    step(w, 1060.0, ok(BIG))
+    assert (w.settled_at, w.settle_by) == (1065.0, 1095.0)
+    assert step(w, 1065.0, ok(BIG)).verdict is Verdict.CHANGED
+
+
+def test_a_withdrawn_change_amid_churn_ends_the_hold_at_its_deadline():
+    """GPU 0's pending change is withdrawn 20 s before the hold's deadline while GPU 1's
+    instances come and go: the agent is not kept stopped past pending_timeout."""
+    base = two_gpus(OFF, OFF)
+    w = started(first=ok(base))
+    step(w, 1060.0, ok(pending(base, True, index=0)))  # until 1360
+    for t in (1090.0, 1120.0, 1150.0, 1180.0, 1210.0, 1240.0, 1270.0, 1300.0, 1330.0):
+        assert step(w, t, ok(pending(base, True, index=0))).verdict is Verdict.PENDING
+    acted, d = act_in_churn(w, 1340.0, lambda t: two_gpus(OFF, churn(int(t))))
+    assert acted <= 1360.0 and (d.verdict, d.action) == (Verdict.RELEASED, Action.RESTART)
+
+
+def test_a_reset_amid_churn_releases_within_interval_plus_settle():
+    base = two_gpus(OFF, OFF)
+    w = started(first=ok(base))
+    step(w, 1060.0, ok(pending(base, True, index=0)))
+    acted, d = act_in_churn(w, 1090.0, lambda t: two_gpus(ON_EMPTY, churn(int(t))))
+    assert acted <= 1090.0 + 35 and (d.verdict, d.action) == (Verdict.RELEASED, Action.RESTART)
+    assert d.change.new.gpus[0].mig_current
+
+
+def test_a_release_first_seen_past_the_deadline_still_gets_its_settle():
+    """NVML failed across the hold's deadline; the first good reading shows the reset done:
+    it is confirmed `settle` later, as ever, not taken unconfirmed."""
+    w = started(first=ok(OFF))
+    step(w, 1060.0, ok(pending(OFF, True)))
+    step(w, 1330.0, err())
+    assert step(w, 1360.0, err()).next_probe_at == 1390.0
+    d = step(w, 1390.0, ok(ON_EMPTY))
+    assert (d.verdict, d.next_probe_at) == (Verdict.SETTLING, 1395.0)
+    assert step(w, 1395.0, ok(ON_EMPTY)).verdict is Verdict.RELEASED

@@ -8,8 +8,8 @@ makes every rule here (cool-down, settle, failure threshold, hold) testable with
        │            │ differs           │ back to baseline
        │            ▼                   │
        │         settling ──(same again after `settle`)──► CHANGED (restart)
-       │           │ ▲ differs again: restart the settle
-       │           └─┘
+       │           │ ▲ differs again: restart the settle     (and, however the layout moves,
+       │           └─┘                 CHANGED `interval + settle` after the first sighting)
        └─ a MIG mode change pending a GPU reset (any reading) ──► hold: the agent is stopped
             hold ──(no GPU pending, same again after `settle`)──► RELEASED (restart)
             hold ──(every pending GPU past its `pending_timeout`)──► TIMED_OUT: the agent
@@ -137,6 +137,7 @@ class Watcher:
         self.baseline: Topology | None = None
         self.candidate: Topology | None = None
         self.settled_at = 0.0  # when a reading the same as the candidate confirms it
+        self.settle_by = 0.0  # when the candidate is acted on at the latest, moving or not
         self.errors: list[str] = []
         self.next_probe_at = started_at
         self.hold: Hold | None = None
@@ -192,11 +193,12 @@ class Watcher:
         """The driver's listing of GPUs and MIG instances changed (tripwire.py): probe at once,
         but never decide sooner. The tripwire only hurries the next probe; the readings decide.
 
-        - While a change settles, the layout is still moving: the settle starts again now.
+        - While a change settles, the layout is still moving: the settle starts again now
+          (never past the candidate's `settle_by`).
         - During the cool-down the probe waits for its end; while holding it is not held back.
         - While a probe runs (it may have read before the change), one more follows it."""
         if self.candidate is not None:
-            self.settled_at = now + self.policy.settle
+            self.settled_at = min(now + self.policy.settle, self.settle_by)
             self.next_probe_at = max(self.next_probe_at, self.settled_at)
         elif self.in_flight is not None:
             self._tripped = True
@@ -247,16 +249,26 @@ class Watcher:
         return self._decide(Verdict.SETTLING, self.settled_at, change=change, newly_pending=newly)
 
     def _confirms(self, now: float, topo: Topology) -> bool:
-        """The candidate seen again, `settle` after it was first seen (or last moved)."""
-        return self.candidate is not None and topo.same_as(self.candidate) and (
-            now >= self.settled_at
-        )
+        """The candidate seen again, `settle` after it was first seen (or last moved); or, with
+        a layout that never stops moving (instances of another GPU coming and going), whatever
+        is seen at `settle_by`: a real change among them is acted on all the same."""
+        if self.candidate is None:
+            return False
+        return now >= self.settle_by or (topo.same_as(self.candidate) and now >= self.settled_at)
 
     def _settle(self, now: float, topo: Topology) -> None:
         """A reading that does not confirm: a new candidate starts its settle; the same one
-        seen too early (the tripwire hurried the probe) keeps its own."""
+        seen too early (the tripwire hurried the probe) keeps its own. The first sighting sets
+        the latest time to act: `interval + settle` on, and never past a hold's deadline (but
+        for a settle of its own when the reading comes after it)."""
+        if self.candidate is None:
+            limit = now + self.policy.interval + self.policy.settle
+            if self.hold is not None:
+                limit = min(limit, max(self.hold.until, now + self.policy.settle))
+            self.settle_by = limit
         if self.candidate is None or not topo.same_as(self.candidate):
-            self.candidate, self.settled_at = topo, now + self.policy.settle
+            self.candidate = topo
+            self.settled_at = min(now + self.policy.settle, self.settle_by)
 
     # -- failures --------------------------------------------------------------------------
 
