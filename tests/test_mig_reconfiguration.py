@@ -333,3 +333,31 @@ def test_a_change_amid_instances_coming_and_going_is_acted_on(start: Start, fake
         stop.set()
         thread.join()
     assert "MIG devices 7x1g.5gb -> 2x3g.20gb" in proc.log
+
+
+def test_a_reset_as_another_gpus_allowance_runs_out_is_a_topology_change(start: Start, fake_node):
+    """Two A100s: GPU 0 pending at start, GPU 1 pending 5 s into the hold, pending_timeout 10 s;
+    GPU 1's reset goes through after GPU 0's allowance ran out, within GPU 1's. GPU 1's mode
+    change took effect: the change line and exit 1 (the container is made again for it), never
+    the agent started again in place on the new layout."""
+    node = dgx_a100(count=2)
+    node.gpu(0).request_mig(True)
+    fake_node.write(node)
+    proc = supervise(start, fake_node, "--pending-timeout", "10")
+    proc.wait_for(HOLDING)  # GPU 0's allowance began at or before this
+    seen = time.monotonic()
+    time.sleep(5)
+    node.gpu(1).request_mig(True)  # GPU 1's allowance begins at or after this: 15 s on
+    fake_node.write(node)
+    proc.wait_for("MIG mode change to on is pending a GPU reset; still holding")
+    time.sleep(max(0.0, seen + 11 - time.monotonic()))  # GPU 0's 10 s are over
+    reset_gpu(fake_node.path, node, 1, timeout=3)
+    assert proc.wait(60) == 1
+    out = proc.output
+    old, new = node.copy(), node
+    old.gpu(1).mig = 0
+    assert f"(Old UUIDs: [{', '.join(old.uuids())}], New UUIDs: [{', '.join(new.uuids())}])" in out
+    assert f"GPU 1 {node.gpu(1).uuid} (NVIDIA A100-SXM4-40GB): MIG mode off -> on" in out
+    assert "a MIG mode change took effect while a GPU still waits for a reset" in out
+    assert "again as pid" not in out and "still pending after" not in out
+    assert "exiting 1: restart me (GPU topology changed)" in out

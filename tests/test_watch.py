@@ -508,9 +508,48 @@ def test_a_gpu_whose_reset_came_gives_up_its_allowance():
     d = step(w, 1330.0, ok(reset0))
     assert (d.verdict, d.action) == (Verdict.PENDING, Action.NONE)
     assert [g.uuid for g in w.hold.gpus] == ["GPU-1"] and w.hold.until == 1600.0
+    # GPU 1's allowance ends, but GPU 0's mode change took effect: a topology change (the
+    # container must be made again for it), never a new baseline for an agent in place
     d = step(w, 1600.0, ok(reset0))
-    assert d.action is Action.RESUME and [g.uuid for g in d.newly_pending] == ["GPU-1"]
-    assert w.baseline is reset0  # the agent starting now gets handles on GPU 0's new mode
+    assert (d.verdict, d.action, d.next_probe_at) == (Verdict.SETTLING, Action.NONE, 1605.0)
+    d = step(w, 1605.0, ok(reset0))
+    assert (d.verdict, d.action) == (Verdict.CHANGED, Action.RESTART)
+    assert d.change.old is base and d.change.new is reset0 and w.hold is None
+    assert d.change.lines == ("GPU 0 GPU-0 (A100): MIG mode off -> on",)
+
+
+def test_a_reset_as_another_gpus_allowance_runs_out_is_a_change_not_a_new_baseline():
+    """Two A100s: GPU 0 pending at start, GPU 1 pending 3 s later, pending_timeout 6 s; GPU 1's
+    reset happens at 7 s, with GPU 0 still pending past its allowance. GPU 1's mode change took
+    effect: the change line and exit 1, not the agent started again on the new layout."""
+    base = two_gpus(OFF, OFF)
+    w = Watcher(replace(POLICY, pending_timeout=6), started_at=1000.0)
+    d = step(w, 1000.0, ok(pending(base, True, index=0)))
+    assert (d.action, d.next_probe_at) == (Action.HOLD, 1006.0)
+    w.trip(1003.0)
+    both = pending(pending(base, True, index=0), True, index=1)
+    assert step(w, 1003.0, ok(both)).verdict is Verdict.PENDING
+    assert w.hold.until == 1009.0
+    w.trip(1007.0)  # GPU 1's reset
+    reset1 = pending(two_gpus(OFF, ON_EMPTY), True, index=0)
+    d = step(w, 1007.0, ok(reset1))
+    assert (d.verdict, d.action, d.next_probe_at) == (Verdict.SETTLING, Action.NONE, 1012.0)
+    assert d.change.new is reset1
+    d = step(w, 1012.0, ok(reset1))
+    assert (d.verdict, d.action) == (Verdict.CHANGED, Action.RESTART)
+    assert d.change.old is w.baseline and d.change.new is reset1
+    assert d.change.lines == ("GPU 1 GPU-1 (A100): MIG mode off -> on",)
+
+
+def test_a_reset_amid_a_timed_out_gpu_that_flips_back_is_a_timeout_after_all():
+    """While confirming such a change the reading goes back to the baseline (the mode change
+    reverted): only the timeout is left, the agent starts again in place."""
+    base = two_gpus(OFF, OFF)
+    w = Watcher(replace(POLICY, pending_timeout=6), started_at=1000.0)
+    step(w, 1000.0, ok(pending(base, True, index=0)))
+    step(w, 1006.0, ok(pending(two_gpus(OFF, ON_EMPTY), True, index=0)))
+    d = step(w, 1011.0, ok(pending(base, True, index=0)))
+    assert (d.verdict, d.action) == (Verdict.TIMED_OUT, Action.RESUME)
 
 
 def test_a_probe_stuck_in_nvml_while_holding_restarts():

@@ -266,11 +266,14 @@ def log_decision(
     elif v is Verdict.PENDING:
         logger.debug(f"{TAG} probe {seq}: a MIG mode change is still pending a GPU reset")
     elif v is Verdict.SETTLING:
-        what = (
-            "no GPU is pending a reset any more"
-            if watcher.hold is not None
-            else "topology differs from the baseline"
-        )
+        what = "topology differs from the baseline"
+        if watcher.hold is not None:
+            waiting = watcher.candidate is not None and watcher.candidate.pending_mig_changes()
+            what = (
+                "a MIG mode change took effect while a GPU still waits for a reset"
+                if waiting
+                else "no GPU is pending a reset any more"
+            )
         now = decision.change.new.summary() if decision.change else "as the baseline"
         logger.bind(
             event="settling", diff=list(decision.change.lines) if decision.change else []

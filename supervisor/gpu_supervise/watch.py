@@ -13,7 +13,8 @@ makes every rule here (cool-down, settle, failure threshold, hold) testable with
        └─ a MIG mode change pending a GPU reset (any reading) ──► hold: the agent is stopped
             hold ──(no GPU pending, same again after `settle`)──► RELEASED (restart)
             hold ──(every pending GPU past its `pending_timeout`)──► TIMED_OUT: the agent
-                   starts again in place
+                   starts again in place; but if a mode change took effect on another GPU
+                   meanwhile, CHANGED (restart) once confirmed, like a release
             hold ──(a probe stuck in NVML: we hold the GPU ourselves)──► STUCK (restart)
 
 Each GPU that goes pending gets its own allowance of `pending_timeout` from the probe that first
@@ -334,13 +335,16 @@ class Watcher:
     def _holding(self, now: float, topo: Topology, pending: tuple[Gpu, ...]) -> Decision:
         assert self.hold is not None and self.baseline is not None
         if pending:
-            self.candidate = None
             self.hold.update(now, pending, self.policy.pending_timeout)
-            if now >= self.hold.until:
+            if now < self.hold.until:
+                self.candidate = None
+                newly = self._newly_pending(pending)
+                return self._decide(Verdict.PENDING, self._hold_next(now), newly_pending=newly)
+            if topo.same_as(self.baseline):
                 return self._time_out(now, topo)
-            return self._decide(
-                Verdict.PENDING, self._hold_next(now), newly_pending=self._newly_pending(pending)
-            )
+        # No GPU waits for a reset any more; or those still waiting are past their allowance
+        # while a mode change took effect on another GPU: that is a topology change all the
+        # same, never a new baseline for an agent started in place.
         change = None if topo.same_as(self.baseline) else diff(self.baseline, topo)
         if self.policy.settle > 0 and not self._confirms(now, topo):
             # A reset is often followed at once by instances being created: one restart for both.
@@ -348,7 +352,8 @@ class Watcher:
             return self._decide(Verdict.SETTLING, self.settled_at, change=change)
         self.hold = None
         self.candidate = None
-        return self._decide(Verdict.RELEASED, now, change=change, action=Action.RESTART)
+        verdict = Verdict.CHANGED if pending else Verdict.RELEASED
+        return self._decide(verdict, now, change=change, action=Action.RESTART)
 
     def _time_out(self, now: float, topo: Topology) -> Decision:
         """The reset did not happen within any pending GPU's allowance: give the agent back, and
