@@ -215,6 +215,7 @@ def test_a_slow_first_probe_is_a_failure_and_the_next_good_one_is_the_baseline()
     probe_timeout. The agent's NVML is fine, so the next good reading is the baseline, not a
     change from "no GPUs" (which would restart the agent on every start)."""
     w = Watcher(POLICY, started_at=1000.0)
+    assert w.refused_at_start is False  # events.py says which promise the ERROR line makes
     w.begin_probe(1000.0)
     d = w.overdue(1010.0)
     assert (d.verdict, d.action, d.next_probe_at) == (Verdict.TOLERATED, Action.NONE, 1040.0)
@@ -439,6 +440,29 @@ def test_after_a_timeout_another_gpus_pending_change_holds():
     assert step(w, 1360.0, ok(pending(base, True, index=0))).action is Action.RESUME
     both = pending(pending(base, True, index=0), True, index=1)
     d = step(w, 1390.0, ok(both))
+    assert d.action is Action.HOLD and [g.uuid for g in d.newly_pending] == ["GPU-1"]
+
+
+def test_after_a_second_gpus_hold_times_out_neither_is_held_for_again():
+    """GPU 0's hold timed out; GPU 1 went pending and its own hold timed out too: GPU 0, still
+    pending, was held out before and stays so; the agent is not stopped again for either."""
+    base = two_gpus(OFF, OFF)
+    w = started(first=ok(base))
+    first = pending(base, True, index=0)
+    both = pending(first, True, index=1)
+    step(w, 1060.0, ok(first))
+    assert step(w, 1360.0, ok(first)).action is Action.RESUME
+    assert step(w, 1390.0, ok(both)).action is Action.HOLD  # GPU 1 alone
+    assert [g.uuid for g in w.hold.gpus] == ["GPU-1"] and w.hold.until == 1690.0
+    d = step(w, 1690.0, ok(both))
+    assert (d.verdict, d.action) == (Verdict.TIMED_OUT, Action.RESUME)
+    assert [g.uuid for g in d.newly_pending] == ["GPU-1"]
+    for t in (1720.0, 1750.0, 2050.0):
+        d = step(w, t, ok(both))
+        assert (d.verdict, d.action, d.newly_pending) == (Verdict.STEADY, Action.NONE, ())
+    # GPU 1's pending change cleared and came back: GPU 1 holds again, GPU 0 still does not
+    assert step(w, 2080.0, ok(first)).action is Action.NONE
+    d = step(w, 2110.0, ok(both))
     assert d.action is Action.HOLD and [g.uuid for g in d.newly_pending] == ["GPU-1"]
 
 
