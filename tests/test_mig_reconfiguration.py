@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -250,6 +251,11 @@ def test_a_probe_stuck_in_nvml_while_holding_exits_to_release_the_gpu(start: Sta
     proc.wait_for("was killed by SIGTERM")
     fake_node.write(node.copy().hang("nvmlDeviceGetMigMode"))
     assert proc.wait(60) == 1
+    # once the restart is decided no probe follows: NVML is not opened again on the way out,
+    # and no "probe failed" line comes after the stuck one
+    assert "topology probe failed" not in proc.log
+    hanging = Path(str(fake_node.path) + ".hanging").read_text().splitlines()
+    assert len(hanging) == 1 and hanging[0].endswith(" nvmlDeviceGetMigMode")
     (error,) = [line for line in proc.log_lines() if " ERROR " in line]
     assert "probe did not finish within 1 s: a probe is stuck in NVML while holding" in error
     assert "gpu-supervise itself now holds the GPU and would block the reset" in error
