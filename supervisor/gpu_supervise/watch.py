@@ -26,9 +26,9 @@ failures never restart then. Only NVML refusing to start (no permission, a versi
 means the agent started without it, so that NVML starting to work afterwards is a topology
 change; a probe that timed out or failed later (a first nvmlInit is slow on a node without
 persistence mode) is a failure like any other, and the first good reading is the baseline. While
-holding, failures are expected (NVML fails while a GPU
-resets) and tolerated until the hold's deadline; past it the failure rule decides first, so an
-agent is never started only to be stopped by the next failures.
+holding, failures are expected (NVML fails while a GPU resets) and tolerated until the hold's
+deadline; past it the failure rule decides first, so an agent is never started only to be
+stopped by the next failures.
 """
 
 from __future__ import annotations
