@@ -49,8 +49,29 @@ def test_a_hang_from_the_start_never_restarts(start: Start, fake_node: FakeNode)
     proc = start([*FAST, "--probe-timeout", "0.3", "--", *AGENT, "--no-nvml"], fake_node.env)
     proc.wait_for("previous probe is still hanging in NVML", count=10, timeout=60)
     assert proc.popen.poll() is None
-    assert len(error_lines(proc.output, BROKEN)) == 1
-    assert "probe did not finish within 0.3 s" in error_lines(proc.output, BROKEN)[0]
+    assert len(error_lines(proc.output, BROKEN)) == 1  # at the third failure in a row
+    assert "topology probe failed (1/3 consecutive): probe did not finish within 0.3 s" in proc.log
+    assert "the first good probe is the baseline" in error_lines(proc.output, BROKEN)[0]
+
+
+def test_a_slow_first_probe_is_no_topology_change(start: Start, fake_node: FakeNode):
+    """A first nvmlInit is slow on a node without persistence mode: the baseline probe runs past
+    probe_timeout. That is a failed probe, not "no NVML": the next good probe is the baseline,
+    the agent is not restarted for NVML "starting to work", and a real change later is told
+    against the GPUs the agent started with."""
+    node = dgx_a100(count=2)
+    fake_node.write(node.copy().delay(1500, fn="nvmlInit"))
+    opts = ["--interval", "2", "--cooldown", "0", "--settle", "0.2", "--probe-timeout", "0.5"]
+    proc = start([*opts, "--", *AGENT, "--no-nvml"], fake_node.env)
+    proc.wait_for("topology probe failed (1/3 consecutive): probe did not finish within 0.5 s")
+    fake_node.write(node)  # the driver is up: the next inits are fast
+    proc.wait_for("[GPU-Watcher] baseline: 2 GPU(s)")
+    old = ", ".join(node.uuids())
+    node.gpu(0).set_layout(["1g.5gb"] * 7)
+    fake_node.write(node)
+    assert proc.wait(60) == 1
+    assert f"(Old UUIDs: [{old}], New UUIDs: [{', '.join(node.uuids())}])" in proc.output
+    assert "NVML became usable" not in proc.output and BROKEN not in proc.output
 
 
 def test_the_json_event_says_it_is_not_restarting(start: Start, fake_node: FakeNode):

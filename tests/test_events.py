@@ -119,6 +119,26 @@ def test_the_termination_message_of_a_change():
     )
 
 
+def test_a_mode_change_with_no_instance_says_what_changed_below_identical_lists():
+    """MIG turned on with no instance yet: the UUID lists are the same (a GPU UUID either way),
+    so the per-GPU line and the termination message must say what changed."""
+    off = Topology((gpu(0, "GPU-a"), B))
+    on = Topology((Gpu(0, "GPU-a", "NVIDIA A100", "bus", True, True), B))
+    change = diff(off, on)
+    assert events.change_line(change) == (
+        "[GPU-Watcher] MIG configuration change detected (Old UUIDs: [GPU-a, GPU-b], "
+        "New UUIDs: [GPU-a, GPU-b]). Initiating self-restart."
+    )
+    assert change.gpu_lines == (("GPU-a", "GPU 0 GPU-a (NVIDIA A100): MIG mode off -> on"),)
+    assert events.termination_message(decision(Verdict.RELEASED, change), NVML).endswith(
+        "old: GPU 0: MIG off; GPU 1: MIG off\n"
+        "new: GPU 0: MIG on, no devices; GPU 1: MIG off\n"
+        "GPU 0 GPU-a (NVIDIA A100): MIG mode off -> on"
+    )
+    back = diff(on, off)
+    assert back.lines == ("GPU 0 GPU-a (NVIDIA A100): MIG mode on -> off",)
+
+
 def test_the_termination_message_after_a_hold():
     stopped = (
         "gpu-supervise: the agent was stopped because a MIG mode change was pending a GPU reset; "

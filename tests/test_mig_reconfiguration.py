@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import re
 import signal
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -249,6 +251,11 @@ def test_a_probe_stuck_in_nvml_while_holding_exits_to_release_the_gpu(start: Sta
     proc.wait_for("was killed by SIGTERM")
     fake_node.write(node.copy().hang("nvmlDeviceGetMigMode"))
     assert proc.wait(60) == 1
+    # once the restart is decided no probe follows: NVML is not opened again on the way out,
+    # and no "probe failed" line comes after the stuck one
+    assert "topology probe failed" not in proc.log
+    hanging = Path(str(fake_node.path) + ".hanging").read_text().splitlines()
+    assert len(hanging) == 1 and hanging[0].endswith(" nvmlDeviceGetMigMode")
     (error,) = [line for line in proc.log_lines() if " ERROR " in line]
     assert "probe did not finish within 1 s: a probe is stuck in NVML while holding" in error
     assert "gpu-supervise itself now holds the GPU and would block the reset" in error
@@ -303,3 +310,60 @@ def test_sigterm_during_the_stop_that_begins_a_hold_ends_it(start: Start, fake_n
     time.sleep(2.5)  # past pending_timeout: nothing was started
     assert proc.stdout.count(": ready") == 1 and "again as pid" not in proc.log
     assert proc.log_lines()[-1].endswith("exiting 137: stopped by SIGTERM")
+
+
+def test_a_change_amid_instances_coming_and_going_is_acted_on(start: Start, fake_node: FakeNode):
+    """GPU 1's instances come and go every 0.3 s (a scheduler, dynamic MIG): the tripwire fires
+    and every probe differs. GPU 0's reconfiguration in the middle is still acted on, within
+    interval + settle of its first sighting, while the churn goes on."""
+    node = dgx_a100(["1g.5gb"] * 7, ["2g.10gb"], count=2)
+    fake_node.write(node)
+    opts = ["--interval", "3", "--cooldown", "0", "--settle", "1", "--log-level", "DEBUG"]
+    proc = start([*opts, "--", *AGENT, "--no-nvml"], fake_node.env)
+    proc.wait_for("[GPU-Watcher] baseline")
+    node.gpu(0).set_layout(["3g.20gb"] * 2)
+    stop = threading.Event()
+
+    def churn() -> None:
+        n = 0
+        while not stop.wait(0.3):
+            n += 1
+            node.gpu(1).set_layout(["1g.5gb" if n % 2 else "2g.10gb"], salt=str(n))
+            fake_node.write(node)
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        assert proc.wait(60) == 1  # acted on while the churn goes on
+    finally:
+        stop.set()
+        thread.join()
+    assert "MIG devices 7x1g.5gb -> 2x3g.20gb" in proc.log
+
+
+def test_a_reset_as_another_gpus_allowance_runs_out_is_a_topology_change(start: Start, fake_node):
+    """Two A100s: GPU 0 pending at start, GPU 1 pending 5 s into the hold, pending_timeout 10 s;
+    GPU 1's reset goes through after GPU 0's allowance ran out, within GPU 1's. GPU 1's mode
+    change took effect: the change line and exit 1 (the container is made again for it), never
+    the agent started again in place on the new layout."""
+    node = dgx_a100(count=2)
+    node.gpu(0).request_mig(True)
+    fake_node.write(node)
+    proc = supervise(start, fake_node, "--pending-timeout", "10")
+    proc.wait_for(HOLDING)  # GPU 0's allowance began at or before this
+    seen = time.monotonic()
+    time.sleep(5)
+    node.gpu(1).request_mig(True)  # GPU 1's allowance begins at or after this: 15 s on
+    fake_node.write(node)
+    proc.wait_for("MIG mode change to on is pending a GPU reset; still holding")
+    time.sleep(max(0.0, seen + 11 - time.monotonic()))  # GPU 0's 10 s are over
+    reset_gpu(fake_node.path, node, 1, timeout=3)
+    assert proc.wait(60) == 1
+    out = proc.output
+    old, new = node.copy(), node
+    old.gpu(1).mig = 0
+    assert f"(Old UUIDs: [{', '.join(old.uuids())}], New UUIDs: [{', '.join(new.uuids())}])" in out
+    assert f"GPU 1 {node.gpu(1).uuid} (NVIDIA A100-SXM4-40GB): MIG mode off -> on" in out
+    assert "a MIG mode change took effect while a GPU still waits for a reset" in out
+    assert "again as pid" not in out and "still pending after" not in out
+    assert "exiting 1: restart me (GPU topology changed)" in out

@@ -110,6 +110,7 @@ def test_probe_errors_are_failures(node_path: Path, fn: str, code: int, text: st
         NvmlSource().probe()
     result = run_probe(NvmlSource())
     assert result.failed and text in result.error
+    assert result.refused is (fn == "nvmlInit")  # NVML refused to start: the agent's too
 
 
 def test_next_n_calls_fail_then_recover(node_path: Path):

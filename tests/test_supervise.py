@@ -119,7 +119,9 @@ def test_nvml_appearing_after_start_is_a_change(start: Start, fake_node: FakeNod
 def test_settle_folds_a_three_step_reconfiguration_into_one_exit(start: Start, fake_node: FakeNode):
     old = dgx_a100(["1g.5gb"] * 7)
     fake_node.write(old)
-    proc = supervise(start, fake_node, "--settle", "1.5")
+    # A change is acted on at the latest interval + settle after its first sighting: a long
+    # interval leaves room for a loaded machine's steps (the tripwire sees each one at once).
+    proc = supervise(start, fake_node, "--settle", "1.5", "--interval", "20")
     steps = [[], ["3g.20gb"], ["3g.20gb"] * 2]
     for profiles in steps:
         node = old.copy()

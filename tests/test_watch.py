@@ -35,6 +35,11 @@ def err(text: str = "Unknown Error") -> ProbeResult:
     return ProbeResult(0, None, error=text)
 
 
+def refused(text: str = "nvmlInit: RM has detected an NVML/RM version mismatch.") -> ProbeResult:
+    """NVML refusing to start, as it refused the agent's own start."""
+    return ProbeResult(0, None, error=text, refused=True)
+
+
 def absent() -> ProbeResult:
     return ProbeResult(0, Topology.absent(), unavailable="NVML is not usable: Driver Not Loaded")
 
@@ -176,7 +181,7 @@ def test_failures_from_the_start_never_restart_and_are_reported_rarely():
     loud_at = []
     t = 0.0
     for n in range(10 * POLICY.failure_threshold):  # also well past REPORT_EVERY
-        d = step(w, t, err("RM has detected an NVML/RM version mismatch."))
+        d = step(w, t, refused("RM has detected an NVML/RM version mismatch."))
         assert (d.verdict, d.action, d.next_probe_at) == (Verdict.BROKEN, Action.NONE, t + 30)
         assert len(d.errors) == n + 1
         if d.loud:
@@ -189,7 +194,7 @@ def test_failures_from_the_start_never_restart_and_are_reported_rarely():
 def test_nvml_working_after_failing_from_the_start_is_a_change():
     w = Watcher(POLICY, started_at=0.0)
     for t in (0.0, 30.0, 60.0, 90.0):
-        step(w, t, err())
+        step(w, t, refused())
     d = step(w, 120.0, ok(BIG))
     assert (d.verdict, d.next_probe_at) == (Verdict.SETTLING, 125.0)
     d = step(w, 125.0, ok(BIG))
@@ -198,16 +203,52 @@ def test_nvml_working_after_failing_from_the_start_is_a_change():
     assert "NVML became usable" in d.change.lines and not d.change.is_mig_change
 
 
-def test_even_one_failed_baseline_probe_means_the_agent_started_without_nvml():
+def test_even_one_refused_start_of_nvml_means_the_agent_started_without_it():
     w = Watcher(POLICY, started_at=0.0)
-    assert step(w, 0.0, err()).verdict is Verdict.BROKEN
+    assert step(w, 0.0, refused()).verdict is Verdict.BROKEN
+    assert w.refused_at_start
     assert step(w, 30.0, ok(BIG)).verdict is Verdict.SETTLING
+
+
+def test_a_slow_first_probe_is_a_failure_and_the_next_good_one_is_the_baseline():
+    """A first nvmlInit is slow on a node without persistence mode: the baseline probe runs past
+    probe_timeout. The agent's NVML is fine, so the next good reading is the baseline, not a
+    change from "no GPUs" (which would restart the agent on every start)."""
+    w = Watcher(POLICY, started_at=1000.0)
+    assert w.refused_at_start is False  # events.py says which promise the ERROR line makes
+    w.begin_probe(1000.0)
+    d = w.overdue(1010.0)
+    assert (d.verdict, d.action, d.next_probe_at) == (Verdict.TOLERATED, Action.NONE, 1040.0)
+    assert d.errors == ("probe did not finish within 10 s",) and not w.refused_at_start
+    d = step(w, 1040.0, ok(SMALL))
+    assert (d.verdict, d.action) == (Verdict.BASELINE, Action.NONE) and w.baseline is SMALL
+    assert step(w, 1070.0, ok(SMALL)).verdict is Verdict.STEADY
+
+
+def test_failures_from_the_start_that_are_not_refusals_count_to_the_threshold_never_restart():
+    w = Watcher(POLICY, started_at=0.0)
+    assert step(w, 0.0, err()).verdict is Verdict.TOLERATED
+    assert step(w, 30.0, err()).verdict is Verdict.TOLERATED
+    for t in (60.0, 90.0):
+        d = step(w, t, err())
+        assert (d.verdict, d.action, d.next_probe_at) == (Verdict.BROKEN, Action.NONE, t + 30)
+    assert not w.refused_at_start
+    d = step(w, 120.0, ok(BIG))
+    assert (d.verdict, d.action) == (Verdict.BASELINE, Action.NONE) and w.baseline is BIG
+
+
+def test_a_refusal_after_other_failures_still_means_the_agent_has_no_nvml():
+    w = Watcher(POLICY, started_at=0.0)
+    assert step(w, 0.0, err()).verdict is Verdict.TOLERATED
+    assert step(w, 30.0, refused()).verdict is Verdict.BROKEN
+    assert step(w, 60.0, err()).verdict is Verdict.BROKEN  # still: the agent has none
+    assert step(w, 90.0, ok(BIG)).verdict is Verdict.SETTLING
 
 
 def test_failing_then_unusable_nvml_is_a_quiet_baseline():
     """From failing to "no driver": the agent has no NVML either way; nothing to restart."""
     w = Watcher(POLICY, started_at=0.0)
-    step(w, 0.0, err())
+    step(w, 0.0, refused())
     d = step(w, 30.0, absent())
     assert (d.verdict, d.action) == (Verdict.BASELINE, Action.NONE)
     assert step(w, 90.0, absent()).verdict is Verdict.STEADY
@@ -402,6 +443,29 @@ def test_after_a_timeout_another_gpus_pending_change_holds():
     assert d.action is Action.HOLD and [g.uuid for g in d.newly_pending] == ["GPU-1"]
 
 
+def test_after_a_second_gpus_hold_times_out_neither_is_held_for_again():
+    """GPU 0's hold timed out; GPU 1 went pending and its own hold timed out too: GPU 0, still
+    pending, was held out before and stays so; the agent is not stopped again for either."""
+    base = two_gpus(OFF, OFF)
+    w = started(first=ok(base))
+    first = pending(base, True, index=0)
+    both = pending(first, True, index=1)
+    step(w, 1060.0, ok(first))
+    assert step(w, 1360.0, ok(first)).action is Action.RESUME
+    assert step(w, 1390.0, ok(both)).action is Action.HOLD  # GPU 1 alone
+    assert [g.uuid for g in w.hold.gpus] == ["GPU-1"] and w.hold.until == 1690.0
+    d = step(w, 1690.0, ok(both))
+    assert (d.verdict, d.action) == (Verdict.TIMED_OUT, Action.RESUME)
+    assert [g.uuid for g in d.newly_pending] == ["GPU-1"]
+    for t in (1720.0, 1750.0, 2050.0):
+        d = step(w, t, ok(both))
+        assert (d.verdict, d.action, d.newly_pending) == (Verdict.STEADY, Action.NONE, ())
+    # GPU 1's pending change cleared and came back: GPU 1 holds again, GPU 0 still does not
+    assert step(w, 2080.0, ok(first)).action is Action.NONE
+    d = step(w, 2110.0, ok(both))
+    assert d.action is Action.HOLD and [g.uuid for g in d.newly_pending] == ["GPU-1"]
+
+
 def test_nvml_failing_at_the_deadline_lets_the_failure_rule_decide_first():
     """Past the hold's deadline with NVML failing, starting the agent would only have it
     stopped by the next failures: the failure rule decides first."""
@@ -468,9 +532,48 @@ def test_a_gpu_whose_reset_came_gives_up_its_allowance():
     d = step(w, 1330.0, ok(reset0))
     assert (d.verdict, d.action) == (Verdict.PENDING, Action.NONE)
     assert [g.uuid for g in w.hold.gpus] == ["GPU-1"] and w.hold.until == 1600.0
+    # GPU 1's allowance ends, but GPU 0's mode change took effect: a topology change (the
+    # container must be made again for it), never a new baseline for an agent in place
     d = step(w, 1600.0, ok(reset0))
-    assert d.action is Action.RESUME and [g.uuid for g in d.newly_pending] == ["GPU-1"]
-    assert w.baseline is reset0  # the agent starting now gets handles on GPU 0's new mode
+    assert (d.verdict, d.action, d.next_probe_at) == (Verdict.SETTLING, Action.NONE, 1605.0)
+    d = step(w, 1605.0, ok(reset0))
+    assert (d.verdict, d.action) == (Verdict.CHANGED, Action.RESTART)
+    assert d.change.old is base and d.change.new is reset0 and w.hold is None
+    assert d.change.lines == ("GPU 0 GPU-0 (A100): MIG mode off -> on",)
+
+
+def test_a_reset_as_another_gpus_allowance_runs_out_is_a_change_not_a_new_baseline():
+    """Two A100s: GPU 0 pending at start, GPU 1 pending 3 s later, pending_timeout 6 s; GPU 1's
+    reset happens at 7 s, with GPU 0 still pending past its allowance. GPU 1's mode change took
+    effect: the change line and exit 1, not the agent started again on the new layout."""
+    base = two_gpus(OFF, OFF)
+    w = Watcher(replace(POLICY, pending_timeout=6), started_at=1000.0)
+    d = step(w, 1000.0, ok(pending(base, True, index=0)))
+    assert (d.action, d.next_probe_at) == (Action.HOLD, 1006.0)
+    w.trip(1003.0)
+    both = pending(pending(base, True, index=0), True, index=1)
+    assert step(w, 1003.0, ok(both)).verdict is Verdict.PENDING
+    assert w.hold.until == 1009.0
+    w.trip(1007.0)  # GPU 1's reset
+    reset1 = pending(two_gpus(OFF, ON_EMPTY), True, index=0)
+    d = step(w, 1007.0, ok(reset1))
+    assert (d.verdict, d.action, d.next_probe_at) == (Verdict.SETTLING, Action.NONE, 1012.0)
+    assert d.change.new is reset1
+    d = step(w, 1012.0, ok(reset1))
+    assert (d.verdict, d.action) == (Verdict.CHANGED, Action.RESTART)
+    assert d.change.old is w.baseline and d.change.new is reset1
+    assert d.change.lines == ("GPU 1 GPU-1 (A100): MIG mode off -> on",)
+
+
+def test_a_reset_amid_a_timed_out_gpu_that_flips_back_is_a_timeout_after_all():
+    """While confirming such a change the reading goes back to the baseline (the mode change
+    reverted): only the timeout is left, the agent starts again in place."""
+    base = two_gpus(OFF, OFF)
+    w = Watcher(replace(POLICY, pending_timeout=6), started_at=1000.0)
+    step(w, 1000.0, ok(pending(base, True, index=0)))
+    step(w, 1006.0, ok(pending(two_gpus(OFF, ON_EMPTY), True, index=0)))
+    d = step(w, 1011.0, ok(pending(base, True, index=0)))
+    assert (d.verdict, d.action) == (Verdict.TIMED_OUT, Action.RESUME)
 
 
 def test_a_probe_stuck_in_nvml_while_holding_restarts():
@@ -612,3 +715,85 @@ def test_failures_past_the_hold_deadline_carry_their_errors():
     step(w, 1060.0, ok(pending(OFF, True)))
     d = step(w, 1360.0, err("GPU is lost"))
     assert (d.verdict, d.errors) == (Verdict.TOLERATED, ("GPU is lost",))
+
+
+# -- a layout that never stops moving: the settle has an end ------------------------------------
+
+
+def churn(n: int) -> Topology:
+    """GPU 1 with instances that come and go (a scheduler, dynamic MIG): new ones every time."""
+    return layout("1g.5gb", salt=f"-{n}") if n % 2 else OFF
+
+
+def act_in_churn(w: Watcher, start: float, reading, until: float = 3e3) -> tuple[float, Decision]:
+    """The tripwire fires every second and every probe sees `reading(t)`: when the policy acts."""
+    t = start
+    while t < until:
+        w.trip(t)
+        if w.probe_due(t):
+            d = step(w, t, ok(reading(t)))
+            if d.action is not Action.NONE:
+                return t, d
+        t += 1.0
+    raise AssertionError("never acted")
+
+
+def test_a_change_amid_instances_coming_and_going_is_acted_on_within_interval_plus_settle():
+    base = two_gpus(SMALL, OFF)
+    w = started(first=ok(base))
+    assert step(w, 1060.0, ok(two_gpus(BIG, OFF))).verdict is Verdict.SETTLING  # GPU 0 changed
+    acted, d = act_in_churn(w, 1061.0, lambda t: two_gpus(BIG, churn(int(t))))
+    assert acted <= 1060.0 + 30 + 5 and (d.verdict, d.action) == (Verdict.CHANGED, Action.RESTART)
+    assert d.change.old is base and d.change.new.gpus[0] == BIG.gpus[0]
+
+
+def test_a_tree_that_keeps_moving_under_a_steady_reading_still_confirms_by_the_limit():
+    """The listing moves every second (instances created and destroyed between probes), the
+    readings do not: each trip pushes the settle, but never past `settle_by`."""
+    w = started(first=ok(two_gpus(SMALL, OFF)))
+    step(w, 1060.0, ok(two_gpus(BIG, OFF)))
+    assert w.settle_by == 1095.0
+    w.trip(1093.0)
+    assert w.settled_at == 1095.0 and w.next_probe_at == 1095.0  # not 1098
+    acted, d = act_in_churn(w, 1061.0, lambda t: two_gpus(BIG, OFF))
+    assert (acted, d.verdict) == (1095.0, Verdict.CHANGED)
+
+
+def test_a_settle_that_confirms_early_is_not_held_to_the_limit():
+    w = started()
+    step(w, 1060.0, ok(BIG))
+    assert (w.settled_at, w.settle_by) == (1065.0, 1095.0)
+    assert step(w, 1065.0, ok(BIG)).verdict is Verdict.CHANGED
+
+
+def test_a_withdrawn_change_amid_churn_ends_the_hold_at_its_deadline():
+    """GPU 0's pending change is withdrawn 20 s before the hold's deadline while GPU 1's
+    instances come and go: the agent is not kept stopped past pending_timeout."""
+    base = two_gpus(OFF, OFF)
+    w = started(first=ok(base))
+    step(w, 1060.0, ok(pending(base, True, index=0)))  # until 1360
+    for t in (1090.0, 1120.0, 1150.0, 1180.0, 1210.0, 1240.0, 1270.0, 1300.0, 1330.0):
+        assert step(w, t, ok(pending(base, True, index=0))).verdict is Verdict.PENDING
+    acted, d = act_in_churn(w, 1340.0, lambda t: two_gpus(OFF, churn(int(t))))
+    assert acted <= 1360.0 and (d.verdict, d.action) == (Verdict.RELEASED, Action.RESTART)
+
+
+def test_a_reset_amid_churn_releases_within_interval_plus_settle():
+    base = two_gpus(OFF, OFF)
+    w = started(first=ok(base))
+    step(w, 1060.0, ok(pending(base, True, index=0)))
+    acted, d = act_in_churn(w, 1090.0, lambda t: two_gpus(ON_EMPTY, churn(int(t))))
+    assert acted <= 1090.0 + 35 and (d.verdict, d.action) == (Verdict.RELEASED, Action.RESTART)
+    assert d.change.new.gpus[0].mig_current
+
+
+def test_a_release_first_seen_past_the_deadline_still_gets_its_settle():
+    """NVML failed across the hold's deadline; the first good reading shows the reset done:
+    it is confirmed `settle` later, as ever, not taken unconfirmed."""
+    w = started(first=ok(OFF))
+    step(w, 1060.0, ok(pending(OFF, True)))
+    step(w, 1330.0, err())
+    assert step(w, 1360.0, err()).next_probe_at == 1390.0
+    d = step(w, 1390.0, ok(ON_EMPTY))
+    assert (d.verdict, d.next_probe_at) == (Verdict.SETTLING, 1395.0)
+    assert step(w, 1395.0, ok(ON_EMPTY)).verdict is Verdict.RELEASED

@@ -266,11 +266,14 @@ def log_decision(
     elif v is Verdict.PENDING:
         logger.debug(f"{TAG} probe {seq}: a MIG mode change is still pending a GPU reset")
     elif v is Verdict.SETTLING:
-        what = (
-            "no GPU is pending a reset any more"
-            if watcher.hold is not None
-            else "topology differs from the baseline"
-        )
+        what = "topology differs from the baseline"
+        if watcher.hold is not None:
+            waiting = watcher.candidate is not None and watcher.candidate.pending_mig_changes()
+            what = (
+                "a MIG mode change took effect while a GPU still waits for a reset"
+                if waiting
+                else "no GPU is pending a reset any more"
+            )
         now = decision.change.new.summary() if decision.change else "as the baseline"
         logger.bind(
             event="settling", diff=list(decision.change.lines) if decision.change else []
@@ -318,11 +321,16 @@ def log_decision(
         )
     elif v is Verdict.BROKEN:
         bound = logger.bind(event="nvml_failing", errors=[decision.errors[-1]], restarting=False)
+        then = (  # only an NVML that refused to start left the agent without one
+            "the agent is restarted once it works"
+            if watcher.refused_at_start
+            else "the first good probe is the baseline"
+        )
         text = (
             f"{TAG} {source_name(settings)} has failed every probe since start "
             f"({len(decision.errors)} so far; last: {decision.errors[-1]}). Not restarting: a "
             f"restart cannot give the agent a working NVML. Probing every {settings.interval:g} "
-            "s; the agent is restarted once it works."
+            f"s; {then}."
         )
         if decision.loud:
             bound.error(text)

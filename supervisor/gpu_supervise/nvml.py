@@ -9,18 +9,31 @@ from __future__ import annotations
 
 from typing import Any
 
-from .topology import Gpu, MigDevice, ProbeError, SourceUnavailable, Topology, profile_from_name
+from .topology import (
+    Gpu,
+    MigDevice,
+    NvmlRefused,
+    ProbeError,
+    SourceUnavailable,
+    Topology,
+    profile_from_name,
+)
 
 # NVML return codes this module reasons about (nvml.h).
 NOT_SUPPORTED = 3
 NOT_FOUND = 6
 INVALID_ARGUMENT = 2
+NO_PERMISSION = 4
 DRIVER_NOT_LOADED = 9
 LIBRARY_NOT_FOUND = 12
 FUNCTION_NOT_FOUND = 13
+LIB_RM_VERSION_MISMATCH = 18
 
 # "The node has no usable NVML": a state the watcher treats as "no GPUs", never as a failure.
 UNUSABLE = {DRIVER_NOT_LOADED, LIBRARY_NOT_FOUND}
+# nvmlInit refusing every process, the agent too, until someone fixes the node: a failure, and
+# before any good reading the sign that the agent started without NVML (a slow or odd init is not).
+REFUSED = {NO_PERMISSION, LIB_RM_VERSION_MISMATCH}
 # A MIG device index with nothing behind it: indices are sparse.
 EMPTY_SLOT = {NOT_FOUND, INVALID_ARGUMENT}
 
@@ -67,7 +80,8 @@ class NvmlSource:
         except pynvml.NVMLError as exc:
             if exc.value in UNUSABLE:
                 raise SourceUnavailable(f"NVML is not usable: {exc}") from None
-            raise ProbeError(f"nvmlInit: {exc} (NVML error {exc.value})") from None
+            error = NvmlRefused if exc.value in REFUSED else ProbeError
+            raise error(f"nvmlInit: {exc} (NVML error {exc.value})") from None
         try:
             return self._enumerate(pynvml)
         except pynvml.NVMLError as exc:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .sources import Source
-from .topology import ProbeError, SourceUnavailable, Topology
+from .topology import NvmlRefused, ProbeError, SourceUnavailable, Topology
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,8 @@ class ProbeResult:
     """What one probe found: a topology, or the error that stopped it.
 
     `unavailable` is set (with the absent topology) when the node has no usable NVML: that is a
-    reading of "no GPUs", not a failure.
+    reading of "no GPUs", not a failure. `refused` marks a failure of NVML's start itself, which
+    the agent's own start met too (a timeout or an error later in the probe is not that).
     """
 
     seq: int
@@ -31,6 +32,7 @@ class ProbeResult:
     error: str | None = None
     unavailable: str | None = None
     seconds: float = 0.0
+    refused: bool = False
 
     @property
     def failed(self) -> bool:
@@ -43,6 +45,8 @@ def run_probe(source: Source, seq: int = 0) -> ProbeResult:
         topo = source.probe()
     except SourceUnavailable as exc:
         return ProbeResult(seq, Topology.absent(), unavailable=str(exc), seconds=_since(start))
+    except NvmlRefused as exc:
+        return ProbeResult(seq, None, error=str(exc), seconds=_since(start), refused=True)
     except ProbeError as exc:
         return ProbeResult(seq, None, error=str(exc), seconds=_since(start))
     except Exception as exc:  # a bug or an unexpected binding error is still only a failure

@@ -26,6 +26,11 @@ class ProbeError(Exception):
     """A probe that was attempted and failed: counts towards the failure threshold."""
 
 
+class NvmlRefused(ProbeError):
+    """NVML refused to start for any process, the agent included (no permission, a library that
+    does not match the driver). Before any good reading: the agent started without NVML."""
+
+
 @dataclass(frozen=True)
 class MigDevice:
     """One MIG device (a compute instance inside a GPU instance) as NVML enumerates it."""

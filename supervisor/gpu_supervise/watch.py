@@ -8,12 +8,13 @@ makes every rule here (cool-down, settle, failure threshold, hold) testable with
        │            │ differs           │ back to baseline
        │            ▼                   │
        │         settling ──(same again after `settle`)──► CHANGED (restart)
-       │           │ ▲ differs again: restart the settle
-       │           └─┘
+       │           │ ▲ differs again: restart the settle     (and, however the layout moves,
+       │           └─┘                 CHANGED `interval + settle` after the first sighting)
        └─ a MIG mode change pending a GPU reset (any reading) ──► hold: the agent is stopped
             hold ──(no GPU pending, same again after `settle`)──► RELEASED (restart)
             hold ──(every pending GPU past its `pending_timeout`)──► TIMED_OUT: the agent
-                   starts again in place
+                   starts again in place; but if a mode change took effect on another GPU
+                   meanwhile, CHANGED (restart) once confirmed, like a release
             hold ──(a probe stuck in NVML: we hold the GPU ourselves)──► STUCK (restart)
 
 Each GPU that goes pending gets its own allowance of `pending_timeout` from the probe that first
@@ -21,10 +22,13 @@ saw it: the agent stays stopped while any pending GPU is within its allowance.
 
 Failures: after a baseline, the `failure_threshold`-th consecutive failed probe restarts (the
 specified rule). Before any successful reading a restart cannot give the agent a working NVML, so
-failures never restart then; NVML starting to work afterwards is a topology change, because
-the agent started without it. While holding, failures are expected (NVML fails while a GPU
-resets) and tolerated until the hold's deadline; past it the failure rule decides first, so an
-agent is never started only to be stopped by the next failures.
+failures never restart then. Only NVML refusing to start (no permission, a version mismatch)
+means the agent started without it, so that NVML starting to work afterwards is a topology
+change; a probe that timed out or failed later (a first nvmlInit is slow on a node without
+persistence mode) is a failure like any other, and the first good reading is the baseline. While
+holding, failures are expected (NVML fails while a GPU resets) and tolerated until the hold's
+deadline; past it the failure rule decides first, so an agent is never started only to be
+stopped by the next failures.
 """
 
 from __future__ import annotations
@@ -134,10 +138,12 @@ class Watcher:
         self.baseline: Topology | None = None
         self.candidate: Topology | None = None
         self.settled_at = 0.0  # when a reading the same as the candidate confirms it
+        self.settle_by = 0.0  # when the candidate is acted on at the latest, moving or not
         self.errors: list[str] = []
         self.next_probe_at = started_at
         self.hold: Hold | None = None
         self._reported_at: float | None = None
+        self.refused_at_start = False  # NVML refused to start before any good reading
         self._pending_seen: frozenset[PendingKey] = frozenset()
         self._held_out: frozenset[PendingKey] = frozenset()  # timed out: never held again
         self._seq = 0
@@ -188,11 +194,12 @@ class Watcher:
         """The driver's listing of GPUs and MIG instances changed (tripwire.py): probe at once,
         but never decide sooner. The tripwire only hurries the next probe; the readings decide.
 
-        - While a change settles, the layout is still moving: the settle starts again now.
+        - While a change settles, the layout is still moving: the settle starts again now
+          (never past the candidate's `settle_by`).
         - During the cool-down the probe waits for its end; while holding it is not held back.
         - While a probe runs (it may have read before the change), one more follows it."""
         if self.candidate is not None:
-            self.settled_at = now + self.policy.settle
+            self.settled_at = min(now + self.policy.settle, self.settle_by)
             self.next_probe_at = max(self.next_probe_at, self.settled_at)
         elif self.in_flight is not None:
             self._tripped = True
@@ -215,18 +222,17 @@ class Watcher:
 
     def judge(self, now: float, result: ProbeResult) -> Decision:
         if result.failed:
-            return self._failure(now, result.error or "probe failed")
+            return self._failure(now, result.error or "probe failed", result.refused)
         topo = result.topology
         assert topo is not None
-        failed_from_start = self.baseline is None and bool(self.errors)
         self.errors.clear()
         pending = self._pending(topo)
         if self.hold is not None:
             return self._holding(now, topo, pending)
         if self.baseline is None:
-            # All probes failed so far: the agent started without a working NVML, so a
+            # NVML refused to start so far: the agent started without a working NVML, so a
             # working one now is a change (the same topology as "no usable NVML").
-            self.baseline = Topology.absent() if failed_from_start else topo
+            self.baseline = Topology.absent() if self.refused_at_start else topo
             if topo.same_as(self.baseline):
                 return self._maybe_hold(now, Verdict.BASELINE, self._after_interval(now), pending)
         if pending and self.policy.on_pending == "hold":
@@ -244,20 +250,30 @@ class Watcher:
         return self._decide(Verdict.SETTLING, self.settled_at, change=change, newly_pending=newly)
 
     def _confirms(self, now: float, topo: Topology) -> bool:
-        """The candidate seen again, `settle` after it was first seen (or last moved)."""
-        return self.candidate is not None and topo.same_as(self.candidate) and (
-            now >= self.settled_at
-        )
+        """The candidate seen again, `settle` after it was first seen (or last moved); or, with
+        a layout that never stops moving (instances of another GPU coming and going), whatever
+        is seen at `settle_by`: a real change among them is acted on all the same."""
+        if self.candidate is None:
+            return False
+        return now >= self.settle_by or (topo.same_as(self.candidate) and now >= self.settled_at)
 
     def _settle(self, now: float, topo: Topology) -> None:
         """A reading that does not confirm: a new candidate starts its settle; the same one
-        seen too early (the tripwire hurried the probe) keeps its own."""
+        seen too early (the tripwire hurried the probe) keeps its own. The first sighting sets
+        the latest time to act: `interval + settle` on, and never past a hold's deadline (but
+        for a settle of its own when the reading comes after it)."""
+        if self.candidate is None:
+            limit = now + self.policy.interval + self.policy.settle
+            if self.hold is not None:
+                limit = min(limit, max(self.hold.until, now + self.policy.settle))
+            self.settle_by = limit
         if self.candidate is None or not topo.same_as(self.candidate):
-            self.candidate, self.settled_at = topo, now + self.policy.settle
+            self.candidate = topo
+            self.settled_at = min(now + self.policy.settle, self.settle_by)
 
     # -- failures --------------------------------------------------------------------------
 
-    def _failure(self, now: float, error: str) -> Decision:
+    def _failure(self, now: float, error: str, refused: bool = False) -> Decision:
         self.errors.append(error)
         errors = tuple(self.errors)
         if self.hold is not None and now < self.hold.until:
@@ -271,16 +287,22 @@ class Watcher:
                 return self._decide(Verdict.FAILING, now, errors=errors, action=Action.RESTART)
             return self._decide(Verdict.TOLERATED, now + self.policy.interval, errors=errors)
         if self.baseline is None:
-            loud = self._reported_at is None or now - self._reported_at >= REPORT_EVERY
-            if loud:
-                self._reported_at = now
-            return self._decide(
-                Verdict.BROKEN, now + self.policy.interval, errors=errors, loud=loud
-            )
+            return self._failing_from_start(now, errors, refused)
         if len(self.errors) >= self.policy.failure_threshold:
             return self._decide(Verdict.FAILING, now, errors=errors, action=Action.RESTART)
         retry = now + (self.policy.settle if self.candidate is not None else self.policy.interval)
         return self._decide(Verdict.TOLERATED, retry, errors=errors)
+
+    def _failing_from_start(self, now: float, errors: tuple[str, ...], refused: bool) -> Decision:
+        """No good reading yet: never a restart. NVML refusing to start is reported at once;
+        other failures (a slow first probe) count as ever until the threshold."""
+        self.refused_at_start = self.refused_at_start or refused
+        if not self.refused_at_start and len(errors) < self.policy.failure_threshold:
+            return self._decide(Verdict.TOLERATED, now + self.policy.interval, errors=errors)
+        loud = self._reported_at is None or now - self._reported_at >= REPORT_EVERY
+        if loud:
+            self._reported_at = now
+        return self._decide(Verdict.BROKEN, now + self.policy.interval, errors=errors, loud=loud)
 
     # -- holds -------------------------------------------------------------------------------
 
@@ -313,13 +335,16 @@ class Watcher:
     def _holding(self, now: float, topo: Topology, pending: tuple[Gpu, ...]) -> Decision:
         assert self.hold is not None and self.baseline is not None
         if pending:
-            self.candidate = None
             self.hold.update(now, pending, self.policy.pending_timeout)
-            if now >= self.hold.until:
+            if now < self.hold.until:
+                self.candidate = None
+                newly = self._newly_pending(pending)
+                return self._decide(Verdict.PENDING, self._hold_next(now), newly_pending=newly)
+            if topo.same_as(self.baseline):
                 return self._time_out(now, topo)
-            return self._decide(
-                Verdict.PENDING, self._hold_next(now), newly_pending=self._newly_pending(pending)
-            )
+        # No GPU waits for a reset any more; or those still waiting are past their allowance
+        # while a mode change took effect on another GPU: that is a topology change all the
+        # same, never a new baseline for an agent started in place.
         change = None if topo.same_as(self.baseline) else diff(self.baseline, topo)
         if self.policy.settle > 0 and not self._confirms(now, topo):
             # A reset is often followed at once by instances being created: one restart for both.
@@ -327,7 +352,8 @@ class Watcher:
             return self._decide(Verdict.SETTLING, self.settled_at, change=change)
         self.hold = None
         self.candidate = None
-        return self._decide(Verdict.RELEASED, now, change=change, action=Action.RESTART)
+        verdict = Verdict.CHANGED if pending else Verdict.RELEASED
+        return self._decide(verdict, now, change=change, action=Action.RESTART)
 
     def _time_out(self, now: float, topo: Topology) -> Decision:
         """The reset did not happen within any pending GPU's allowance: give the agent back, and

@@ -92,6 +92,12 @@ EQUIVALENT = {
         "read only while a candidate exists, and set together with it"
     ),
     ("walk", "follow_symlinks=None"): "is_dir reads it as a truth value: None is False",
+    ("Watcher.__init__", "self.settle_by = None"): (
+        "read only while a candidate exists, and set when the candidate first is"
+    ),
+    ("Watcher.__init__", "self.settle_by = 1.0"): (
+        "read only while a candidate exists, and set when the candidate first is"
+    ),
     ("printable", '"UNICODE_ESCAPE"'): "codec names are case-insensitive",
     ("clip", '"UNICODE_ESCAPE"'): "codec names are case-insensitive",
     ("fit_text", '"UTF-8"'): "codec names are case-insensitive",
