@@ -125,8 +125,12 @@ RULES = [
     ("watch", "interval", "0.09", "must be at least 0.1 s, got '0.09'"),
     ("watch", "interval", "2592000.5", "must be a finite number of seconds up to 2592000, got "
                                        "'2592000.5'"),
-    ("watch", "interval", "-inf", "must be a finite number of seconds up to 2592000, got '-inf'"),
     ("watch", "interval", "30s", "must be a number of seconds, got '30s'"),
+    ("watch", "interval", "+2.5", 2.5),
+    # only the decimal form the docs give: not every form Python's float() takes
+    *[("watch", "interval", raw, f"must be a number of seconds, got {raw!r}")
+      for raw in ("3_0", "\u0663\u0660", "\uff13\uff10", "1e1", "inf", "-inf", "nan", "0x1e",
+                  ".5", "5.", "3.0_0", "--5", "+-5", "", "2.5.1")],
     ("watch", "cooldown", "0", 0.0),
     ("watch", "cooldown", "-1", "must be 0 or more, got '-1'"),
     ("watch", "settle", "0", 0.0),
@@ -138,6 +142,9 @@ RULES = [
     ("watch", "failure_threshold", "1000001", "must be a whole number from 1 to 1000000, got "
                                               "'1000001'"),
     ("watch", "failure_threshold", "2.5", "must be a whole number from 1 to 1000000, got '2.5'"),
+    ("watch", "failure_threshold", "+4", 4),
+    *[("watch", "failure_threshold", raw, f"must be a whole number from 1 to 1000000, got {raw!r}")
+      for raw in ("1_0", "\u0663", "\uff13", "1e1", "0x3", "")],
     ("watch", "probe_timeout", "0.1", 0.1),
     ("watch", "probe_timeout", "0", "must be at least 0.1 s, got '0'"),
     ("watch", "source", " nvml ", "nvml"),
@@ -159,6 +166,8 @@ RULES = [
     ("child", "parent_death_signal", "SIGFOO", "must be a signal name such as SIGTERM, got "
                                                "'SIGFOO'"),
     ("child", "parent_death_signal", "99", "must be a signal name such as SIGTERM, got '99'"),
+    ("child", "parent_death_signal", "\u0669", "must be a signal name such as SIGTERM, got "
+                                              "'\u0669'"),
     ("log", "level", "debug", "DEBUG"),
     ("log", "level", "loud", "must be one of TRACE, DEBUG, INFO, SUCCESS, WARNING, ERROR, "
                              "CRITICAL, got 'loud'"),
@@ -213,6 +222,34 @@ def test_typed_values_a_file_may_hold(tmp_path: Path):
                            "[child]\nparent_death_signal = 15\n")  # fmt: skip
     s = load({}, str(path), environ={})
     assert (s.interval, s.failure_threshold, s.parent_death_signal) == (2.0, 4, 15)
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [("3_0", 30.0), ("0x1e", 30.0), ("0o36", 30.0), ("3e1", 30.0), ("2_5.5", 25.5), ('"30"', 30.0),
+     ('" 2.5 "', 2.5)],
+)  # fmt: skip
+def test_a_toml_number_is_any_number_toml_writes(tmp_path: Path, toml: str, expected: float):
+    """In the file, a TOML number is what the TOML spec says it is (3_0 is the integer 30); a
+    string holds a number as the environment writes it."""
+    path = write(tmp_path, f"[watch]\ninterval = {toml}\nfailure_threshold = 1_0\n")
+    s = load({}, str(path), environ={})
+    assert (s.interval, s.failure_threshold) == (expected, 10)
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [('"3_0"', "must be a number of seconds, got '3_0'"),
+     ('"\u0663\u0660"', "must be a number of seconds, got '\u0663\u0660'"),
+     ('"1e1"', "must be a number of seconds, got '1e1'"),
+     ("inf", "must be a finite number of seconds up to 2592000, got inf"),
+     ("nan", "must be a finite number of seconds up to 2592000, got nan")],
+)  # fmt: skip
+def test_a_toml_string_holds_only_a_plain_decimal(tmp_path: Path, toml: str, message: str):
+    path = write(tmp_path, f"[watch]\ninterval = {toml}\n")
+    with pytest.raises(ConfigError) as caught:
+        load({}, str(path), environ={})
+    assert str(caught.value) == f"config file {path}: [watch] interval: {message}"
 
 
 def test_user_input_quoted_in_an_error_is_one_short_line():
@@ -436,11 +473,14 @@ def test_bad_config_file_is_one_line_exit_2_and_no_child(tmp_path: Path, text: s
         (["--failure-threshold", "0"], {}, "--failure-threshold: must be a whole number from 1"),
         (["--cooldown", "soon"], {}, "--cooldown: must be a number of seconds, got 'soon'"),
         (["--log-format", "xml"], {}, "--log-format: must be one of text, json"),
-        (["--interval", "nan"], {}, "--interval: must be a finite number"),
-        (["--interval", "1e-9"], {}, "--interval: must be at least 0.1 s, got '1e-9'"),
+        (["--interval", "nan"], {}, "--interval: must be a number of seconds, got 'nan'"),
+        (["--interval", "3_0"], {}, "--interval: must be a number of seconds, got '3_0'"),
+        (["--interval", "\u0663\u0660"], {}, "--interval: must be a number of seconds"),
+        (["--interval", "0.01"], {}, "--interval: must be at least 0.1 s, got '0.01'"),
         (["--settle", "0.01"], {}, "--settle: must be 0 (act at first sight) or at least 0.1 s"),
         (["--probe-timeout", "0.05"], {}, "--probe-timeout: must be at least 0.1 s"),
-        (["--stop-timeout", "1e400"], {}, "--stop-timeout: must be a finite number of seconds"),
+        (["--stop-timeout", "1e400"], {}, "--stop-timeout: must be a number of seconds"),
+        (["--stop-timeout", "1" + "0" * 400], {}, "--stop-timeout: must be a finite number of"),
         (["--interval", "9" * 400], {}, "--interval: must be a finite number of seconds up to"),
         (["--source", "file:/nonexistent/node.json"], {}, "'/nonexistent/node.json' is not a file"),
         (["--on-pending", "wait"], {}, "--on-pending: must be one of hold, ignore"),

@@ -58,14 +58,23 @@ def _boolean(value: Any) -> bool:
     raise ValueError(f"must be true or false, got {_show(value)}")
 
 
+def _is_decimal(text: str, fraction: bool = True) -> bool:
+    """`30`, `-1`, `2.5` (a fraction only where allowed): ASCII digits with an optional sign and
+    fraction, the form the docs give. Not all that float() and int() take: `3_0`, `1e3`, `inf`,
+    or Arabic-Indic and full-width digits would pass a typo off as a number."""
+    digits = text[1:] if text[:1] in ("+", "-") else text
+    whole, dot, part = digits.partition(".") if fraction else (digits, "", "")
+    return all(p.isascii() and p.isdigit() for p in ((whole, part) if dot else (whole,)))
+
+
 def _number(value: Any) -> float:
     wrong = f"must be a number of seconds, got {_show(value)}"
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ValueError(wrong)
+    if isinstance(value, str) and not _is_decimal(value.strip()):
+        raise ValueError(wrong)
     try:
         number = float(value.strip() if isinstance(value, str) else value)
-    except ValueError:
-        raise ValueError(wrong) from None
     except OverflowError:  # an integer too large for a float
         number = math.inf
     if not math.isfinite(number) or abs(number) > MAX_SECONDS:
@@ -110,9 +119,11 @@ def _threshold(value: Any) -> int:
     wrong = f"must be a whole number from 1 to {MAX_THRESHOLD}, got {_show(value)}"
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ValueError(wrong)
+    if isinstance(value, str) and not _is_decimal(value.strip(), fraction=False):
+        raise ValueError(wrong)
     try:
         number = int(value.strip()) if isinstance(value, str) else value
-    except ValueError:  # also Python's limit on the digits of an int
+    except ValueError:  # Python's limit on the digits of an int
         raise ValueError(wrong) from None
     if not 1 <= number <= MAX_THRESHOLD:
         raise ValueError(wrong)
@@ -160,7 +171,7 @@ def _signal(value: Any) -> int:
     try:
         number = (
             int(text)
-            if text.isdigit()
+            if text.isascii() and text.isdigit()
             else signal.Signals[text if text.startswith("SIG") else "SIG" + text].value
         )
     except (KeyError, ValueError):
