@@ -646,3 +646,143 @@ def test_fuzz_the_whole_configuration_path(tmp_path: Path, doc: str, env, flags)
             assert "\n" not in message and len(message) < 1200
         else:
             assert command == ["agent"] and settings.interval >= 0.1
+
+
+# -- `gpu-supervise config`: the settings in force, and the layer that set each -----------------
+
+
+def _config_lines(stdout: str) -> dict[str, tuple[str, str, str, str]]:
+    """`config`'s key lines: key -> (value, environment variable, flag, layer)."""
+    out = {}
+    for line in stdout.splitlines():
+        if line and not line.startswith(("#", "[")):
+            left, note = line.split("  # ", 1)
+            key, value = (part.strip() for part in left.split(" = ", 1))
+            env, flag, layer = note.split(None, 2)
+            out[key] = (value, env, flag, layer)
+    return out
+
+
+def test_config_shows_every_layer_and_every_key_s_names(tmp_path: Path):
+    path = write(tmp_path, "[watch]\ncooldown = 2.5\ninterval = 9\n[log]\nlevel = 'debug'\n")
+    env = clean_env(GPU_SUPERVISE_WATCH_INTERVAL="7", GPU_SUPERVISE_CHILD_STOP_TIMEOUT="4")
+    out = run(["config", "--config", str(path), "--no-watch", "--settle", "0", "--log-level",
+               "error"], env)  # fmt: skip
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert f"# file: {path} (named by --config)" in out.stdout.splitlines()
+    lines = _config_lines(out.stdout)
+    assert list(lines) == [k for keys in SCHEMA.values() for k in keys]
+    assert lines["enabled"] == ("false", "GPU_SUPERVISE_WATCH_ENABLED", "--no-watch", "flag")
+    assert lines["settle"] == ("0", "GPU_SUPERVISE_WATCH_SETTLE", "--settle", "flag")
+    assert lines["level"] == ('"ERROR"', "GPU_SUPERVISE_LOG_LEVEL", "--log-level", "flag")
+    assert lines["interval"] == ("7", "GPU_SUPERVISE_WATCH_INTERVAL", "--interval", "environment")
+    assert lines["stop_timeout"] == ("4", "GPU_SUPERVISE_CHILD_STOP_TIMEOUT", "--stop-timeout",
+                                     "environment")  # fmt: skip
+    assert lines["cooldown"] == ("2.5", "GPU_SUPERVISE_WATCH_COOLDOWN", "--cooldown",
+                                 f"file {path}")  # fmt: skip
+    assert lines["probe_timeout"] == ("10", "GPU_SUPERVISE_WATCH_PROBE_TIMEOUT", "--probe-timeout",
+                                      "default")  # fmt: skip
+    for section, keys in SCHEMA.items():
+        for key in keys:
+            _, env_var, flag, _ = lines[key]
+            assert (env_var, flag) == (env_name(section, key), config.cli_flag(section, key))
+            assert flag in cli.FLAGS or flag == "--no-watch"
+
+
+def test_config_names_where_the_file_came_from(tmp_path: Path):
+    path = write(tmp_path, "[watch]\ninterval = 9\n")
+    out = run(["config"], clean_env(GPU_SUPERVISE_CONFIG=str(path)))
+    assert f"# file: {path} (named by $GPU_SUPERVISE_CONFIG)" in out.stdout.splitlines()
+    assert _config_lines(out.stdout)["interval"][3] == f"file {path}"
+    assert not Path(config.DEFAULT_CONFIG).exists()
+    out = run(["config"], clean_env())
+    assert out.returncode == 0, out.stderr
+    assert "# file: none (/etc/gpu-supervise/config.toml does not exist; --config or " \
+        "$GPU_SUPERVISE_CONFIG names one)" in out.stdout.splitlines()  # fmt: skip
+    assert {layer for *_, layer in _config_lines(out.stdout).values()} == {"default"}
+
+
+def test_config_prints_a_file_that_loads_back_to_the_same_settings(tmp_path: Path):
+    """What `config` prints is itself a configuration: every key at a value other than its
+    default, strings that need escapes included, read back to the very same settings."""
+    environ = {
+        env_name(s, k): raw.format(example=EXAMPLE) for (s, k), (raw, *_) in EVERY_KEY.items()
+    }
+    environ["GPU_SUPERVISE_REPORT_TERMINATION_LOG"] = '/x/"q"\\b\n\x7f\x85é\U0001f600'
+    environ["GPU_SUPERVISE_CHILD_PARENT_DEATH_SIGNAL"] = "40"  # a real-time signal: no name
+    settings, origins = config.load_traced({}, None, environ)
+    text = config.render(settings, origins)
+    assert all(line.isprintable() for line in text.splitlines())
+    assert load({}, str(write(tmp_path, text)), environ={}) == _with_file(
+        settings, str(tmp_path / "config.toml")
+    )
+    assert load({}, environ={}) != settings
+    defaults = config.render(*config.load_traced({}, None, {}))
+    assert load({}, str(write(tmp_path, defaults)), environ={}) == _with_file(
+        load({}, environ={}), str(tmp_path / "config.toml")
+    )
+
+
+def _with_file(settings: config.Settings, path: str) -> config.Settings:
+    """The same settings, read from the file at `path`."""
+    values = {name: getattr(settings, name) for name in settings.__slots__}
+    values.pop("config_file")
+    return config.Settings(path, **values)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "text", "message"),
+    [
+        (["--interval", "0"], {}, None, "gpu-supervise: --interval: must be at least 0.1 s"),
+        (["--interval", "3_0"], {}, None, "gpu-supervise: --interval: must be a number of"),
+        ([], {"GPU_SUPERVISE_CHILD_STOP_TIMEOUT": "-1"}, None,
+         "gpu-supervise: environment GPU_SUPERVISE_CHILD_STOP_TIMEOUT: must be 0 or more"),
+        ([], {"GPU_SUPERVISE_CHILD_STOP_TIMOUT": "5"}, None,
+         "gpu-supervise: environment GPU_SUPERVISE_CHILD_STOP_TIMOUT: unknown setting"),
+        (["--config"], {}, "[child]\nstop_timeout = 'soon'\n",
+         "[child] stop_timeout: must be a number of seconds, got 'soon'"),
+        (["--bogus"], {}, None, "gpu-supervise: unrecognized arguments: --bogus"),
+        (["echo"], {}, None, "gpu-supervise: unrecognized arguments: echo"),
+    ],
+)  # fmt: skip
+def test_invalid_settings_are_one_line_exit_2_and_nothing_runs(
+    tmp_path: Path, args: list[str], env: dict, text: str | None, message: str
+):
+    if text is not None:
+        args = [*args, str(write(tmp_path, text))]
+    marker = tmp_path / "started"
+    out = run(["config", *args, "--", "touch", str(marker)], clean_env(**env))
+    assert out.returncode == 2 and out.stdout == "", out.stderr
+    assert message in out.stderr and out.stderr.startswith("gpu-supervise: ")
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert not marker.exists()
+
+
+def test_config_never_runs_the_command_after_the_double_dash(tmp_path: Path):
+    marker = tmp_path / "started"
+    out = run(["config", "--interval", "5", "--", "touch", str(marker)], clean_env())
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert _config_lines(out.stdout)["interval"] == ("5", "GPU_SUPERVISE_WATCH_INTERVAL",
+                                                     "--interval", "flag")  # fmt: skip
+    assert not marker.exists()
+
+
+def test_config_into_a_closed_pipe_is_no_internal_error():
+    """`gpu-supervise config | head -1`: the reader is gone before the end; not exit 70."""
+    read, write_end = os.pipe()
+    os.close(read)  # no reader at all: the first write fails with EPIPE
+    try:
+        out = subprocess.run([*gpu_supervise_cmd(), "config"], stdout=write_end,
+                             stderr=subprocess.PIPE, text=True, env=clean_env(), timeout=60,
+                             stdin=subprocess.DEVNULL)  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+
+
+def test_help_names_the_config_command():
+    out = run(["--help"], clean_env())
+    assert "gpu-supervise config [OPTIONS] prints the settings in force" in out.stdout
+    assert "snapshot|demo|install|config --help" in out.stdout
+    out = run(["config", "--help"], clean_env())
+    assert out.returncode == 0 and "--stop-timeout" in out.stdout and "--no-watch" in out.stdout
