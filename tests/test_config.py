@@ -786,3 +786,75 @@ def test_help_names_the_config_command():
     assert "snapshot|demo|install|config --help" in out.stdout
     out = run(["config", "--help"], clean_env())
     assert out.returncode == 0 and "--stop-timeout" in out.stdout and "--no-watch" in out.stdout
+
+
+RENDERED = """\
+# The settings in force; precedence: flags > environment > file > defaults.
+# file: {path} (named by --config)
+
+# key = value                     # environment variable                     flag                   set by
+
+[watch]
+enabled = false                   # GPU_SUPERVISE_WATCH_ENABLED              --no-watch             flag
+interval = 30                     # GPU_SUPERVISE_WATCH_INTERVAL             --interval             default
+cooldown = 2.5                    # GPU_SUPERVISE_WATCH_COOLDOWN             --cooldown             file {path}
+settle = 5                        # GPU_SUPERVISE_WATCH_SETTLE               --settle               default
+failure_threshold = 3             # GPU_SUPERVISE_WATCH_FAILURE_THRESHOLD    --failure-threshold    default
+probe_timeout = 10                # GPU_SUPERVISE_WATCH_PROBE_TIMEOUT        --probe-timeout        default
+source = "nvml"                   # GPU_SUPERVISE_WATCH_SOURCE               --source               default
+on_pending = "hold"               # GPU_SUPERVISE_WATCH_ON_PENDING           --on-pending           default
+pending_timeout = 300             # GPU_SUPERVISE_WATCH_PENDING_TIMEOUT      --pending-timeout      default
+tripwire_interval = 1             # GPU_SUPERVISE_WATCH_TRIPWIRE_INTERVAL    --tripwire-interval    default
+device_dir = "/dev"               # GPU_SUPERVISE_WATCH_DEVICE_DIR           --device-dir           default
+procfs_root = "/proc/driver/nvidia"  # GPU_SUPERVISE_WATCH_PROCFS_ROOT          --procfs-root          default
+
+[child]
+stop_timeout = 3                  # GPU_SUPERVISE_CHILD_STOP_TIMEOUT         --stop-timeout         flag
+parent_death_signal = "SIGTERM"   # GPU_SUPERVISE_CHILD_PARENT_DEATH_SIGNAL  --parent-death-signal  environment
+
+[log]
+level = "INFO"                    # GPU_SUPERVISE_LOG_LEVEL                  --log-level            default
+format = "text"                   # GPU_SUPERVISE_LOG_FORMAT                 --log-format           default
+heartbeat = 3600                  # GPU_SUPERVISE_LOG_HEARTBEAT              --log-heartbeat        default
+
+[report]
+termination_log = "/dev/termination-log"  # GPU_SUPERVISE_REPORT_TERMINATION_LOG     --termination-log      default"""  # noqa: E501
+
+
+def test_config_text_in_full(tmp_path: Path):
+    """In process, where mutation testing sees it: the layers load_traced records, and the
+    text render makes of them, to the character."""
+    path = write(tmp_path, "[watch]\ncooldown = 2.5\n")
+    flags = {("child", "stop_timeout"): "3", ("watch", "enabled"): False}
+    env = {"GPU_SUPERVISE_CHILD_PARENT_DEATH_SIGNAL": "term"}
+    settings, origins = config.load_traced(flags, str(path), env)
+    layers = {(s, k): "default" for s, keys in SCHEMA.items() for k in keys}
+    layers |= {("watch", "enabled"): "flag --no-watch", ("child", "stop_timeout"):
+               "flag --stop-timeout", ("watch", "cooldown"): f"file {path}",
+               ("child", "parent_death_signal"): "environment "
+               "GPU_SUPERVISE_CHILD_PARENT_DEATH_SIGNAL", ("", ""): "--config"}  # fmt: skip
+    assert origins == layers
+    assert config.render(settings, origins) == RENDERED.format(path=path)
+
+
+def test_config_text_names_the_default_file_or_its_absence(tmp_path: Path, monkeypatch):
+    default = write(tmp_path, "[log]\nheartbeat = 0\n")
+    monkeypatch.setattr(config, "DEFAULT_CONFIG", str(default))
+    text = config.render(*config.load_traced({}, None, {}))
+    assert f"# file: {default} (the default path)" in text.splitlines()
+    assert next(line for line in text.splitlines() if line.startswith("heartbeat")) == (
+        "heartbeat = 0                     # GPU_SUPERVISE_LOG_HEARTBEAT              "
+        f"--log-heartbeat        file {default}"
+    )
+    monkeypatch.setattr(config, "DEFAULT_CONFIG", "/nonexistent/config.toml")
+    text = config.render(*config.load_traced({}, None, {"GPU_SUPERVISE_CONFIG": ""}))
+    assert text.splitlines()[1] == ("# file: none (/nonexistent/config.toml does not exist; "
+                                    "--config or $GPU_SUPERVISE_CONFIG names one)")  # fmt: skip
+    assert '\nparent_death_signal = ""   ' in text
+
+
+def test_a_bad_flag_names_the_flag_in_process():
+    with pytest.raises(ConfigError, match=r"^--interval: must be at least 0\.1 s, got '0'$"):
+        config.load_traced({("watch", "interval"): "0"}, None, {})
+    with pytest.raises(ConfigError, match=r"^--log-level: must be one of TRACE"):
+        load({("log", "level"): "loud"}, environ={})

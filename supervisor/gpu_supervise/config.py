@@ -58,12 +58,13 @@ def _boolean(value: Any) -> bool:
     raise ValueError(f"must be true or false, got {_show(value)}")
 
 
-def _is_decimal(text: str, fraction: bool = True) -> bool:
-    """`30`, `-1`, `2.5` (a fraction only where allowed): ASCII digits with an optional sign and
-    fraction, the form the docs give. Not all that float() and int() take: `3_0`, `1e3`, `inf`,
-    or Arabic-Indic and full-width digits would pass a typo off as a number."""
+def _is_decimal(text: str) -> bool:
+    """`30`, `-1`, `2.5`: ASCII digits with an optional sign and fraction, the form the docs
+    give. Not all that float() and int() take: `3_0`, `1e3`, `inf`, or Arabic-Indic and
+    full-width digits would pass a typo off as a number. (A fraction where a whole number is
+    wanted is int()'s to refuse.)"""
     digits = text[1:] if text[:1] in ("+", "-") else text
-    whole, dot, part = digits.partition(".") if fraction else (digits, "", "")
+    whole, dot, part = digits.partition(".")
     return all(p.isascii() and p.isdigit() for p in ((whole, part) if dot else (whole,)))
 
 
@@ -119,7 +120,7 @@ def _threshold(value: Any) -> int:
     wrong = f"must be a whole number from 1 to {MAX_THRESHOLD}, got {_show(value)}"
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ValueError(wrong)
-    if isinstance(value, str) and not _is_decimal(value.strip(), fraction=False):
+    if isinstance(value, str) and not _is_decimal(value.strip()):
         raise ValueError(wrong)
     try:
         number = int(value.strip()) if isinstance(value, str) else value
