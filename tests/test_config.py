@@ -125,8 +125,12 @@ RULES = [
     ("watch", "interval", "0.09", "must be at least 0.1 s, got '0.09'"),
     ("watch", "interval", "2592000.5", "must be a finite number of seconds up to 2592000, got "
                                        "'2592000.5'"),
-    ("watch", "interval", "-inf", "must be a finite number of seconds up to 2592000, got '-inf'"),
     ("watch", "interval", "30s", "must be a number of seconds, got '30s'"),
+    ("watch", "interval", "+2.5", 2.5),
+    # only the decimal form the docs give: not every form Python's float() takes
+    *[("watch", "interval", raw, f"must be a number of seconds, got {raw!r}")
+      for raw in ("3_0", "\u0663\u0660", "\uff13\uff10", "1e1", "inf", "-inf", "nan", "0x1e",
+                  ".5", "5.", "3.0_0", "--5", "+-5", "", "2.5.1")],
     ("watch", "cooldown", "0", 0.0),
     ("watch", "cooldown", "-1", "must be 0 or more, got '-1'"),
     ("watch", "settle", "0", 0.0),
@@ -138,6 +142,9 @@ RULES = [
     ("watch", "failure_threshold", "1000001", "must be a whole number from 1 to 1000000, got "
                                               "'1000001'"),
     ("watch", "failure_threshold", "2.5", "must be a whole number from 1 to 1000000, got '2.5'"),
+    ("watch", "failure_threshold", "+4", 4),
+    *[("watch", "failure_threshold", raw, f"must be a whole number from 1 to 1000000, got {raw!r}")
+      for raw in ("1_0", "\u0663", "\uff13", "1e1", "0x3", "")],
     ("watch", "probe_timeout", "0.1", 0.1),
     ("watch", "probe_timeout", "0", "must be at least 0.1 s, got '0'"),
     ("watch", "source", " nvml ", "nvml"),
@@ -159,6 +166,8 @@ RULES = [
     ("child", "parent_death_signal", "SIGFOO", "must be a signal name such as SIGTERM, got "
                                                "'SIGFOO'"),
     ("child", "parent_death_signal", "99", "must be a signal name such as SIGTERM, got '99'"),
+    ("child", "parent_death_signal", "\u0669", "must be a signal name such as SIGTERM, got "
+                                              "'\u0669'"),
     ("log", "level", "debug", "DEBUG"),
     ("log", "level", "loud", "must be one of TRACE, DEBUG, INFO, SUCCESS, WARNING, ERROR, "
                              "CRITICAL, got 'loud'"),
@@ -213,6 +222,34 @@ def test_typed_values_a_file_may_hold(tmp_path: Path):
                            "[child]\nparent_death_signal = 15\n")  # fmt: skip
     s = load({}, str(path), environ={})
     assert (s.interval, s.failure_threshold, s.parent_death_signal) == (2.0, 4, 15)
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [("3_0", 30.0), ("0x1e", 30.0), ("0o36", 30.0), ("3e1", 30.0), ("2_5.5", 25.5), ('"30"', 30.0),
+     ('" 2.5 "', 2.5)],
+)  # fmt: skip
+def test_a_toml_number_is_any_number_toml_writes(tmp_path: Path, toml: str, expected: float):
+    """In the file, a TOML number is what the TOML spec says it is (3_0 is the integer 30); a
+    string holds a number as the environment writes it."""
+    path = write(tmp_path, f"[watch]\ninterval = {toml}\nfailure_threshold = 1_0\n")
+    s = load({}, str(path), environ={})
+    assert (s.interval, s.failure_threshold) == (expected, 10)
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [('"3_0"', "must be a number of seconds, got '3_0'"),
+     ('"\u0663\u0660"', "must be a number of seconds, got '\u0663\u0660'"),
+     ('"1e1"', "must be a number of seconds, got '1e1'"),
+     ("inf", "must be a finite number of seconds up to 2592000, got inf"),
+     ("nan", "must be a finite number of seconds up to 2592000, got nan")],
+)  # fmt: skip
+def test_a_toml_string_holds_only_a_plain_decimal(tmp_path: Path, toml: str, message: str):
+    path = write(tmp_path, f"[watch]\ninterval = {toml}\n")
+    with pytest.raises(ConfigError) as caught:
+        load({}, str(path), environ={})
+    assert str(caught.value) == f"config file {path}: [watch] interval: {message}"
 
 
 def test_user_input_quoted_in_an_error_is_one_short_line():
@@ -436,11 +473,14 @@ def test_bad_config_file_is_one_line_exit_2_and_no_child(tmp_path: Path, text: s
         (["--failure-threshold", "0"], {}, "--failure-threshold: must be a whole number from 1"),
         (["--cooldown", "soon"], {}, "--cooldown: must be a number of seconds, got 'soon'"),
         (["--log-format", "xml"], {}, "--log-format: must be one of text, json"),
-        (["--interval", "nan"], {}, "--interval: must be a finite number"),
-        (["--interval", "1e-9"], {}, "--interval: must be at least 0.1 s, got '1e-9'"),
+        (["--interval", "nan"], {}, "--interval: must be a number of seconds, got 'nan'"),
+        (["--interval", "3_0"], {}, "--interval: must be a number of seconds, got '3_0'"),
+        (["--interval", "\u0663\u0660"], {}, "--interval: must be a number of seconds"),
+        (["--interval", "0.01"], {}, "--interval: must be at least 0.1 s, got '0.01'"),
         (["--settle", "0.01"], {}, "--settle: must be 0 (act at first sight) or at least 0.1 s"),
         (["--probe-timeout", "0.05"], {}, "--probe-timeout: must be at least 0.1 s"),
-        (["--stop-timeout", "1e400"], {}, "--stop-timeout: must be a finite number of seconds"),
+        (["--stop-timeout", "1e400"], {}, "--stop-timeout: must be a number of seconds"),
+        (["--stop-timeout", "1" + "0" * 400], {}, "--stop-timeout: must be a finite number of"),
         (["--interval", "9" * 400], {}, "--interval: must be a finite number of seconds up to"),
         (["--source", "file:/nonexistent/node.json"], {}, "'/nonexistent/node.json' is not a file"),
         (["--on-pending", "wait"], {}, "--on-pending: must be one of hold, ignore"),
@@ -606,3 +646,215 @@ def test_fuzz_the_whole_configuration_path(tmp_path: Path, doc: str, env, flags)
             assert "\n" not in message and len(message) < 1200
         else:
             assert command == ["agent"] and settings.interval >= 0.1
+
+
+# -- `gpu-supervise config`: the settings in force, and the layer that set each -----------------
+
+
+def _config_lines(stdout: str) -> dict[str, tuple[str, str, str, str]]:
+    """`config`'s key lines: key -> (value, environment variable, flag, layer)."""
+    out = {}
+    for line in stdout.splitlines():
+        if line and not line.startswith(("#", "[")):
+            left, note = line.split("  # ", 1)
+            key, value = (part.strip() for part in left.split(" = ", 1))
+            env, flag, layer = note.split(None, 2)
+            out[key] = (value, env, flag, layer)
+    return out
+
+
+def test_config_shows_every_layer_and_every_key_s_names(tmp_path: Path):
+    path = write(tmp_path, "[watch]\ncooldown = 2.5\ninterval = 9\n[log]\nlevel = 'debug'\n")
+    env = clean_env(GPU_SUPERVISE_WATCH_INTERVAL="7", GPU_SUPERVISE_CHILD_STOP_TIMEOUT="4")
+    out = run(["config", "--config", str(path), "--no-watch", "--settle", "0", "--log-level",
+               "error"], env)  # fmt: skip
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert f"# file: {path} (named by --config)" in out.stdout.splitlines()
+    lines = _config_lines(out.stdout)
+    assert list(lines) == [k for keys in SCHEMA.values() for k in keys]
+    assert lines["enabled"] == ("false", "GPU_SUPERVISE_WATCH_ENABLED", "--no-watch", "flag")
+    assert lines["settle"] == ("0", "GPU_SUPERVISE_WATCH_SETTLE", "--settle", "flag")
+    assert lines["level"] == ('"ERROR"', "GPU_SUPERVISE_LOG_LEVEL", "--log-level", "flag")
+    assert lines["interval"] == ("7", "GPU_SUPERVISE_WATCH_INTERVAL", "--interval", "environment")
+    assert lines["stop_timeout"] == ("4", "GPU_SUPERVISE_CHILD_STOP_TIMEOUT", "--stop-timeout",
+                                     "environment")  # fmt: skip
+    assert lines["cooldown"] == ("2.5", "GPU_SUPERVISE_WATCH_COOLDOWN", "--cooldown",
+                                 f"file {path}")  # fmt: skip
+    assert lines["probe_timeout"] == ("10", "GPU_SUPERVISE_WATCH_PROBE_TIMEOUT", "--probe-timeout",
+                                      "default")  # fmt: skip
+    for section, keys in SCHEMA.items():
+        for key in keys:
+            _, env_var, flag, _ = lines[key]
+            assert (env_var, flag) == (env_name(section, key), config.cli_flag(section, key))
+            assert flag in cli.FLAGS or flag == "--no-watch"
+
+
+def test_config_names_where_the_file_came_from(tmp_path: Path):
+    path = write(tmp_path, "[watch]\ninterval = 9\n")
+    out = run(["config"], clean_env(GPU_SUPERVISE_CONFIG=str(path)))
+    assert f"# file: {path} (named by $GPU_SUPERVISE_CONFIG)" in out.stdout.splitlines()
+    assert _config_lines(out.stdout)["interval"][3] == f"file {path}"
+    assert not Path(config.DEFAULT_CONFIG).exists()
+    out = run(["config"], clean_env())
+    assert out.returncode == 0, out.stderr
+    assert "# file: none (/etc/gpu-supervise/config.toml does not exist; --config or " \
+        "$GPU_SUPERVISE_CONFIG names one)" in out.stdout.splitlines()  # fmt: skip
+    assert {layer for *_, layer in _config_lines(out.stdout).values()} == {"default"}
+
+
+def test_config_prints_a_file_that_loads_back_to_the_same_settings(tmp_path: Path):
+    """What `config` prints is itself a configuration: every key at a value other than its
+    default, strings that need escapes included, read back to the very same settings."""
+    environ = {
+        env_name(s, k): raw.format(example=EXAMPLE) for (s, k), (raw, *_) in EVERY_KEY.items()
+    }
+    environ["GPU_SUPERVISE_REPORT_TERMINATION_LOG"] = '/x/"q"\\b\n\x7f\x85é\U0001f600'
+    environ["GPU_SUPERVISE_CHILD_PARENT_DEATH_SIGNAL"] = "40"  # a real-time signal: no name
+    settings, origins = config.load_traced({}, None, environ)
+    text = config.render(settings, origins)
+    assert all(line.isprintable() for line in text.splitlines())
+    assert load({}, str(write(tmp_path, text)), environ={}) == _with_file(
+        settings, str(tmp_path / "config.toml")
+    )
+    assert load({}, environ={}) != settings
+    defaults = config.render(*config.load_traced({}, None, {}))
+    assert load({}, str(write(tmp_path, defaults)), environ={}) == _with_file(
+        load({}, environ={}), str(tmp_path / "config.toml")
+    )
+
+
+def _with_file(settings: config.Settings, path: str) -> config.Settings:
+    """The same settings, read from the file at `path`."""
+    values = {name: getattr(settings, name) for name in settings.__slots__}
+    values.pop("config_file")
+    return config.Settings(path, **values)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "text", "message"),
+    [
+        (["--interval", "0"], {}, None, "gpu-supervise: --interval: must be at least 0.1 s"),
+        (["--interval", "3_0"], {}, None, "gpu-supervise: --interval: must be a number of"),
+        ([], {"GPU_SUPERVISE_CHILD_STOP_TIMEOUT": "-1"}, None,
+         "gpu-supervise: environment GPU_SUPERVISE_CHILD_STOP_TIMEOUT: must be 0 or more"),
+        ([], {"GPU_SUPERVISE_CHILD_STOP_TIMOUT": "5"}, None,
+         "gpu-supervise: environment GPU_SUPERVISE_CHILD_STOP_TIMOUT: unknown setting"),
+        (["--config"], {}, "[child]\nstop_timeout = 'soon'\n",
+         "[child] stop_timeout: must be a number of seconds, got 'soon'"),
+        (["--bogus"], {}, None, "gpu-supervise: unrecognized arguments: --bogus"),
+        (["echo"], {}, None, "gpu-supervise: unrecognized arguments: echo"),
+    ],
+)  # fmt: skip
+def test_invalid_settings_are_one_line_exit_2_and_nothing_runs(
+    tmp_path: Path, args: list[str], env: dict, text: str | None, message: str
+):
+    if text is not None:
+        args = [*args, str(write(tmp_path, text))]
+    marker = tmp_path / "started"
+    out = run(["config", *args, "--", "touch", str(marker)], clean_env(**env))
+    assert out.returncode == 2 and out.stdout == "", out.stderr
+    assert message in out.stderr and out.stderr.startswith("gpu-supervise: ")
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert not marker.exists()
+
+
+def test_config_never_runs_the_command_after_the_double_dash(tmp_path: Path):
+    marker = tmp_path / "started"
+    out = run(["config", "--interval", "5", "--", "touch", str(marker)], clean_env())
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert _config_lines(out.stdout)["interval"] == ("5", "GPU_SUPERVISE_WATCH_INTERVAL",
+                                                     "--interval", "flag")  # fmt: skip
+    assert not marker.exists()
+
+
+def test_config_into_a_closed_pipe_is_no_internal_error():
+    """`gpu-supervise config | head -1`: the reader is gone before the end; not exit 70."""
+    read, write_end = os.pipe()
+    os.close(read)  # no reader at all: the first write fails with EPIPE
+    try:
+        out = subprocess.run([*gpu_supervise_cmd(), "config"], stdout=write_end,
+                             stderr=subprocess.PIPE, text=True, env=clean_env(), timeout=60,
+                             stdin=subprocess.DEVNULL)  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+
+
+def test_help_names_the_config_command():
+    out = run(["--help"], clean_env())
+    assert "gpu-supervise config [OPTIONS] prints the settings in force" in out.stdout
+    assert "snapshot|demo|install|config --help" in out.stdout
+    out = run(["config", "--help"], clean_env())
+    assert out.returncode == 0 and "--stop-timeout" in out.stdout and "--no-watch" in out.stdout
+
+
+RENDERED = """\
+# The settings in force; precedence: flags > environment > file > defaults.
+# file: {path} (named by --config)
+
+# key = value                     # environment variable                     flag                   set by
+
+[watch]
+enabled = false                   # GPU_SUPERVISE_WATCH_ENABLED              --no-watch             flag
+interval = 30                     # GPU_SUPERVISE_WATCH_INTERVAL             --interval             default
+cooldown = 2.5                    # GPU_SUPERVISE_WATCH_COOLDOWN             --cooldown             file {path}
+settle = 5                        # GPU_SUPERVISE_WATCH_SETTLE               --settle               default
+failure_threshold = 3             # GPU_SUPERVISE_WATCH_FAILURE_THRESHOLD    --failure-threshold    default
+probe_timeout = 10                # GPU_SUPERVISE_WATCH_PROBE_TIMEOUT        --probe-timeout        default
+source = "nvml"                   # GPU_SUPERVISE_WATCH_SOURCE               --source               default
+on_pending = "hold"               # GPU_SUPERVISE_WATCH_ON_PENDING           --on-pending           default
+pending_timeout = 300             # GPU_SUPERVISE_WATCH_PENDING_TIMEOUT      --pending-timeout      default
+tripwire_interval = 1             # GPU_SUPERVISE_WATCH_TRIPWIRE_INTERVAL    --tripwire-interval    default
+device_dir = "/dev"               # GPU_SUPERVISE_WATCH_DEVICE_DIR           --device-dir           default
+procfs_root = "/proc/driver/nvidia"  # GPU_SUPERVISE_WATCH_PROCFS_ROOT          --procfs-root          default
+
+[child]
+stop_timeout = 3                  # GPU_SUPERVISE_CHILD_STOP_TIMEOUT         --stop-timeout         flag
+parent_death_signal = "SIGTERM"   # GPU_SUPERVISE_CHILD_PARENT_DEATH_SIGNAL  --parent-death-signal  environment
+
+[log]
+level = "INFO"                    # GPU_SUPERVISE_LOG_LEVEL                  --log-level            default
+format = "text"                   # GPU_SUPERVISE_LOG_FORMAT                 --log-format           default
+heartbeat = 3600                  # GPU_SUPERVISE_LOG_HEARTBEAT              --log-heartbeat        default
+
+[report]
+termination_log = "/dev/termination-log"  # GPU_SUPERVISE_REPORT_TERMINATION_LOG     --termination-log      default"""  # noqa: E501
+
+
+def test_config_text_in_full(tmp_path: Path):
+    """In process, where mutation testing sees it: the layers load_traced records, and the
+    text render makes of them, to the character."""
+    path = write(tmp_path, "[watch]\ncooldown = 2.5\n")
+    flags = {("child", "stop_timeout"): "3", ("watch", "enabled"): False}
+    env = {"GPU_SUPERVISE_CHILD_PARENT_DEATH_SIGNAL": "term"}
+    settings, origins = config.load_traced(flags, str(path), env)
+    layers = {(s, k): "default" for s, keys in SCHEMA.items() for k in keys}
+    layers |= {("watch", "enabled"): "flag --no-watch", ("child", "stop_timeout"):
+               "flag --stop-timeout", ("watch", "cooldown"): f"file {path}",
+               ("child", "parent_death_signal"): "environment "
+               "GPU_SUPERVISE_CHILD_PARENT_DEATH_SIGNAL", ("", ""): "--config"}  # fmt: skip
+    assert origins == layers
+    assert config.render(settings, origins) == RENDERED.format(path=path)
+
+
+def test_config_text_names_the_default_file_or_its_absence(tmp_path: Path, monkeypatch):
+    default = write(tmp_path, "[log]\nheartbeat = 0\n")
+    monkeypatch.setattr(config, "DEFAULT_CONFIG", str(default))
+    text = config.render(*config.load_traced({}, None, {}))
+    assert f"# file: {default} (the default path)" in text.splitlines()
+    assert next(line for line in text.splitlines() if line.startswith("heartbeat")) == (
+        "heartbeat = 0                     # GPU_SUPERVISE_LOG_HEARTBEAT              "
+        f"--log-heartbeat        file {default}"
+    )
+    monkeypatch.setattr(config, "DEFAULT_CONFIG", "/nonexistent/config.toml")
+    text = config.render(*config.load_traced({}, None, {"GPU_SUPERVISE_CONFIG": ""}))
+    assert text.splitlines()[1] == ("# file: none (/nonexistent/config.toml does not exist; "
+                                    "--config or $GPU_SUPERVISE_CONFIG names one)")  # fmt: skip
+    assert '\nparent_death_signal = ""   ' in text
+
+
+def test_a_bad_flag_names_the_flag_in_process():
+    with pytest.raises(ConfigError, match=r"^--interval: must be at least 0\.1 s, got '0'$"):
+        config.load_traced({("watch", "interval"): "0"}, None, {})
+    with pytest.raises(ConfigError, match=r"^--log-level: must be one of TRACE"):
+        load({("log", "level"): "loud"}, environ={})

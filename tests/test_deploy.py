@@ -62,6 +62,33 @@ def test_daemonset_config_and_grace_period(tmp_path: Path):
     assert settings.termination_log == agent["terminationMessagePath"]
 
 
+def test_the_readme_lists_what_the_daemonset_sets():
+    """The README's short list of what the agent's container needs is what the example sets:
+    each variable at its value, the capability, the RuntimeClass, the grace period (above the
+    stop timeout) and a memory limit."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("What the agent's container needs")[1].split("\n\n")[1]
+    items = [" ".join(item.split()) for item in block.split("\n- ")]
+    assert len(items) == 5 and items[0].startswith("- ")
+    spans = [re.findall(r"`([^`]+)`", item)[0] for item in items]
+    ds = next(d for d in manifests() if d["kind"] == "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    (agent,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in agent["env"]}
+    named = [s for item in items for s in re.findall(r"`([A-Z_]+)=([^`]+)`", item)]
+    assert {n for n, _ in named} == {"NVIDIA_MIG_MONITOR_DEVICES", "NVIDIA_VISIBLE_DEVICES",
+                                     "NVIDIA_DRIVER_CAPABILITIES"}  # fmt: skip
+    assert all(env[name] == value for name, value in named), named
+    assert "`CAP_SYS_ADMIN`" in items[0] and agent["securityContext"]["capabilities"] == {
+        "add": ["SYS_ADMIN"]
+    }
+    assert spans[1] == f"runtimeClassName: {pod['runtimeClassName']}"
+    grace = int(spans[3].removeprefix("terminationGracePeriodSeconds: "))
+    assert grace == pod["terminationGracePeriodSeconds"] > load({}, environ={}).stop_timeout
+    assert f"`stop_timeout` ({load({}, environ={}).stop_timeout:g} s)" in items[3]
+    assert spans[4] == "limits.memory" and agent["resources"]["limits"]["memory"]
+
+
 def _container(pod: dict, name: str) -> dict:
     return next(c for c in pod.get("initContainers", []) + pod["containers"] if c["name"] == name)
 

@@ -4,10 +4,15 @@ docs/)."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
+
+from conftest import clean_env, gpu_supervise_cmd
 
 ROOT = Path(__file__).parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -69,3 +74,29 @@ def test_the_generated_tables_are_filled_in():
         text = (ROOT / "docs" / page).read_text()
         table = text.split(f"<!-- {marker}:start -->")[1].split(f"<!-- {marker}:end -->")[0]
         assert "| --- |" in table and "written by" not in table, page
+
+
+def test_the_readme_dry_run_works_as_written(tmp_path: Path, start_cmd):
+    """The Troubleshooting dry run, pasted into a shell in a clone where the Install section
+    was followed (the command is .venv/bin/gpu-supervise, not on PATH): the change line, exit 1.
+    Only its /tmp/node.json is moved into this test's own folder."""
+    text = " ".join((ROOT / "README.md").read_text().split())
+    command = re.search(r"\*\*Dry run without a GPU:\*\* `([^`]+)`", text)[1]
+    node = tmp_path / "node.json"
+    assert command.count("/tmp/node.json") == 2
+    command = command.replace("/tmp/node.json", str(node)).replace("sleep 600", "sleep 300")
+    clone = tmp_path / "clone"
+    (clone / ".venv" / "bin").mkdir(parents=True)
+    (clone / ".venv" / "bin" / "gpu-supervise").symlink_to(gpu_supervise_cmd()[0])
+    (clone / "examples").mkdir()
+    shutil.copy2(ROOT / "examples" / "node.json", clone / "examples" / "node.json")
+    path = ":".join(d for d in os.environ["PATH"].split(":")
+                    if d and not (Path(d) / "gpu-supervise").exists())  # fmt: skip
+    proc = start_cmd(["bash", "-c", command], clean_env(PATH=path), clone)
+    proc.wait_for("baseline: ", timeout=120)
+    doc = json.loads(node.read_text())
+    gpu = next(g for g in doc["gpus"] if g["mig_devices"])
+    gpu["mig_devices"].pop()
+    node.write_text(json.dumps(doc))
+    assert proc.wait(timeout=120) == 1, proc.output
+    assert "MIG configuration change detected" in proc.log

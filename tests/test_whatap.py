@@ -294,10 +294,21 @@ def test_the_whatapagent_example_swaps_in_wrapped_images_and_valid_settings():
     assert gpu["customImageFullName"].endswith("-supervised")
     assert gpu["hostEngine"]["customImageFullName"].endswith("-supervised")
     assert "nvidia.com/gpu.deploy.client" not in gpu["nodeSelector"]
-    # the gpu-supervise settings it shows are valid, and are the defaults it says they are
+    # the exporter sees every MIG device: the deployment sets it, the wrapped image does not
     env = {e["name"]: e["value"] for e in gpu["envs"]}
+    assert env.pop("NVIDIA_MIG_MONITOR_DEVICES") == "all"
+    # the gpu-supervise settings it shows are valid, and are the defaults it says they are
     assert all(name.startswith("GPU_SUPERVISE_") for name in env)
     assert load({}, environ=env) == load({}, environ={})
+
+
+def test_the_recipe_changes_the_command_alone():
+    """Containerfile.wrap adds gpu-supervise and sets the command, nothing else: no ENV above
+    all, for NVIDIA_MIG_MONITOR_DEVICES=all in the image would make the NVIDIA container toolkit
+    refuse every container of it that lacks CAP_SYS_ADMIN."""
+    instructions = [line.split(None, 1)[0] for line in RECIPE.read_text().splitlines()
+                    if line.strip() and not line.startswith("#")]  # fmt: skip
+    assert set(instructions) == {"ARG", "FROM", "COPY", "ENTRYPOINT", "CMD"}, instructions
 
 
 # -- images -------------------------------------------------------------------------------------
@@ -401,7 +412,7 @@ def test_the_recipe_puts_gpu_supervise_in_front_of_the_image_command(
     assert stock["Cmd"] == ["-f", "/etc/dcgm-exporter/default-counters.csv"]  # are used
     assert wrapped["Entrypoint"] == ["/opt/gpu-supervise/gpu-supervise", "--", *stock["Entrypoint"]]
     assert wrapped["Cmd"] == stock["Cmd"]
-    assert wrapped["Env"] == [*stock["Env"], "NVIDIA_MIG_MONITOR_DEVICES=all"]
+    assert wrapped["Env"] == stock["Env"]  # NVIDIA_MIG_MONITOR_DEVICES is the deployment's
     # and nothing in it needs a shell, for there is none
     sh = subprocess.run(
         [*podman, "run", "--rm", *PODMAN_FLAGS, "--entrypoint", "/bin/sh",

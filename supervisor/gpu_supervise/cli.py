@@ -3,6 +3,7 @@
     gpu-supervise [OPTIONS] -- COMMAND [ARGS...]   supervise COMMAND (exit codes in the README)
     gpu-supervise snapshot [--json] [--source S]   print the node's topology
     gpu-supervise demo                             the whole story on a simulated node
+    gpu-supervise config [OPTIONS] [-- COMMAND]    the settings in force, and who set each
 
 Usage and configuration errors print one line and exit 2; nothing is started.
 """
@@ -24,6 +25,8 @@ from .config import (
     Settings,
     flag_name,
     load,
+    load_traced,
+    render,
 )
 from .text import clip
 
@@ -54,6 +57,8 @@ exit codes:
 
 configuration: --config PATH, else ${ENV_CONFIG}, else {DEFAULT_CONFIG} if it exists;
   environment GPU_SUPERVISE_<SECTION>_<KEY> overrides the file, flags override both.
+  {PROG} config [OPTIONS] prints the settings in force: each key with its environment
+  variable, its flag, and the layer that set it (nothing is started).
 other commands: {PROG} snapshot [--json] (the node's topology), {PROG} demo (a simulated node),
   {PROG} install DIR (copy the self-contained binary into DIR, for init containers)
 """
@@ -104,7 +109,7 @@ def supervise_parser() -> Parser:
         "Run COMMAND as a supervised child; stop it and exit 1 when the GPU topology changes.",
         EPILOG,
     )
-    parser.usage = f"{USAGE}\n       {PROG} snapshot|demo|install --help"
+    parser.usage = f"{USAGE}\n       {PROG} snapshot|demo|install|config --help"
     parser.add_argument("--no-watch", action="store_true", help="plain supervisor: no NVML at all")
     parser.add_argument("--version", action=_Version, help="show the version and build; exit")
     return parser
@@ -155,7 +160,7 @@ def parse_supervise(argv: list[str]) -> tuple[Settings, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("snapshot", "demo", "install"):
+    if argv and argv[0] in ("snapshot", "demo", "install", "config"):
         from .signals import unblock_signals
 
         unblock_signals()  # only supervising holds signals until its handlers are in place
@@ -170,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             from .install import main as install_main
 
             return install_main(argv[1:])
+        if argv and argv[0] == "config":
+            return _config(argv[1:])
         settings, command = parse_supervise(argv)
     except ConfigError as exc:
         print(f"{PROG}: {clip(str(exc), 1000)}", file=sys.stderr)  # one line, whatever came in
@@ -227,6 +234,28 @@ def _wait_to_retry(exc: Exception, seconds: float) -> bool:
             return False
         time.sleep(0.02)
     return not stop & signal.sigpending()
+
+
+def _config(argv: list[str]) -> int:
+    """The settings a run with these options would have, and where each came from; a command
+    after `--` is allowed (a whole command line, with `config` put in) and never run."""
+    options = argv[: argv.index("--")] if "--" in argv else argv
+    parser = _parser(
+        f"{PROG} config",
+        tuple(FLAGS),
+        "Print the settings in force, as TOML: each key with its environment variable, its "
+        "flag, and the layer that set it (default, the file, the environment, a flag). Invalid "
+        "settings: one line, exit 2. Nothing is started.",
+    )
+    parser.usage = f"{PROG} config [OPTIONS] [-- COMMAND [ARGS...]]"
+    parser.add_argument("--no-watch", action="store_true", help="plain supervisor: no NVML at all")
+    ns = parser.parse_args(options)
+    text = render(*load_traced(_flag_values(ns), ns.config))
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # `| head`: the reader has what it wanted
+        pass
+    return 0
 
 
 def _snapshot(argv: list[str]) -> int:

@@ -58,14 +58,24 @@ def _boolean(value: Any) -> bool:
     raise ValueError(f"must be true or false, got {_show(value)}")
 
 
+def _is_decimal(text: str) -> bool:
+    """`30`, `-1`, `2.5`: ASCII digits with an optional sign and fraction, the form the docs
+    give. Not all that float() and int() take: `3_0`, `1e3`, `inf`, or Arabic-Indic and
+    full-width digits would pass a typo off as a number. (A fraction where a whole number is
+    wanted is int()'s to refuse.)"""
+    digits = text[1:] if text[:1] in ("+", "-") else text
+    whole, dot, part = digits.partition(".")
+    return all(p.isascii() and p.isdigit() for p in ((whole, part) if dot else (whole,)))
+
+
 def _number(value: Any) -> float:
     wrong = f"must be a number of seconds, got {_show(value)}"
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ValueError(wrong)
+    if isinstance(value, str) and not _is_decimal(value.strip()):
+        raise ValueError(wrong)
     try:
         number = float(value.strip() if isinstance(value, str) else value)
-    except ValueError:
-        raise ValueError(wrong) from None
     except OverflowError:  # an integer too large for a float
         number = math.inf
     if not math.isfinite(number) or abs(number) > MAX_SECONDS:
@@ -110,9 +120,11 @@ def _threshold(value: Any) -> int:
     wrong = f"must be a whole number from 1 to {MAX_THRESHOLD}, got {_show(value)}"
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ValueError(wrong)
+    if isinstance(value, str) and not _is_decimal(value.strip()):
+        raise ValueError(wrong)
     try:
         number = int(value.strip()) if isinstance(value, str) else value
-    except ValueError:  # also Python's limit on the digits of an int
+    except ValueError:  # Python's limit on the digits of an int
         raise ValueError(wrong) from None
     if not 1 <= number <= MAX_THRESHOLD:
         raise ValueError(wrong)
@@ -172,7 +184,7 @@ def _signal(value: Any) -> int:
     try:
         number = (
             int(text)
-            if text.isdigit()
+            if text.isascii() and text.isdigit()
             else signal.Signals[text if text.startswith("SIG") else "SIG" + text].value
         )
     except (KeyError, ValueError):
@@ -361,6 +373,12 @@ def flag_name(section: str, key: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def cli_flag(section: str, key: str) -> str:
+    """The flag that sets a key on the command line: flag_name, but --no-watch for watch.enabled,
+    which a flag only turns off."""
+    return "--no-watch" if (section, key) == ("watch", "enabled") else flag_name(section, key)
+
+
 def env_name(section: str, key: str) -> str:
     return f"{ENV_PREFIX}{section}_{key}".upper()
 
@@ -371,19 +389,117 @@ def load(
     environ: Mapping[str, str] | None = None,
 ) -> Settings:
     """Merge every layer. `flags` holds only the flags actually given, keyed (section, key)."""
+    return load_traced(flags, config_flag, environ)[0]
+
+
+def load_traced(
+    flags: Mapping[tuple[str, str], Any],
+    config_flag: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[Settings, dict[tuple[str, str], str]]:
+    """load, and for every key the layer that set it: `default`, `file PATH`, `environment
+    NAME` or `flag --NAME` (what `gpu-supervise config` shows); under ("", "") what named the
+    configuration file (--config, $GPU_SUPERVISE_CONFIG, or '' for the default path)."""
     environ = os.environ if environ is None else environ
     values: dict[tuple[str, str], Any] = {
         (section, key): spec.check(spec.default)
         for section, keys in SCHEMA.items()
         for key, spec in keys.items()
     }
-    path, explicit = _config_path(config_flag, environ)
+    origins = dict.fromkeys(values, "default")
+    path, origins["", ""] = _config_path(config_flag, environ)
     if path is not None:
-        values.update(_from_file(path, explicit))
-    values.update(_from_env(environ))
+        found = _from_file(path, explicit=bool(origins["", ""]))
+        values.update(found)
+        origins.update(dict.fromkeys(found, f"file {clip(path, 200)}"))
+    found = _from_env(environ)
+    values.update(found)
+    origins.update({(s, k): f"environment {env_name(s, k)}" for s, k in found})
     for (section, key), raw in flags.items():
         values[section, key] = _check(section, key, raw, flag_name(section, key))
-    return Settings.from_values(values, path)
+        origins[section, key] = f"flag {cli_flag(section, key)}"
+    return Settings.from_values(values, path), origins
+
+
+def render(settings: Settings, origins: Mapping[tuple[str, str], str]) -> str:
+    """The settings in force as a TOML document that loads back to them, each key with its
+    environment variable, its flag and the layer that set it: what `gpu-supervise config`
+    prints, so that nobody has to work out what a file, an environment and flags add up to, or
+    what a key's variable is called."""
+    value = lambda s, k: _toml_value(s, k, getattr(settings, attr_name(s, k)))  # noqa: E731
+    rows = [
+        (section, f"{key} = {value(section, key)}", env_name(section, key),
+         cli_flag(section, key), _layer(origins[section, key]))
+        for section, keys in SCHEMA.items()
+        for key in keys
+    ]  # fmt: skip
+    width = min(max(len(row[1]) for row in rows), 32)
+    env_width = max(len(row[2]) for row in rows)
+    flag_width = max(len(row[3]) for row in rows)
+    lines = [
+        "# The settings in force; precedence: flags > environment > file > defaults.",
+        f"# file: {_file_note(settings.config_file, origins['', ''])}",
+        "",
+        f"# {'key = value'.ljust(width - 2)}  # {'environment variable'.ljust(env_width)}  "
+        f"{'flag'.ljust(flag_width)}  set by",
+    ]
+    for section in SCHEMA:
+        lines += ["", f"[{section}]"]
+        lines += [
+            f"{left.ljust(width)}  # {env.ljust(env_width)}  {flag.ljust(flag_width)}  {layer}"
+            for s, left, env, flag, layer in rows
+            if s == section
+        ]
+    return "\n".join(lines)
+
+
+def _layer(origin: str) -> str:
+    """`environment` and `flag` alone beside the variable's and the flag's names; `default`
+    and `file PATH` whole."""
+    return origin.split(" ", 1)[0] if origin.startswith(("environment ", "flag ")) else origin
+
+
+def _file_note(path: str | None, named_by: str) -> str:
+    if path is None:
+        return (f"none ({DEFAULT_CONFIG} does not exist; --config or ${ENV_CONFIG} names "
+                "one)")  # fmt: skip
+    return f"{clip(path, 200)} ({f'named by {named_by}' if named_by else 'the default path'})"
+
+
+def _toml_value(section: str, key: str, value: Any) -> str:
+    """A validated value as TOML writes it, and as the file reads it back: 30, not 30.0;
+    a signal by name."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if (section, key) == ("child", "parent_death_signal"):
+        return _toml_string(_signal_name(value))
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    return str(value) if isinstance(value, int) else _toml_string(value)
+
+
+def _signal_name(number: int) -> str:
+    import signal
+
+    if number == 0:
+        return ""
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # a real-time signal, which has no name of its own
+        return str(number)
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string, printable: quotes and backslashes escaped, and every character
+    that is not printable as a \\u escape."""
+    escaped = (
+        "\\" + ch if ch in '"\\'
+        else ch if ch.isprintable()
+        else f"\\u{ord(ch):04x}" if ord(ch) <= 0xFFFF
+        else f"\\U{ord(ch):08x}"
+        for ch in text
+    )  # fmt: skip
+    return '"' + "".join(escaped) + '"'
 
 
 def _check(section: str, key: str, raw: Any, where: str) -> Any:
@@ -393,14 +509,16 @@ def _check(section: str, key: str, raw: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def _config_path(flag: str | None, environ: Mapping[str, str]) -> tuple[str | None, bool]:
+def _config_path(flag: str | None, environ: Mapping[str, str]) -> tuple[str | None, str]:
+    """The configuration file, and what named it: --config, $GPU_SUPERVISE_CONFIG, or '' for
+    the default path (read only if it exists)."""
     if flag is not None:
-        return flag, True
+        return flag, "--config"
     if environ.get(ENV_CONFIG):
-        return environ[ENV_CONFIG], True
+        return environ[ENV_CONFIG], f"${ENV_CONFIG}"
     if os.path.exists(DEFAULT_CONFIG):
-        return DEFAULT_CONFIG, False
-    return None, False
+        return DEFAULT_CONFIG, ""
+    return None, ""
 
 
 def _from_file(path: str, explicit: bool) -> dict[tuple[str, str], Any]:

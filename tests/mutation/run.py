@@ -254,9 +254,18 @@ def main() -> int:
         print("\n".join(rows) + "\n")
         if args.docs:
             _write_docs("\n".join(rows))
+        # Every survivor with its diff while any is unexplained; else the equivalent ones as a
+        # count (each has its reason in EQUIVALENT).
+        unexplained = any(why is None for *_, why, _ in survivors)
         for _, status, function, line, why, strict in survivors:
+            if why and not unexplained:
+                continue
             tag = "EQUIVALENT" if why else ("FAIL" if strict else "report")
             print(f"[{tag}] {status}: {function}: {line}" + (f"  ({why})" if why else ""))
+        equivalent = sum(1 for *_, why, _ in survivors if why)
+        if equivalent and not unexplained:
+            print(f"{equivalent} surviving mutant(s), each equivalent for the reason EQUIVALENT "
+                  "gives.")  # fmt: skip
         if failures:
             print(f"\n{len(failures)} mutant(s) survive where none may: strengthen the tests, or "
                   "list a truly equivalent mutant in EQUIVALENT with the reason.")  # fmt: skip
