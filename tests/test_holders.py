@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -23,12 +24,16 @@ import pytest
 from conftest import AGENT, FakeNode, Proc, missing_capability
 from fakenvml import dgx_a100, reset_gpu
 from gpu_supervise import holders
+from gpu_supervise.events import holders_line
 from gpu_supervise.holders import container_id, is_device, scan
 
 Start = Callable[..., Proc]
 FAST = ["--interval", "0.2", "--cooldown", "0", "--settle", "0.3", "--stop-timeout", "2"]
 BLOCKED = "the GPU reset is blocked by"
 FREE = "no process holds an NVIDIA device open: the GPU reset can go ahead"
+# The line once no holder is left: FREE, or where some process cannot be read (a machine's init
+# with capabilities root lacks) "the GPU reset may be blocked: ...; no other process holds ...".
+NONE_LEFT = "process holds an NVIDIA device open"
 
 
 def test_the_device_files_of_a_gpu_holder():
@@ -84,7 +89,6 @@ def test_a_process_holding_nvml_is_found_with_its_devices(fake_node: FakeNode, h
                                                                     "nvidiactl"))  # fmt: skip
     assert "agent.py --hold-nvml" in h.cmdline
     assert os.getpid() not in [x.pid for x in found.holders]
-    assert found.unreadable == 0
     holder.kill()
     holder.wait()
     assert holder.pid not in [x.pid for x in scan(f"{fake_node.path}.dev").holders]
@@ -166,6 +170,163 @@ def test_what_cannot_be_read_is_counted_not_guessed(fake_node: FakeNode, holder,
     assert listed == 0 and unreadable >= 1  # the agent is root's: not readable, not guessed
 
 
+# Holds the named files of a folder open (as NVML holds the device files) until stdin closes;
+# with "undumpable", as a process that made itself non-dumpable (prctl PR_SET_DUMPABLE 0).
+HOLDS = """
+import ctypes, os, sys
+if sys.argv[1] == "undumpable":
+    assert ctypes.CDLL(None).prctl(4, 0, 0, 0, 0) == 0
+fds = [os.open(os.path.join(sys.argv[2], n), os.O_RDONLY) for n in sys.argv[3:]]
+print("open", flush=True)
+sys.stdin.read()
+"""
+PYTHON = "/usr/bin/python3"  # another user can run it (the test's venv may be out of reach)
+
+
+@pytest.fixture
+def devices() -> Iterator[Path]:
+    """A device folder with NVIDIA's device file names, open to every user."""
+    folder = Path(tempfile.mkdtemp(prefix="gs-devices-", dir="/tmp"))
+    folder.chmod(0o755)
+    for name in ("nvidiactl", "nvidia0", "nvidia-uvm", "nvidia-modeset"):
+        (folder / name).touch(0o666)
+        (folder / name).chmod(0o666)
+    yield folder
+    shutil.rmtree(folder)
+
+
+@contextmanager
+def holding(folder: Path, *names: str, user: str = "", undumpable: bool = False) -> Iterator[int]:
+    """A process (of `user`, if given) that holds `names` of `folder` open: its pid."""
+    if not Path(PYTHON).exists():
+        missing_capability(f"needs {PYTHON}")
+    as_user = [] if not user else ["setpriv", f"--reuid={user}", "--regid=nogroup",
+                                   "--clear-groups"]  # fmt: skip
+    mode = "undumpable" if undumpable else "plain"
+    proc = subprocess.Popen([*as_user, PYTHON, "-c", HOLDS, mode, str(folder), *names],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "open\n"
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# Prints what a scan of the folder finds, and whether this holder's descriptors were read.
+WITHOUT_PTRACE = """
+import sys
+from gpu_supervise import holders
+status = open("/proc/self/status").read()
+eff = int(status.split("CapEff:")[1].split()[0], 16)
+assert not eff & (1 << 19 | 1 << 2), "CAP_SYS_PTRACE or CAP_DAC_READ_SEARCH still there"
+s = holders.scan(sys.argv[1])
+print([h.pid for h in s.holders], s.unreadable, holders._devices(sys.argv[2], sys.argv[1]))
+"""
+
+
+def scan_without_ptrace(folder: Path, pid: int) -> tuple[list[int], int, object]:
+    """A scan by root without CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH, as in a container of
+    Docker, containerd or Kubernetes by default: the holders, the count of processes not read,
+    and what the scan made of `pid`'s descriptors."""
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        missing_capability("needs root and setpriv (util-linux)")
+    out = subprocess.run(
+        [setpriv, "--bounding-set=-sys_ptrace,-dac_read_search", sys.executable, "-c",
+         WITHOUT_PTRACE, str(folder), f"/proc/{pid}/fd/"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    listed, unreadable, seen = out.stdout.rsplit(" ", 2)
+    return eval(listed), int(unreadable), eval(seen)
+
+
+def test_another_users_holder_is_not_readable_without_cap_sys_ptrace(devices: Path):
+    """Root may list another user's descriptors, but reads their links only with
+    CAP_SYS_PTRACE: such a holder is counted as not readable, never taken for no holder."""
+    with holding(devices, "nvidiactl", "nvidia0", user="nobody") as pid:
+        listed, unreadable, seen = scan_without_ptrace(devices, pid)
+        assert (pid in listed, seen) == (False, None)
+        assert unreadable >= 1
+        assert [h.pid for h in scan(str(devices)).holders] == [pid]  # with it: found
+
+
+def test_a_non_dumpable_holder_is_not_readable_without_cap_sys_ptrace(devices: Path):
+    """A process that made itself non-dumpable hides its links even from its own user."""
+    with holding(devices, "nvidiactl", undumpable=True) as pid:
+        listed, unreadable, seen = scan_without_ptrace(devices, pid)
+        assert (pid in listed, seen) == (False, None)
+        assert unreadable >= 1
+        assert [h.pid for h in scan(str(devices)).holders] == [pid]
+
+
+def test_a_device_node_made_again_is_still_held(devices: Path):
+    """The link of a file unlinked since it was opened reads "<path> (deleted)": the process
+    still holds the device (a node removed and made again, as nvidia-modprobe does)."""
+    with holding(devices, "nvidia0") as pid:
+        (devices / "nvidia0").unlink()
+        (devices / "nvidia0").touch(0o666)
+        assert os.readlink(f"/proc/{pid}/fd/3") == f"{devices}/nvidia0 (deleted)"
+        [found] = scan(str(devices)).holders
+        assert (found.pid, found.devices) == (pid, (f"{devices}/nvidia0",))
+
+
+def test_uvm_and_modeset_alone_do_not_hold_the_gpu(devices: Path):
+    """nvidia-uvm and nvidia-modeset do not block a GPU reset: a process with only those open
+    is no holder; with nvidiactl as well, it is one, and only the GPU's devices are named."""
+    with holding(devices, "nvidia-uvm", "nvidia-modeset") as pid:
+        assert pid not in [h.pid for h in scan(str(devices)).holders]
+    with holding(devices, "nvidia-uvm", "nvidiactl") as pid:
+        [found] = scan(str(devices)).holders
+        assert (found.pid, found.devices) == (pid, (f"{devices}/nvidiactl",))
+
+
+def _holder(pid: int) -> holders.Holder:
+    return holders.Holder(pid, "nv-hostengine", "", ("/dev/nvidiactl",))
+
+
+MAY = "[GPU-Watcher] the GPU reset may be blocked: "
+UNSEEN = " (processes outside it cannot be seen)"
+# (unreadable, namespace_only) -> the line when no holder is found
+NO_HOLDER = {
+    (0, False): ("INFO", f"[GPU-Watcher] {FREE}"),
+    (2, False): ("WARNING", f"{MAY}2 process(es) not readable (their descriptors need "
+                            "CAP_SYS_PTRACE); no other process holds an NVIDIA device open"),
+    (0, True): ("INFO", "[GPU-Watcher] no process in this container holds an NVIDIA device "
+                        f"open{UNSEEN}"),
+    (1, True): ("WARNING", f"{MAY}1 process(es) not readable (their descriptors need "
+                           "CAP_SYS_PTRACE); no other process in this container holds an NVIDIA "
+                           f"device open{UNSEEN}"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("unreadable", "namespace_only"), NO_HOLDER)
+def test_the_reset_can_go_ahead_only_when_every_process_was_read_and_seen(
+    unreadable: int, namespace_only: bool
+):
+    """The line says the reset can go ahead only when no process could hide a holder: none
+    unreadable, none out of sight (a PID namespace of its own shows only its container)."""
+    line = holders_line(holders.Scan([], unreadable, namespace_only))
+    assert line == NO_HOLDER[unreadable, namespace_only]
+
+
+def test_the_blocked_line_names_holders_and_says_what_it_could_not_see():
+    blocked = ("[GPU-Watcher] the GPU reset is blocked by 1 process(es) holding NVIDIA devices "
+               "open: pid 7: nv-hostengine")  # fmt: skip
+    one = [_holder(7)]
+    assert holders_line(holders.Scan(one, 0, False)) == ("WARNING", blocked)
+    both = " (and 3 process(es) not readable; processes outside this container cannot be seen)"
+    assert holders_line(holders.Scan(one, 3, True)) == ("WARNING", blocked + both)
+    unseen = " (processes outside this container cannot be seen)"
+    assert holders_line(holders.Scan(one, 0, True)) == ("WARNING", blocked + unseen)
+    level, many = holders_line(holders.Scan([_holder(p) for p in range(1, 23)], 0, False))
+    assert (level, many.count("pid ")) == ("WARNING", 20)
+    assert many.endswith("pid 20: nv-hostengine; and 2 more")
+    exactly = holders_line(holders.Scan([_holder(p) for p in range(1, 21)], 0, False))[1]
+    assert exactly.endswith("pid 20: nv-hostengine")
+
+
 def test_inside_a_pid_namespace_the_scan_says_it_sees_only_its_own(tmp_path: Path):
     unshare = shutil.which("unshare")
     cmd = [unshare or "unshare", "--pid", "--fork", "--mount-proc"]
@@ -217,10 +378,13 @@ def test_the_hold_names_whoever_still_blocks_the_reset(
                f"devices open: pid {holder.pid}: " in line  # fmt: skip
         assert "agent.py --hold-nvml" in line and f"pid {proc.pid}" not in line
         statuses = _drain(sock)
-        assert any(re.search(r"holding: .*; 1 process\(es\) hold the GPU$", s) for s in statuses)
+        held = r"holding: .*; 1 process\(es\) hold the GPU( \(\d+ not readable\))?$"
+        assert any(re.search(held, s) for s in statuses)
         holder.kill()  # the bystander goes: the reset can go ahead
         holder.wait()
-        proc.wait_for(FREE)
+        proc.wait_for(NONE_LEFT)
+        (line,) = [x for x in proc.log_lines() if NONE_LEFT in x]
+        assert FREE in line or "the GPU reset may be blocked: " in line, line
         reset_gpu(fake_node.path, node, 0, timeout=60)
         assert proc.wait(60) == 1
         assert proc.log.count(BLOCKED) == 1  # said again only when the set changes

@@ -7,8 +7,9 @@ hostengine, an exporter in another container, persistenced. A process holding NV
 found the way fuser finds them: by reading the links in /proc/PID/fd.
 
 Never an error: a process that exits mid-scan is skipped, one whose descriptors cannot be read
-(another user's, without CAP_SYS_PTRACE) is counted, and the scan is bounded. In a container
-only the container's own PID namespace is visible, and the result says so.
+(another user's, or a non-dumpable one, without CAP_SYS_PTRACE) is counted, and the scan is
+bounded. In a container only the container's own PID namespace is visible, and the result says
+so.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ CMDLINE_CHARS = 200
 # cri-containerd-<id>.scope, crio-<id>.scope, libpod-<id>.scope, or a plain /<id> (cgroup v1,
 # Kubernetes' kubepods/.../<id>, docker/<id>).
 _CONTAINER = re.compile(r"(?:^|[/-])([0-9a-f]{64})(?:\.scope)?$")
+# What readlink adds to the path of a file unlinked since it was opened (a device node removed
+# and made again, as nvidia-modprobe and container runtimes do): the process still holds it.
+DELETED = " (deleted)"
 
 
 class Holder:
@@ -70,25 +74,28 @@ def is_device(path: str, device_dir: str) -> bool:
 
 
 def scan(device_dir: str = "/dev", proc: str = "/proc") -> Scan:
+    """Every process but this one (whose probe thread may have NVML open at this moment)."""
     holders: list[Holder] = []
     unreadable = 0
+    own = str(os.getpid())
     try:
-        pids = [int(e) for e in os.listdir(proc) if e.isdigit()][:MAX_PROCESSES]
+        pids = [e for e in os.listdir(proc) if e.isdigit() and e != own][:MAX_PROCESSES]
     except OSError:
         return Scan([], 0, namespace_only=True)
     for pid in pids:
-        devices = _devices(f"{proc}/{pid}/fd", device_dir)
+        devices = _devices(f"{proc}/{pid}/fd/", device_dir)
         if devices is None:
             unreadable += 1
         elif devices:
-            holders.append(Holder(pid, _cmdline(proc, pid), _container(proc, pid), devices))
+            n = int(pid)
+            holders.append(Holder(n, _cmdline(proc, n), _container(proc, n), devices))
     return Scan(holders, unreadable, _namespace_only(proc))
 
 
 def _devices(fd_dir: str, device_dir: str) -> tuple[str, ...] | None:
     """The NVIDIA device files among a process's descriptors; None if they cannot be read
-    (a process that is gone has none). Two system calls a descriptor at most: this runs over
-    every process of the node."""
+    (a process that is gone has none). Two system calls a descriptor at most, and a cheap
+    check of the link's start before any other: this runs over every process of the node."""
     prefix = device_dir.rstrip("/") + "/nvidia"
     found: set[str] = set()
     try:
@@ -99,11 +106,15 @@ def _devices(fd_dir: str, device_dir: str) -> tuple[str, ...] | None:
         return ()  # exited (or a zombie, which holds nothing)
     for name in names[:MAX_FDS]:
         try:
-            target = os.readlink(f"{fd_dir}/{name}")
+            target = os.readlink(fd_dir + name)
+        except PermissionError:  # the list is open to root, the links only with CAP_SYS_PTRACE
+            return None
         except OSError:
             continue  # closed meanwhile
-        if target.startswith(prefix) and is_device(target, device_dir):
-            found.add(target)
+        if target.startswith(prefix):
+            path = target.removesuffix(DELETED)
+            if is_device(path, device_dir):
+                found.add(path)
     return tuple(sorted(found))
 
 
