@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -355,6 +357,23 @@ def test_thousands_of_processes_are_scanned_whole(fake_node: FakeNode, holder):
         sleepers.wait()
 
 
+def test_the_scanner_scans_in_a_thread_and_hands_each_scan_over_once(fake_node: FakeNode, holder):
+    done = threading.Event()
+    scanner = holders.Scanner(f"{fake_node.path}.dev", notify=done.set)
+    assert scanner.take() is None
+    assert scanner.start()
+    assert done.wait(60)
+    found = scanner.take()
+    assert found is not None and [h.pid for h in found.holders] == [holder.pid]
+    assert scanner.take() is None
+    done.clear()
+    assert scanner.start()
+    scanner.forget()  # a hold begins afresh: what began before is dropped...
+    assert scanner.start()  # ...and does not keep the next scan from beginning
+    assert done.wait(60)
+    assert scanner.take() is not None
+
+
 # -- end to end: the hold names who blocks the reset -----------------------------------------------
 
 
@@ -390,6 +409,59 @@ def test_the_hold_names_whoever_still_blocks_the_reset(
         assert proc.log.count(BLOCKED) == 1  # said again only when the set changes
     finally:
         sock.close()
+
+
+# Raises its descriptor limit to the hard one, fills its table with copies of stdin, and forks
+# children that keep that table: a node whose holder scan reads about a million links.
+CROWD = """
+import os, resource, signal, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+for _ in range(min(hard, 65536) - 64):
+    os.dup(0)
+for _ in range(int(sys.argv[1])):
+    if os.fork() == 0:
+        signal.pause()
+print("up", flush=True)
+signal.pause()
+"""
+
+
+@pytest.fixture
+def crowd() -> Iterator[int]:
+    """Processes with as many descriptors as they may have, 1,000,000 in all at most: a scan
+    of them takes seconds. Yields how many links there are to read."""
+    limit = min(resource.getrlimit(resource.RLIMIT_NOFILE)[1], 65536) - 64
+    children = max(1, 1_000_000 // limit)
+    proc = subprocess.Popen([sys.executable, "-c", CROWD, str(children)],
+                            stdout=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"up\n"
+        yield limit * (children + 1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_a_sigterm_during_a_long_holder_scan_is_acted_on_at_once(
+    start: Start, fake_node: FakeNode, crowd: int
+):
+    """The scan reads every descriptor of the node (here about a million, seconds of work):
+    it runs beside the loop, so a SIGTERM that arrives while it runs ends gpu-supervise before
+    the scan is done, and no holder line is ever written. Were the loop to wait for the scan,
+    the scan's line would come first."""
+    assert crowd > 200_000, "too few descriptors for a long scan"
+    node = dgx_a100(count=1)
+    node.gpu(0).request_mig(True)
+    fake_node.write(node)
+    proc = start([*FAST, "--", *AGENT], fake_node.env)
+    proc.wait_for("pending a GPU reset")
+    pid = re.search(r"as pid (\d+)", proc.log).group(1)  # type: ignore[union-attr]
+    proc.wait_for(f"child {pid} was killed by SIGTERM", timeout=60)  # the hold, its scan begin
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(120) == 143, proc.log
+    assert "stopped by SIGTERM while holding" in proc.log
+    assert NONE_LEFT not in proc.log and BLOCKED not in proc.log, proc.log
 
 
 def _drain(sock: socket.socket) -> list[str]:

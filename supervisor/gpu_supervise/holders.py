@@ -9,13 +9,16 @@ found the way fuser finds them: by reading the links in /proc/PID/fd.
 Never an error: a process that exits mid-scan is skipped, one whose descriptors cannot be read
 (another user's, or a non-dumpable one, without CAP_SYS_PTRACE) is counted, and the scan is
 bounded. In a container only the container's own PID namespace is visible, and the result says
-so.
+so. A scan reads every descriptor of the node (seconds with thousands of processes of thousands
+of descriptors each), so the supervisor runs it in a thread of its own (Scanner).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import threading
+from collections.abc import Callable
 
 MAX_PROCESSES = 100_000  # a scan never looks further: a bound, not a count of real nodes
 MAX_FDS = 65_536  # descriptors read per process
@@ -168,3 +171,47 @@ def _namespace_only(proc: str) -> bool:
         return os.stat(f"{proc}/self/ns/pid").st_ino != INITIAL_PID_NAMESPACE
     except OSError:
         return False
+
+
+class Scanner:
+    """Scans in a thread of its own, so that the main loop never waits for one: a signal or a
+    child's exit during a scan of seconds is acted on at once. `notify` is called from the
+    thread when a scan is done; `take` hands it over once."""
+
+    def __init__(self, device_dir: str, notify: Callable[[], None] = lambda: None) -> None:
+        self._device_dir, self._notify = device_dir, notify
+        self._lock = threading.Lock()
+        self._generation = 0  # scans begun before the last forget() are dropped
+        self._running: int | None = None  # the generation of the scan under way
+        self._done: Scan | None = None
+
+    def start(self) -> bool:
+        """Begin a scan; False (and nothing begun) while one begun since forget() still runs."""
+        with self._lock:
+            if self._running == self._generation:
+                return False
+            self._running = generation = self._generation
+        thread = threading.Thread(target=self._work, args=(generation,), name="gpu-holders",
+                                  daemon=True)  # fmt: skip
+        thread.start()
+        return True
+
+    def forget(self) -> None:
+        """Drop the scan finished or under way: it began before now (a hold begins afresh)."""
+        with self._lock:
+            self._generation += 1
+            self._done = None
+
+    def take(self) -> Scan | None:
+        """The scan finished since the last call, or None."""
+        with self._lock:
+            done, self._done = self._done, None
+        return done
+
+    def _work(self, generation: int) -> None:
+        done = scan(self._device_dir)  # never raises: what cannot be read is counted
+        with self._lock:
+            if generation != self._generation:
+                return
+            self._done, self._running = done, None
+        self._notify()
