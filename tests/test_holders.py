@@ -464,6 +464,49 @@ def test_a_sigterm_during_a_long_holder_scan_is_acted_on_at_once(
     assert NONE_LEFT not in proc.log and BLOCKED not in proc.log, proc.log
 
 
+def spawn_at(pid: int, argv: list[str]) -> subprocess.Popen[str]:
+    """Start `argv` as process `pid` (free again): the kernel's next pid set just below it,
+    tried again while other processes of the machine take it first."""
+    last = Path("/proc/sys/kernel/ns_last_pid")
+    for _ in range(500):
+        try:
+            last.write_text(str(pid - 1))
+        except OSError as exc:
+            missing_capability(f"cannot choose the next pid ({exc}): needs root")
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if proc.pid == pid:
+            return proc
+        proc.kill()
+        proc.wait()
+    raise AssertionError(f"pid {pid} was taken by others 500 times")
+
+
+def test_a_holder_gone_and_another_on_its_pid_between_two_checks_is_news(
+    start: Start, fake_node: FakeNode, holder
+):
+    """Holders are told apart by who they are, the pid with its start time: one that leaves
+    and another that arrives on the same pid between two scans is said again."""
+    node = dgx_a100(count=2)
+    node.gpu(0).request_mig(True)
+    fake_node.write(node)
+    slow = ["--interval", "10", "--cooldown", "0", "--settle", "0.3", "--stop-timeout", "2"]
+    proc = start([*slow, "--", *AGENT], fake_node.env)
+    proc.wait_for(f"{BLOCKED} 1 process(es) holding NVIDIA devices open: pid {holder.pid}: ")
+    holder.kill()
+    holder.wait()
+    devices = f"{fake_node.path}.dev"
+    other = spawn_at(holder.pid, [PYTHON, "-c", HOLDS, "plain", devices, "nvidiactl"])
+    try:
+        assert other.stdout is not None and other.stdout.readline() == "open\n"
+        out = proc.wait_for(BLOCKED, timeout=60, count=2)
+        assert NONE_LEFT not in out, "a scan came between the two: this tests nothing"
+        (_, line) = [x for x in proc.log_lines() if BLOCKED in x]
+        assert f"pid {holder.pid}: {PYTHON} -c" in line
+    finally:
+        other.kill()
+        other.wait()
+
+
 def _drain(sock: socket.socket) -> list[str]:
     """The STATUS= texts received so far."""
     out: list[str] = []

@@ -34,19 +34,22 @@ DELETED = " (deleted)"
 
 
 class Holder:
-    __slots__ = ("pid", "cmdline", "container", "devices")
+    __slots__ = ("pid", "cmdline", "container", "devices", "started")
 
-    def __init__(self, pid: int, cmdline: str, container: str, devices: tuple[str, ...]) -> None:
+    def __init__(
+        self, pid: int, cmdline: str, container: str, devices: tuple[str, ...], started: int = 0
+    ) -> None:
         self.pid, self.cmdline, self.container, self.devices = pid, cmdline, container, devices
+        self.started = started
 
     def describe(self) -> str:
         where = f" (container {self.container[:12]})" if self.container else ""
         return f"pid {self.pid}{where}: {self.cmdline}"
 
-    def key(self) -> int:
-        """The pid alone: a holder's command line changes as it exits (the kernel drops it
-        before it closes the files) or execs, and that is no news."""
-        return self.pid
+    def key(self) -> tuple[int, int]:
+        """Who it is: the pid and its start time. Not the command line: it changes as a holder
+        exits (the kernel drops it before it closes the files) or execs, and that is no news."""
+        return (self.pid, self.started)
 
 
 class Scan:
@@ -58,7 +61,7 @@ class Scan:
     def __init__(self, holders: list[Holder], unreadable: int, namespace_only: bool) -> None:
         self.holders, self.unreadable, self.namespace_only = holders, unreadable, namespace_only
 
-    def key(self) -> frozenset[int]:
+    def key(self) -> frozenset[tuple[int, int]]:
         """What makes two scans different enough to say so again."""
         return frozenset(h.key() for h in self.holders)
 
@@ -91,7 +94,8 @@ def scan(device_dir: str = "/dev", proc: str = "/proc") -> Scan:
             unreadable += 1
         elif devices:
             n = int(pid)
-            holders.append(Holder(n, _cmdline(proc, n), _container(proc, n), devices))
+            holder = Holder(n, _cmdline(proc, n), _container(proc, n), devices, _started(proc, n))
+            holders.append(holder)
     return Scan(holders, unreadable, _namespace_only(proc))
 
 
@@ -119,6 +123,17 @@ def _devices(fd_dir: str, device_dir: str) -> tuple[str, ...] | None:
             if is_device(path, device_dir):
                 found.add(path)
     return tuple(sorted(found))
+
+
+def _started(proc: str, pid: int) -> int:
+    """When the process started (clock ticks since boot, /proc/PID/stat's 22nd field): with the
+    pid, who it is; a pid used again by a new process is another holder. 0 if unknown."""
+    try:
+        with open(f"{proc}/{pid}/stat", "rb") as fh:
+            fields = fh.read(4096).rsplit(b")", 1)[-1].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def _cmdline(proc: str, pid: int) -> str:
