@@ -66,6 +66,25 @@ def test_the_container_id_of_each_runtime(runtime: str):
     assert container_id(CGROUPS[runtime].format(id=cid)) == cid
 
 
+OUTER, INNER = "a" * 64, "b" * 64
+# A container in a container: kind's nodes (containerd in a Docker container), a runtime in a
+# Docker container; under cgroup v1 the inner runtime may own only some hierarchies.
+NESTED = {
+    "kind": (
+        f"0::/system.slice/docker-{OUTER}.scope/kubelet.slice/kubelet-kubepods.slice/"
+        f"kubelet-kubepods-besteffort.slice/cri-containerd-{INNER}.scope\n"
+    ),
+    "podman in docker": f"0::/system.slice/docker-{OUTER}.scope/libpod-{INNER}.scope/container\n",
+    "cgroup v1": f"12:pids:/docker/{OUTER}/docker/{INNER}\n11:cpuset:/docker/{OUTER}\n",
+    "cgroup v1, the outer line last": f"12:pids:/docker/{OUTER}/{INNER}\n0::/docker/{OUTER}\n",
+}
+
+
+@pytest.mark.parametrize("nesting", NESTED)
+def test_a_container_in_a_container_is_the_inner_one(nesting: str):
+    assert container_id(NESTED[nesting]) == INNER
+
+
 def test_no_container_id_on_the_host():
     assert container_id("0::/user.slice/user-0.slice/session-1.scope\n") == ""
     assert container_id("0::/system.slice/nvidia-persistenced.service\n") == ""

@@ -163,14 +163,17 @@ def _container(proc: str, pid: int) -> str:
 
 
 def container_id(cgroup: str) -> str:
-    """The container id of a /proc/PID/cgroup text (the last one named in any line)."""
-    found = ""
+    """The container id of a /proc/PID/cgroup text: the innermost one, for a container in a
+    container (kind's nodes, a runtime in a Docker container). That is the deepest in its path,
+    and the deepest path of any line: under cgroup v1 an inner runtime may make cgroups in only
+    some hierarchies, whose lines then stop at the outer container."""
+    found, depth = "", -1
     for line in cgroup.splitlines():
-        path = line.split(":", 2)[-1]
-        for part in path.split("/"):
+        parts = line.split(":", 2)[-1].split("/")
+        for at, part in enumerate(parts):
             match = _CONTAINER.search(part)
-            if match:
-                found = match.group(1)
+            if match and at >= depth:
+                found, depth = match.group(1), at
     return found
 
 
