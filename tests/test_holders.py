@@ -2,7 +2,8 @@
 
 The fake NVML opens <node>.dev/nvidiactl and nvidia<N> while it is initialised, as NVIDIA's
 library opens /dev/nvidiactl and /dev/nvidia<N>; the scan reads the links in /proc/PID/fd for
-real. conftest's fake_node points gpu-supervise's watch.device_dir there."""
+real. conftest's fake_node points gpu-supervise's watch.device_dir there. Tests that run
+processes are marked slow: the mutation run (tests/mutation/run.py) leaves them out."""
 
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ def test_the_device_files_of_a_gpu_holder():
                  "/devx/nvidiactl", "/dev/nvidia0x", "socket:[1234]"):  # fmt: skip
         assert not is_device(path, "/dev"), path
     assert is_device("/tmp/n.dev/nvidia3", "/tmp/n.dev/")
+    assert is_device("/tmp/devX/nvidia3", "/tmp/devX")
 
 
 # What /proc/PID/cgroup reads in a container of each runtime.
@@ -77,12 +79,26 @@ NESTED = {
     "podman in docker": f"0::/system.slice/docker-{OUTER}.scope/libpod-{INNER}.scope/container\n",
     "cgroup v1": f"12:pids:/docker/{OUTER}/docker/{INNER}\n11:cpuset:/docker/{OUTER}\n",
     "cgroup v1, the outer line last": f"12:pids:/docker/{OUTER}/{INNER}\n0::/docker/{OUTER}\n",
+    # The path is all that follows the second colon, whatever it holds; of equal depths, the
+    # last line's.
+    "a path of any characters": f"1:pids:/a b:c/d/{INNER}\n2:cpu:/e/{OUTER}\n",
+    "equal depths": f"12:pids:/docker/{OUTER}\n11:cpuset:/docker/{INNER}\n",
 }
 
 
 @pytest.mark.parametrize("nesting", NESTED)
 def test_a_container_in_a_container_is_the_inner_one(nesting: str):
     assert container_id(NESTED[nesting]) == INNER
+
+
+def test_a_holder_is_who_it_is_and_a_scan_the_set_of_them():
+    """The pid with the start time: not the command line, nor the devices."""
+    a = holders.Holder(7, "nvidia-smi", "", ("/dev/nvidiactl",), 1234)
+    assert a.key() == (7, 1234)
+    b = holders.Holder(7, "sleep 300", "c" * 64, ("/dev/nvidia0",), 1234)
+    c = holders.Holder(8, "nvidia-smi", "", ("/dev/nvidiactl",), 1234)
+    assert holders.Scan([a, c], 0, False).key() == frozenset({(7, 1234), (8, 1234)})
+    assert holders.Scan([a], 0, False).key() == holders.Scan([b], 5, True).key()
 
 
 def test_no_container_id_on_the_host():
@@ -103,6 +119,7 @@ def holder(fake_node: FakeNode) -> Iterator[subprocess.Popen[bytes]]:
     proc.wait()
 
 
+@pytest.mark.slow
 def test_a_process_holding_nvml_is_found_with_its_devices(fake_node: FakeNode, holder):
     found = scan(f"{fake_node.path}.dev")
     (h,) = [h for h in found.holders if h.pid == holder.pid]
@@ -131,6 +148,7 @@ os.execv("/bin/sleep", ["sleep", "300"])
 """
 
 
+@pytest.mark.slow
 def test_a_holder_whose_command_line_changes_is_the_same_holder(fake_node: FakeNode):
     """The hold says who blocks the reset again only when the set of holders changes; a new
     command line for the same process is not a change."""
@@ -159,6 +177,7 @@ def test_a_holder_whose_command_line_changes_is_the_same_holder(fake_node: FakeN
         proc.wait()
 
 
+@pytest.mark.slow
 def test_processes_that_come_and_go_mid_scan_are_never_an_error(fake_node: FakeNode, holder):
     churn = subprocess.Popen(["sh", "-c", "while :; do /bin/true & /bin/true & wait; done"])
     try:
@@ -169,6 +188,7 @@ def test_processes_that_come_and_go_mid_scan_are_never_an_error(fake_node: FakeN
         churn.wait()
 
 
+@pytest.mark.slow
 def test_what_cannot_be_read_is_counted_not_guessed(fake_node: FakeNode, holder, tmp_path):
     """As nobody, root's processes' descriptors are closed: they are counted, never listed."""
     setpriv, python = shutil.which("setpriv"), Path("/usr/bin/python3")
@@ -263,6 +283,7 @@ def scan_without_ptrace(folder: Path, pid: int) -> tuple[list[int], int, object]
     return eval(listed), int(unreadable), eval(seen)
 
 
+@pytest.mark.slow
 def test_another_users_holder_is_not_readable_without_cap_sys_ptrace(devices: Path):
     """Root may list another user's descriptors, but reads their links only with
     CAP_SYS_PTRACE: such a holder is counted as not readable, never taken for no holder."""
@@ -273,6 +294,7 @@ def test_another_users_holder_is_not_readable_without_cap_sys_ptrace(devices: Pa
         assert [h.pid for h in scan(str(devices)).holders] == [pid]  # with it: found
 
 
+@pytest.mark.slow
 def test_a_non_dumpable_holder_is_not_readable_without_cap_sys_ptrace(devices: Path):
     """A process that made itself non-dumpable hides its links even from its own user."""
     with holding(devices, "nvidiactl", undumpable=True) as pid:
@@ -282,6 +304,7 @@ def test_a_non_dumpable_holder_is_not_readable_without_cap_sys_ptrace(devices: P
         assert [h.pid for h in scan(str(devices)).holders] == [pid]
 
 
+@pytest.mark.slow
 def test_a_device_node_made_again_is_still_held(devices: Path):
     """The link of a file unlinked since it was opened reads "<path> (deleted)": the process
     still holds the device (a node removed and made again, as nvidia-modprobe does)."""
@@ -293,6 +316,7 @@ def test_a_device_node_made_again_is_still_held(devices: Path):
         assert (found.pid, found.devices) == (pid, (f"{devices}/nvidia0",))
 
 
+@pytest.mark.slow
 def test_uvm_and_modeset_alone_do_not_hold_the_gpu(devices: Path):
     """nvidia-uvm and nvidia-modeset do not block a GPU reset: a process with only those open
     is no holder; with nvidiactl as well, it is one, and only the GPU's devices are named."""
@@ -341,13 +365,19 @@ def test_the_blocked_line_names_holders_and_says_what_it_could_not_see():
     assert holders_line(holders.Scan(one, 3, True)) == ("WARNING", blocked + both)
     unseen = " (processes outside this container cannot be seen)"
     assert holders_line(holders.Scan(one, 0, True)) == ("WARNING", blocked + unseen)
+    two = holders_line(holders.Scan([_holder(7), _holder(8)], 0, False))[1]
+    assert two.endswith("2 process(es) holding NVIDIA devices open: pid 7: nv-hostengine; pid 8: "
+                        "nv-hostengine")  # fmt: skip
     level, many = holders_line(holders.Scan([_holder(p) for p in range(1, 23)], 0, False))
     assert (level, many.count("pid ")) == ("WARNING", 20)
     assert many.endswith("pid 20: nv-hostengine; and 2 more")
+    one_more = holders_line(holders.Scan([_holder(p) for p in range(1, 22)], 0, False))[1]
+    assert one_more.endswith("pid 20: nv-hostengine; and 1 more")
     exactly = holders_line(holders.Scan([_holder(p) for p in range(1, 21)], 0, False))[1]
     assert exactly.endswith("pid 20: nv-hostengine")
 
 
+@pytest.mark.slow
 def test_inside_a_pid_namespace_the_scan_says_it_sees_only_its_own(tmp_path: Path):
     unshare = shutil.which("unshare")
     cmd = [unshare or "unshare", "--pid", "--fork", "--mount-proc"]
@@ -359,6 +389,7 @@ def test_inside_a_pid_namespace_the_scan_says_it_sees_only_its_own(tmp_path: Pat
     assert (inside.stdout.strip(), outside.stdout.strip()) == ("True", "False"), inside.stderr
 
 
+@pytest.mark.slow
 def test_thousands_of_processes_are_scanned_whole(fake_node: FakeNode, holder):
     """A busy node: every process is looked at (and the scan ends); its cost is in the
     benchmark's table."""
@@ -376,6 +407,7 @@ def test_thousands_of_processes_are_scanned_whole(fake_node: FakeNode, holder):
         sleepers.wait()
 
 
+@pytest.mark.slow
 def test_the_scanner_scans_in_a_thread_and_hands_each_scan_over_once(fake_node: FakeNode, holder):
     done = threading.Event()
     scanner = holders.Scanner(f"{fake_node.path}.dev", notify=done.set)
@@ -396,6 +428,7 @@ def test_the_scanner_scans_in_a_thread_and_hands_each_scan_over_once(fake_node: 
 # -- end to end: the hold names who blocks the reset -----------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_hold_names_whoever_still_blocks_the_reset(
     start: Start, fake_node: FakeNode, holder, tmp_path: Path
 ):
@@ -462,6 +495,7 @@ def crowd() -> Iterator[int]:
         proc.wait()
 
 
+@pytest.mark.slow
 def test_a_sigterm_during_a_long_holder_scan_is_acted_on_at_once(
     start: Start, fake_node: FakeNode, crowd: int
 ):
@@ -500,6 +534,7 @@ def spawn_at(pid: int, argv: list[str]) -> subprocess.Popen[str]:
     raise AssertionError(f"pid {pid} was taken by others 500 times")
 
 
+@pytest.mark.slow
 def test_a_holder_gone_and_another_on_its_pid_between_two_checks_is_news(
     start: Start, fake_node: FakeNode, holder
 ):

@@ -165,16 +165,15 @@ def _container(proc: str, pid: int) -> str:
 def container_id(cgroup: str) -> str:
     """The container id of a /proc/PID/cgroup text: the innermost one, for a container in a
     container (kind's nodes, a runtime in a Docker container). That is the deepest in its path,
-    and the deepest path of any line: under cgroup v1 an inner runtime may make cgroups in only
-    some hierarchies, whose lines then stop at the outer container."""
-    found, depth = "", -1
-    for line in cgroup.splitlines():
-        parts = line.split(":", 2)[-1].split("/")
-        for at, part in enumerate(parts):
+    and the deepest path of any line (the last line's of equal ones): under cgroup v1 an inner
+    runtime may make cgroups in only some hierarchies, whose lines then stop at the outer one."""
+    named = []
+    for index, line in enumerate(cgroup.splitlines()):
+        for depth, part in enumerate(line.split(":", 2)[-1].split("/")):
             match = _CONTAINER.search(part)
-            if match and at >= depth:
-                found, depth = match.group(1), at
-    return found
+            if match:
+                named.append((depth, index, match.group(1)))
+    return max(named)[2] if named else ""
 
 
 # The kernel's fixed inode number of the initial PID namespace (include/linux/proc_ns.h,
