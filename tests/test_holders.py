@@ -497,22 +497,30 @@ def crowd() -> Iterator[int]:
 
 @pytest.mark.slow
 def test_a_sigterm_during_a_long_holder_scan_is_acted_on_at_once(
-    start: Start, fake_node: FakeNode, crowd: int
+    start: Start, fake_node: FakeNode, crowd: int, tmp_path: Path
 ):
     """The scan reads every descriptor of the node (here about a million, seconds of work):
     it runs beside the loop, so a SIGTERM that arrives while it runs ends gpu-supervise before
     the scan is done, and no holder line is ever written. Were the loop to wait for the scan,
-    the scan's line would come first."""
+    the scan's line would come first. systemd's status says it holds before the scan ends."""
     assert crowd > 200_000, "too few descriptors for a long scan"
     node = dgx_a100(count=1)
     node.gpu(0).request_mig(True)
     fake_node.write(node)
-    proc = start([*FAST, "--", *AGENT], fake_node.env)
-    proc.wait_for("pending a GPU reset")
-    pid = re.search(r"as pid (\d+)", proc.log).group(1)  # type: ignore[union-attr]
-    proc.wait_for(f"child {pid} was killed by SIGTERM", timeout=60)  # the hold, its scan begin
-    proc.signal(signal.SIGTERM)
-    assert proc.wait(120) == 143, proc.log
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    try:
+        env = {**fake_node.env, "NOTIFY_SOCKET": str(tmp_path / "notify")}
+        proc = start([*FAST, "--", *AGENT], env)
+        proc.wait_for("pending a GPU reset")
+        pid = re.search(r"as pid (\d+)", proc.log).group(1)  # type: ignore[union-attr]
+        proc.wait_for(f"child {pid} was killed by SIGTERM", timeout=60)  # the hold, its scan
+        statuses = _drain(sock, until="holding: ")  # said before the scan ends: no count yet
+        assert any(s.startswith("holding: ") and "hold the GPU" not in s for s in statuses)
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(120) == 143, proc.log
+    finally:
+        sock.close()
     assert "stopped by SIGTERM while holding" in proc.log
     assert NONE_LEFT not in proc.log and BLOCKED not in proc.log, proc.log
 
@@ -561,8 +569,8 @@ def test_a_holder_gone_and_another_on_its_pid_between_two_checks_is_news(
         other.wait()
 
 
-def _drain(sock: socket.socket) -> list[str]:
-    """The STATUS= texts received so far."""
+def _drain(sock: socket.socket, until: str = "hold the GPU") -> list[str]:
+    """The STATUS= texts received so far, once one holds `until` (or 30 s have passed)."""
     out: list[str] = []
     deadline = time.monotonic() + 30
     sock.settimeout(0.2)
@@ -572,7 +580,7 @@ def _drain(sock: socket.socket) -> list[str]:
                 line.split("=", 1) for line in sock.recv(4096).decode().split("\n") if "=" in line
             )
         except TimeoutError:
-            if any("hold the GPU" in s for s in out):
+            if any(until in s for s in out):
                 return out
             continue
         if "STATUS" in fields:

@@ -367,6 +367,8 @@ class Supervisor:
             self.holders = None
             self.scanner.forget()
             self._check_holders()
+            if self.watcher is not None and self.watcher.hold is not None:  # the count follows
+                self._notify(STATUS=events.holding_status(self.watcher.hold, self.settings))
             return
         if stop.exit_code is not None:
             self.exit = (stop.exit_code, stop.reason)
