@@ -197,7 +197,7 @@ def test_what_cannot_be_read_is_counted_not_guessed(fake_node: FakeNode, holder,
     folder = Path(tempfile.mkdtemp(prefix="gs-holders-", dir="/tmp"))
     try:
         folder.chmod(0o755)
-        shutil.copy(holders.__file__, folder / "holders.py")  # the module needs only os and re
+        shutil.copy(holders.__file__, folder / "holders.py")  # stdlib only
         probe = (f"import holders; s = holders.scan({str(fake_node.path) + '.dev'!r}); "
                  "print(len(s.holders), s.unreadable)")  # fmt: skip
         out = subprocess.run(

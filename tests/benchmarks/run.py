@@ -462,8 +462,10 @@ def markdown(r: dict) -> str:
     listing, scan = r["listing_ms"], r["holder_scan_ms"]
     lines.append(f"| one listing of the driver's MIG tree (8 GPUs x 7 instances, "
                  f"{listing['entries']} entries), ms | {_fmt(listing)} |")  # fmt: skip
-    when = r.get("holder_scan_measured", {"date": r["date"]})
+    when = r.get("holder_scan_measured", {"date": r["date"], "machine": r["machine"]})
     note = "" if when["date"] == r["date"] else f" (measured {when['date']})"
+    note = note if when["machine"] == r["machine"] else f" (measured {when['date']} on " \
+        f"{when['machine']})"  # fmt: skip
     lines.append(f"| one scan for GPU holders, {scan['processes']} processes, "
                  f"{scan.get('descriptors', '?')} descriptors in all{note}, ms | "
                  f"{_fmt(scan)} |")  # fmt: skip
