@@ -317,6 +317,18 @@ def test_a_device_node_made_again_is_still_held(devices: Path):
 
 
 @pytest.mark.slow
+def test_the_scan_never_names_its_own_process(devices: Path):
+    """gpu-supervise's probe thread opens NVML while a scan may run beside it: the scanning
+    process is never a holder of its own reset."""
+    fd = os.open(devices / "nvidiactl", os.O_RDONLY)
+    try:
+        with holding(devices, "nvidiactl") as pid:
+            assert [h.pid for h in scan(str(devices)).holders] == [pid]
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.slow
 def test_uvm_and_modeset_alone_do_not_hold_the_gpu(devices: Path):
     """nvidia-uvm and nvidia-modeset do not block a GPU reset: a process with only those open
     is no holder; with nvidiactl as well, it is one, and only the GPU's devices are named."""
