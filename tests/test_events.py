@@ -176,6 +176,9 @@ def test_the_status_while_holding():
         "holding: MIG mode change pending a GPU reset on GPU 0 (GPU-a: MIG on), GPU 2 (GPU-c: "
         "MIG off); the agent is stopped until the reset (at most 300 s); 2 process(es) hold the GPU"
     )
+    unread = Scan(scan.holders, 3, False)
+    assert events.holding_status(held, NVML, unread).endswith("2 process(es) hold the GPU (3 not "
+                                                              "readable)")  # fmt: skip
     single = hold(gpu(3, "GPU-d", pending=True))
     assert events.holding_status(single, Settings(pending_timeout=42.5)) == (
         "holding: MIG mode change pending a GPU reset on GPU 3 (GPU-d: MIG on); the agent is "

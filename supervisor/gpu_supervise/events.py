@@ -99,7 +99,10 @@ def termination_message(decision: Decision, settings: Settings) -> str:
 
 def holding_status(hold: Hold, settings: Settings, scan: Scan | None = None) -> str:
     """systemd's STATUS= while the agent is held back."""
-    holders = "" if scan is None else f"; {len(scan.holders)} process(es) hold the GPU"
+    holders = ""
+    if scan is not None:
+        holders = f"; {len(scan.holders)} process(es) hold the GPU"
+        holders += f" ({scan.unreadable} not readable)" if scan.unreadable else ""
     return (
         f"holding: MIG mode change pending a GPU reset on {_pending_gpus(hold.gpus)}; the agent "
         f"is stopped until the reset (at most {settings.pending_timeout:g} s){holders}"
@@ -107,17 +110,41 @@ def holding_status(hold: Hold, settings: Settings, scan: Scan | None = None) -> 
 
 
 SHOWN_HOLDERS = 20  # holders named in one line; more are counted
+UNSEEN = "processes outside it cannot be seen"
+
+
+def holders_line(scan: Scan) -> tuple[str, str]:
+    """The level and text of the line on who blocks the reset. It says the reset can go ahead
+    only when every process could be read and all of them were in sight."""
+    unreadable = f"{scan.unreadable} process(es) not readable"
+    if scan.holders:
+        shown = "; ".join(h.describe() for h in scan.holders[:SHOWN_HOLDERS])
+        more = len(scan.holders) - SHOWN_HOLDERS
+        shown += f"; and {more} more" if more > 0 else ""
+        caveats = [f"and {unreadable}"] if scan.unreadable else []
+        caveats += ["processes outside this container cannot be seen"] * scan.namespace_only
+        caveat = f" ({'; '.join(caveats)})" if caveats else ""
+        return "WARNING", (
+            f"{TAG} the GPU reset is blocked by {len(scan.holders)} process(es) holding NVIDIA "
+            f"devices open: {shown}{caveat}"
+        )
+    where = " in this container" if scan.namespace_only else ""
+    unseen = f" ({UNSEEN})" if scan.namespace_only else ""
+    if scan.unreadable:
+        return "WARNING", (
+            f"{TAG} the GPU reset may be blocked: {unreadable} (their descriptors need "
+            f"CAP_SYS_PTRACE); no other process{where} holds an NVIDIA device open{unseen}"
+        )
+    if scan.namespace_only:
+        return "INFO", f"{TAG} no process{where} holds an NVIDIA device open{unseen}"
+    return "INFO", f"{TAG} no process holds an NVIDIA device open: the GPU reset can go ahead"
 
 
 def log_holders(scan: Scan) -> None:
-    """Who still blocks the reset the hold waits for (holders.py): WARNING while anyone does."""
-    caveats = []
-    if scan.unreadable:
-        caveats.append(f"and {scan.unreadable} process(es) not readable")
-    if scan.namespace_only:
-        caveats.append("only this container's processes are visible")
-    caveat = f" ({'; '.join(caveats)})" if caveats else ""
-    bound = logger.bind(
+    """Who still blocks the reset the hold waits for (holders.py): WARNING while anyone does,
+    or may."""
+    level, line = holders_line(scan)
+    logger.bind(
         event="gpu_holders",
         holders=[
             {"pid": h.pid, "cmdline": h.cmdline, "container": h.container, "devices": h.devices}
@@ -126,18 +153,7 @@ def log_holders(scan: Scan) -> None:
         count=len(scan.holders),
         unreadable=scan.unreadable,
         namespace_only=scan.namespace_only,
-    )
-    if not scan.holders:
-        bound.info(f"{TAG} no process holds an NVIDIA device open: the GPU reset can go "
-                   f"ahead{caveat}")  # fmt: skip
-        return
-    shown = "; ".join(h.describe() for h in scan.holders[:SHOWN_HOLDERS])
-    more = len(scan.holders) - SHOWN_HOLDERS
-    shown += f"; and {more} more" if more > 0 else ""
-    bound.warning(
-        f"{TAG} the GPU reset is blocked by {len(scan.holders)} process(es) holding NVIDIA "
-        f"devices open: {shown}{caveat}"
-    )
+    ).log(level, line)
 
 
 def command(argv: list[str]) -> str:

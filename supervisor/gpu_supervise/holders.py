@@ -7,14 +7,18 @@ hostengine, an exporter in another container, persistenced. A process holding NV
 found the way fuser finds them: by reading the links in /proc/PID/fd.
 
 Never an error: a process that exits mid-scan is skipped, one whose descriptors cannot be read
-(another user's, without CAP_SYS_PTRACE) is counted, and the scan is bounded. In a container
-only the container's own PID namespace is visible, and the result says so.
+(another user's, or a non-dumpable one, without CAP_SYS_PTRACE) is counted, and the scan is
+bounded. In a container only the container's own PID namespace is visible, and the result says
+so. A scan reads every descriptor of the node (seconds with thousands of processes of thousands
+of descriptors each), so the supervisor runs it in a thread of its own (Scanner).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import threading
+from collections.abc import Callable
 
 MAX_PROCESSES = 100_000  # a scan never looks further: a bound, not a count of real nodes
 MAX_FDS = 65_536  # descriptors read per process
@@ -24,22 +28,28 @@ CMDLINE_CHARS = 200
 # cri-containerd-<id>.scope, crio-<id>.scope, libpod-<id>.scope, or a plain /<id> (cgroup v1,
 # Kubernetes' kubepods/.../<id>, docker/<id>).
 _CONTAINER = re.compile(r"(?:^|[/-])([0-9a-f]{64})(?:\.scope)?$")
+# What readlink adds to the path of a file unlinked since it was opened (a device node removed
+# and made again, as nvidia-modprobe and container runtimes do): the process still holds it.
+DELETED = " (deleted)"
 
 
 class Holder:
-    __slots__ = ("pid", "cmdline", "container", "devices")
+    __slots__ = ("pid", "cmdline", "container", "devices", "started")
 
-    def __init__(self, pid: int, cmdline: str, container: str, devices: tuple[str, ...]) -> None:
+    def __init__(
+        self, pid: int, cmdline: str, container: str, devices: tuple[str, ...], started: int = 0
+    ) -> None:
         self.pid, self.cmdline, self.container, self.devices = pid, cmdline, container, devices
+        self.started = started
 
     def describe(self) -> str:
         where = f" (container {self.container[:12]})" if self.container else ""
         return f"pid {self.pid}{where}: {self.cmdline}"
 
-    def key(self) -> int:
-        """The pid alone: a holder's command line changes as it exits (the kernel drops it
-        before it closes the files) or execs, and that is no news."""
-        return self.pid
+    def key(self) -> tuple[int, int]:
+        """Who it is: the pid and its start time. Not the command line: it changes as a holder
+        exits (the kernel drops it before it closes the files) or execs, and that is no news."""
+        return (self.pid, self.started)
 
 
 class Scan:
@@ -51,7 +61,7 @@ class Scan:
     def __init__(self, holders: list[Holder], unreadable: int, namespace_only: bool) -> None:
         self.holders, self.unreadable, self.namespace_only = holders, unreadable, namespace_only
 
-    def key(self) -> frozenset[int]:
+    def key(self) -> frozenset[tuple[int, int]]:
         """What makes two scans different enough to say so again."""
         return frozenset(h.key() for h in self.holders)
 
@@ -70,25 +80,29 @@ def is_device(path: str, device_dir: str) -> bool:
 
 
 def scan(device_dir: str = "/dev", proc: str = "/proc") -> Scan:
+    """Every process but this one (whose probe thread may have NVML open at this moment)."""
     holders: list[Holder] = []
     unreadable = 0
+    own = str(os.getpid())
     try:
-        pids = [int(e) for e in os.listdir(proc) if e.isdigit()][:MAX_PROCESSES]
+        pids = [e for e in os.listdir(proc) if e.isdigit() and e != own][:MAX_PROCESSES]
     except OSError:
         return Scan([], 0, namespace_only=True)
     for pid in pids:
-        devices = _devices(f"{proc}/{pid}/fd", device_dir)
+        devices = _devices(f"{proc}/{pid}/fd/", device_dir)
         if devices is None:
             unreadable += 1
         elif devices:
-            holders.append(Holder(pid, _cmdline(proc, pid), _container(proc, pid), devices))
+            n = int(pid)
+            holder = Holder(n, _cmdline(proc, n), _container(proc, n), devices, _started(proc, n))
+            holders.append(holder)
     return Scan(holders, unreadable, _namespace_only(proc))
 
 
 def _devices(fd_dir: str, device_dir: str) -> tuple[str, ...] | None:
     """The NVIDIA device files among a process's descriptors; None if they cannot be read
-    (a process that is gone has none). Two system calls a descriptor at most: this runs over
-    every process of the node."""
+    (a process that is gone has none). Two system calls a descriptor at most, and a cheap
+    check of the link's start before any other: this runs over every process of the node."""
     prefix = device_dir.rstrip("/") + "/nvidia"
     found: set[str] = set()
     try:
@@ -99,12 +113,27 @@ def _devices(fd_dir: str, device_dir: str) -> tuple[str, ...] | None:
         return ()  # exited (or a zombie, which holds nothing)
     for name in names[:MAX_FDS]:
         try:
-            target = os.readlink(f"{fd_dir}/{name}")
+            target = os.readlink(fd_dir + name)
+        except PermissionError:  # the list is open to root, the links only with CAP_SYS_PTRACE
+            return None
         except OSError:
             continue  # closed meanwhile
-        if target.startswith(prefix) and is_device(target, device_dir):
-            found.add(target)
+        if target.startswith(prefix):
+            path = target.removesuffix(DELETED)
+            if is_device(path, device_dir):
+                found.add(path)
     return tuple(sorted(found))
+
+
+def _started(proc: str, pid: int) -> int:
+    """When the process started (clock ticks since boot, /proc/PID/stat's 22nd field): with the
+    pid, who it is; a pid used again by a new process is another holder. 0 if unknown."""
+    try:
+        with open(f"{proc}/{pid}/stat", "rb") as fh:
+            fields = fh.read(4096).rsplit(b")", 1)[-1].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def _cmdline(proc: str, pid: int) -> str:
@@ -134,15 +163,17 @@ def _container(proc: str, pid: int) -> str:
 
 
 def container_id(cgroup: str) -> str:
-    """The container id of a /proc/PID/cgroup text (the last one named in any line)."""
-    found = ""
-    for line in cgroup.splitlines():
-        path = line.split(":", 2)[-1]
-        for part in path.split("/"):
+    """The container id of a /proc/PID/cgroup text: the innermost one, for a container in a
+    container (kind's nodes, a runtime in a Docker container). That is the deepest in its path,
+    and the deepest path of any line (the last line's of equal ones): under cgroup v1 an inner
+    runtime may make cgroups in only some hierarchies, whose lines then stop at the outer one."""
+    named = []
+    for index, line in enumerate(cgroup.splitlines()):
+        for depth, part in enumerate(line.split(":", 2)[-1].split("/")):
             match = _CONTAINER.search(part)
             if match:
-                found = match.group(1)
-    return found
+                named.append((depth, index, match.group(1)))
+    return max(named)[2] if named else ""
 
 
 # The kernel's fixed inode number of the initial PID namespace (include/linux/proc_ns.h,
@@ -157,3 +188,47 @@ def _namespace_only(proc: str) -> bool:
         return os.stat(f"{proc}/self/ns/pid").st_ino != INITIAL_PID_NAMESPACE
     except OSError:
         return False
+
+
+class Scanner:
+    """Scans in a thread of its own, so that the main loop never waits for one: a signal or a
+    child's exit during a scan of seconds is acted on at once. `notify` is called from the
+    thread when a scan is done; `take` hands it over once."""
+
+    def __init__(self, device_dir: str, notify: Callable[[], None] = lambda: None) -> None:
+        self._device_dir, self._notify = device_dir, notify
+        self._lock = threading.Lock()
+        self._generation = 0  # scans begun before the last forget() are dropped
+        self._running: int | None = None  # the generation of the scan under way
+        self._done: Scan | None = None
+
+    def start(self) -> bool:
+        """Begin a scan; False (and nothing begun) while one begun since forget() still runs."""
+        with self._lock:
+            if self._running == self._generation:
+                return False
+            self._running = generation = self._generation
+        thread = threading.Thread(target=self._work, args=(generation,), name="gpu-holders",
+                                  daemon=True)  # fmt: skip
+        thread.start()
+        return True
+
+    def forget(self) -> None:
+        """Drop the scan finished or under way: it began before now (a hold begins afresh)."""
+        with self._lock:
+            self._generation += 1
+            self._done = None
+
+    def take(self) -> Scan | None:
+        """The scan finished since the last call, or None."""
+        with self._lock:
+            done, self._done = self._done, None
+        return done
+
+    def _work(self, generation: int) -> None:
+        done = scan(self._device_dir)  # never raises: what cannot be read is counted
+        with self._lock:
+            if generation != self._generation:
+                return
+            self._done, self._running = done, None
+        self._notify()

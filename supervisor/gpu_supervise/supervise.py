@@ -127,6 +127,7 @@ class Supervisor:
         self.termination_text: str | None = None  # what the termination log says, once written
         self.tripwire: Tripwire | None = None
         self.holders: holders.Scan | None = None  # who held the GPU at the last look (holding)
+        self.scanner = holders.Scanner(settings.device_dir, notify=self._wake)
         self.heartbeat: Heartbeat | None = None
         self.tripwire_at = 0.0  # the next listing
         self.workdir: str | None = None  # where the agent started; we are at / (_leave_workdir)
@@ -278,6 +279,7 @@ class Supervisor:
             if self.state is not State.STOPPING:
                 self._check_tripwire(now)
                 self._watch(now)
+                self._report_holders()
             if self.state is State.RUNNING and self.status is not None:
                 # The agent exited by itself: clear what it left behind, exit with its code.
                 code = child.exit_code(self.status)
@@ -420,7 +422,10 @@ class Supervisor:
         if stop.hold:
             self.state = State.HOLDING
             self.holders = None
+            self.scanner.forget()
             self._check_holders()
+            if self.watcher is not None and self.watcher.hold is not None:  # the count follows
+                self._notify(STATUS=events.holding_status(self.watcher.hold, self.settings))
             return
         if stop.exit_code is not None:
             self.exit = (stop.exit_code, stop.reason)
@@ -487,14 +492,20 @@ class Supervisor:
         self.heartbeat = Heartbeat(now)
 
     def _check_holders(self) -> None:
-        """While holding, between probes (NVML is closed then: gpu-supervise holds nothing):
-        who still blocks the reset. Logged when the hold begins and whenever it changes."""
-        watcher = self.watcher
-        if self.state is not State.HOLDING or watcher is None or watcher.hold is None:
+        """While holding, when the hold begins and after each probe: who still blocks the
+        reset. The scan reads every process's descriptors (seconds on a busy node), so it runs
+        in a thread of its own and the loop goes on; _report_holders takes its result."""
+        if self.state is State.HOLDING:
+            self.scanner.start()
+
+    def _report_holders(self) -> None:
+        """A finished scan: logged when the hold begins and whenever the holders change, its
+        count in systemd's status."""
+        found, watcher = self.scanner.take(), self.watcher
+        if found is None or self.state is not State.HOLDING or self.exit is not None:
             return
-        if watcher.in_flight is not None:
-            return  # our own probe has NVML open right now
-        found = holders.scan(self.settings.device_dir)
+        if watcher is None or watcher.hold is None:
+            return
         if self.holders is None or found.key() != self.holders.key():
             events.log_holders(found)
         self.holders = found

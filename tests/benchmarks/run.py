@@ -1,6 +1,7 @@
 """Benchmarks: what gpu-supervise costs next to tini, dumb-init and nothing at all.
 
     python tests/benchmarks/run.py [--quick] [--binary DIST/gpu-supervise/gpu-supervise]
+    python tests/benchmarks/run.py --holders    (the holder scan's rows alone)
 
 Writes tests/benchmarks/results.json and the Markdown table between the benchmark markers of
 docs/performance.md. Measures; asserts nothing (the test suite asserts behaviour). Needs gcc,
@@ -198,33 +199,42 @@ class Bench:
         }
 
     def holder_scan(self) -> None:
-        """The scan that names who blocks a reset, on a node with 2,000 processes besides."""
-        from gpu_supervise.holders import scan
-
+        """The scan that names who blocks a reset: on a node with 2,000 processes besides (a
+        few descriptors each, as most have), and with 1,000 of 1,000 descriptors each."""
         count = 400 if self.quick else 2000
         env = {**self.env, "FAKE_NVML_DEV_DIR": str(self.tmp / "dev")}
         holder = subprocess.Popen([*AGENT, "--hold-nvml"], env=env, stdout=subprocess.PIPE)
-        sleepers = subprocess.Popen(
-            ["sh", "-c", f"for i in $(seq {count}); do sleep 600 & done; echo up; wait"],
-            stdout=subprocess.PIPE, start_new_session=True,
-        )  # fmt: skip
         try:
-            assert sleepers.stdout is not None and holder.stdout is not None
-            sleepers.stdout.readline()
+            assert holder.stdout is not None
             while b"ready" not in holder.stdout.readline():
                 pass
-            processes = sum(1 for p in os.listdir("/proc") if p.isdigit())
             dev = str(self.tmp / "dev")
-            assert [h.pid for h in scan(dev).holders] == [holder.pid]
-            self.results["holder_scan_ms"] = {
-                "processes": processes,
-                **stats(_timed(lambda: scan(dev), self.reps(20))),
-            }
+            sleepers = ["sh", "-c", f"for i in $(seq {count}); do sleep 600 & done; echo up; wait"]
+            self.results["holder_scan_ms"] = self._scan_among(sleepers, dev, holder.pid, 20)
+            crowd = [sys.executable, "-c", CROWD, str(count // 2), str(1000)]
+            self.results["holder_scan_fds_ms"] = self._scan_among(crowd, dev, holder.pid, 5)
         finally:
-            os.killpg(sleepers.pid, signal.SIGKILL)
-            sleepers.wait()
             holder.kill()
             holder.wait()
+        self.results["holder_scan_measured"] = _measured()
+
+    def _scan_among(self, command: list[str], dev: str, holder: int, reps: int) -> dict:
+        """The scan's cost while `command`'s processes run (it prints a line once they do)."""
+        from gpu_supervise.holders import scan
+
+        others = subprocess.Popen(command, stdout=subprocess.PIPE, start_new_session=True)
+        try:
+            assert others.stdout is not None
+            others.stdout.readline()
+            pids = [p for p in os.listdir("/proc") if p.isdigit()]
+            fds = sum(len(os.listdir(f"/proc/{p}/fd")) for p in pids if _listable(p))
+            assert [h.pid for h in scan(dev).holders] == [holder]
+            return {"processes": len(pids), "descriptors": fds,
+                    **stats(_timed(lambda: scan(dev), self.reps(reps)))}  # fmt: skip
+        finally:
+            os.killpg(others.pid, signal.SIGKILL)
+            others.wait()
+            _gone(others.pid)
 
     def tripwire_detection(self) -> None:
         """Change -> exit 1 at the default interval (30 s) and settle (5 s), with the tripwire
@@ -358,6 +368,48 @@ class Bench:
         self.results["sigterm_to_child_ms"] = out
 
 
+# Forks argv[1] processes that each hold argv[2] descriptors (copies of stdin), then prints.
+CROWD = """
+import os, signal, sys
+for _ in range(int(sys.argv[2]) - 3):
+    os.dup(0)
+for _ in range(int(sys.argv[1])):
+    if os.fork() == 0:
+        signal.pause()
+print("up", flush=True)
+signal.pause()
+"""
+
+
+def _gone(group: int, timeout: float = 60.0) -> None:
+    """Wait until the group's processes are reaped (by whoever inherited them): the next
+    figure counts the processes of the node."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+
+
+def _listable(pid: str) -> bool:
+    try:
+        os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    return True
+
+
+def _measured() -> dict[str, str]:
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": (
+            f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}"
+        ),
+    }
+
+
 def _timed(fn: Callable[[], object], n: int) -> list[float]:
     out = []
     for _ in range(n):
@@ -410,8 +462,17 @@ def markdown(r: dict) -> str:
     listing, scan = r["listing_ms"], r["holder_scan_ms"]
     lines.append(f"| one listing of the driver's MIG tree (8 GPUs x 7 instances, "
                  f"{listing['entries']} entries), ms | {_fmt(listing)} |")  # fmt: skip
-    lines.append(f"| one scan for GPU holders, {scan['processes']} processes, ms | "
+    when = r.get("holder_scan_measured", {"date": r["date"], "machine": r["machine"]})
+    note = "" if when["date"] == r["date"] else f" (measured {when['date']})"
+    note = note if when["machine"] == r["machine"] else f" (measured {when['date']} on " \
+        f"{when['machine']})"  # fmt: skip
+    lines.append(f"| one scan for GPU holders, {scan['processes']} processes, "
+                 f"{scan.get('descriptors', '?')} descriptors in all{note}, ms | "
                  f"{_fmt(scan)} |")  # fmt: skip
+    if "holder_scan_fds_ms" in r:
+        fds = r["holder_scan_fds_ms"]
+        lines.append(f"| … with {fds['processes']} processes, {fds['descriptors']} descriptors "
+                     f"in all{note}, ms | {_fmt(fds)} |")  # fmt: skip
     t = r["tripwire_detection_ms"]
     for key, label in (("with", "with the tripwire (1 s)"), ("without", "poll alone")):
         lines.append(
@@ -441,8 +502,14 @@ def main() -> int:
     parser.add_argument("--binary", help="also measure this PyInstaller build")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite the table in "
                         "docs/performance.md")  # fmt: skip
+    parser.add_argument("--holders", action="store_true", help="measure the holder scan alone; "
+                        "the other figures stay those of results.json")  # fmt: skip
     args = parser.parse_args()
     bench = Bench(args.quick, args.binary)
+    if args.holders:
+        bench.holder_scan()
+        results = {**json.loads((HERE / "results.json").read_text()), **bench.results}
+        return report(results, args.no_docs, bench.tmp)
     steps = [bench.start_overhead, bench.memory, bench.probe_cost, bench.listing_cost,
              bench.holder_scan, bench.forwarding, bench.broken_nvml]  # fmt: skip
     for step in steps:
@@ -455,23 +522,21 @@ def main() -> int:
     idle.join()
     print("... detection at the default interval, with and without the tripwire", flush=True)
     bench.tripwire_detection()
-    results = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": (
-            f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}"
-        ),
-        **bench.results,
-    }
+    return report({**_measured(), **bench.results}, args.no_docs, bench.tmp)
+
+
+def report(results: dict, no_docs: bool, tmp: Path) -> int:
+    """results.json, and the table: printed, and between the markers of docs/performance.md."""
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)
     print(table)
-    if not args.no_docs:
+    if not no_docs:
         doc = ROOT / "docs" / "performance.md"
         text = doc.read_text()
         start, end = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
         head, rest = text.split(start, 1)
         doc.write_text(head + start + "\n" + table + "\n" + end + rest.split(end, 1)[1])
-    shutil.rmtree(bench.tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 

@@ -11,15 +11,15 @@ not notice "survives", and marks a rule nobody checks. This script
    mutants from its copy of `.` or `src/`, and our source root is `supervisor/`), with the fast
    in-process tests of those modules (tests marked slow, real processes, are left out: they
    cannot see a mutant, which lives in mutmut's process);
-2. runs `mutmut run` there, on whole modules, and in events.py and logs.py on the pure
-   functions alone (ONLY): the rest of those is wiring that only end-to-end tests see;
+2. runs `mutmut run` there, on whole modules, and in events.py, logs.py and holders.py on the
+   pure functions alone (ONLY): the rest of those is wiring that only end-to-end tests see;
 3. prints a table per module and every survivor with its diff;
 4. exits 1 if a mutant survives in the policy (watch.py), in the topology's identity and diff,
-   or in the text functions (text.py, and ONLY in events.py and logs.py: what log alerts,
-   collectors and `kubectl describe pod` read), unless it is listed in EQUIVALENT below with the
-   reason it changes nothing that can be observed. Survivors elsewhere (configuration error
-   wording, the table for people) are reported, not failed; config.py, where nothing is gated,
-   is mutated only with --all (or --docs).
+   in the text functions (text.py, and ONLY in events.py and logs.py: what log alerts,
+   collectors and `kubectl describe pod` read) or in ONLY of holders.py, unless it is listed in
+   EQUIVALENT below with the reason it changes nothing that can be observed. Survivors elsewhere
+   (configuration error wording, the table for people) are reported, not failed; config.py,
+   where nothing is gated, is mutated only with --all (or --docs).
 
 It takes about two and a half minutes on two CPUs (five with --all); .ci/run runs it after the
 test suite.
@@ -38,13 +38,13 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-MODULES = ("watch", "topology", "config", "text", "tripwire", "events", "logs")
+MODULES = ("watch", "topology", "config", "text", "tripwire", "events", "logs", "holders")
 # Modules where a survivor is only reported, never failed: mutated with --all (and --docs) alone,
 # so that CI spends its time on the modules it gates.
 REPORTED = ("config",)
 TESTS = (
     "test_watch.py", "test_topology.py", "test_config.py", "test_events.py", "test_logs.py",
-    "test_tripwire.py",
+    "test_tripwire.py", "test_holders.py",
 )  # fmt: skip
 # What the tests import: the folders named here, and every module of tests/ that is not a test
 # (conftest.py and the helpers it imports).
@@ -52,13 +52,16 @@ SUPPORT = ("fakenvml", "agents")
 
 # Modules mutated only in these functions: the pure ones. events: the text of the change line,
 # of the last line's reason, of the termination message and of systemd's status; logs: how a
-# line is made to fit 16 KiB. (The rest is logging calls and the writer thread.)
+# line is made to fit 16 KiB. (The rest is logging calls and the writer thread.) holders: which
+# files hold a GPU, a container's id, who a holder is (the scan itself reads /proc).
 ONLY = {
     "events": (
         "_uuid_list", "change_line", "_mode", "_pending_gpus", "source_name", "_failed",
         "restart_reason", "termination_message", "holding_status", "running_status",
+        "holders_line",
     ),
     "logs": ("_fit_text", "_fit_json"),
+    "holders": ("is_device", "container_id", "Holder.key", "Scan.key"),
 }  # fmt: skip
 
 # Where no mutant may survive: the whole policy, the topology's identity and diff, and the text
@@ -68,7 +71,7 @@ STRICT = re.compile(
     r"|gpu_supervise\.topology\.x(ǁTopologyǁ(identity|same_as|absent|pending_mig_changes)"
     r"|ǁMigDeviceǁ(key|describe)|ǁGpuǁ(mig_enabled|mig_change_pending|describe)"
     r"|ǁChangeǁ|_diff|__diff_lines|__gpu_diff|__mig_suffix|__profile_counts|__slot|__onoff)"
-    r"|gpu_supervise\.(text|tripwire|events|logs)\."
+    r"|gpu_supervise\.(text|tripwire|events|logs|holders)\."
 )
 
 # Survivors that change nothing observable: (function, a piece of the mutated line) -> why.
@@ -101,6 +104,10 @@ EQUIVALENT = {
     ("printable", '"UNICODE_ESCAPE"'): "codec names are case-insensitive",
     ("clip", '"UNICODE_ESCAPE"'): "codec names are case-insensitive",
     ("fit_text", '"UTF-8"'): "codec names are case-insensitive",
+    ("container_id", 'line.split("XX:XX", 2)'): (
+        "the fields before a cgroup line's path (hierarchy id, controllers) never hold a '/': "
+        "the whole line splits into the same parts, the first one no container id"
+    ),
 }
 
 # What counts as the tests noticing a mutant: they failed, or never finished (an endless loop),
@@ -137,8 +144,14 @@ def patterns(modules: tuple[str, ...]) -> list[str]:
         if functions is None:
             out.append(f"gpu_supervise.{module}.*")
         else:
-            out += [f"gpu_supervise.{module}.x_{f}*" for f in functions]
+            out += [f"gpu_supervise.{module}.{_mangled(f)}*" for f in functions]
     return out
+
+
+def _mangled(function: str) -> str:
+    """mutmut's name for a function (x_name) or a method (xǁClassǁname)."""
+    cls, _, name = function.rpartition(".")
+    return f"xǁ{cls}ǁ{name}" if cls else f"x_{name}"
 
 
 def scratch_copy(where: Path, modules: tuple[str, ...]) -> None:
