@@ -248,23 +248,23 @@ def _nvidia_fds(device_dir: str) -> list[dict]:
 def _inner_device_files() -> dict:
     import pynvml
 
-    from gpu_supervise.holders import scan
+    from gpu_supervise import holders
 
     device_dir = os.environ.get("GPU_CHECK_DEVICE_DIR", "/dev")
     before = _nvidia_fds(device_dir)
     pynvml.nvmlInit()
     try:
         during = _nvidia_fds(device_dir)
-        found = scan(device_dir)
-        me = [h.devices for h in found.holders if h.pid == os.getpid()]
+        found = holders.scan(device_dir)  # every process but this one: its own are read below
+        mine = holders._devices(f"/proc/{os.getpid()}/fd/", device_dir)
     finally:
         pynvml.nvmlShutdown()
     after = _nvidia_fds(device_dir)
     return {
-        "ok": not before and bool(during) and not after and bool(me),
+        "ok": not before and bool(during) and not after and bool(mine),
         "before": before, "while_initialised": during, "after_shutdown": after,
-        "scan_found_this_process": me[0] if me else None,
-        "other_holders": [f"{h.pid} {h.cmdline}" for h in found.holders if h.pid != os.getpid()],
+        "scan_found_this_process": list(mine) if mine else None,
+        "other_holders": [f"{h.pid} {h.cmdline}" for h in found.holders],
         "unreadable": found.unreadable,
     }  # fmt: skip
 
