@@ -20,6 +20,7 @@ import pytest
 
 from conftest import (
     AGENT,
+    SESSION_MARK,
     FakeNode,
     Proc,
     clean_env,
@@ -927,3 +928,46 @@ def test_a_daemon_that_outruns_every_sigkill_is_reported_as_a_survivor(
     assert out.stdout.strip(), "survivors() found nothing alive while the walker walked"
     for line in out.stdout.splitlines():
         assert line.split()[1] in ("R", "S", "D") and line.split()[2] == str(walker), line
+
+
+# -- odd inputs at start ---------------------------------------------------------------------------
+
+
+RAW_ENV = r"""
+#include <unistd.h>
+int main(int argc, char **argv) {
+    char *env[] = {"=weird=x", "PATH=/usr/bin:/bin", argv[1], 0};
+    execve(argv[2], argv + 2, env);
+    return 127;
+}
+"""
+
+
+def test_an_environment_entry_exec_cannot_take_is_dropped(tmp_path: Path):
+    """A C program can pass an envp entry named "=weird": the agent still starts."""
+    source = tmp_path / "rawenv.c"
+    source.write_text(RAW_ENV)
+    subprocess.run(["gcc", "-o", str(tmp_path / "rawenv"), str(source)], check=True)
+    mark = f"{SESSION_MARK}={os.environ[SESSION_MARK]}"
+    out = subprocess.run(
+        [str(tmp_path / "rawenv"), mark, *gpu_supervise_cmd(), *PLAIN, "--termination-log", "",
+         "--", "sh", "-c", 'echo "seen=${PATH}"; exit 4'],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 4, out.stderr
+    assert "seen=/usr/bin:/bin" in out.stdout and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        ("/nonexistent\nFAKE LOG LINE", "/nonexistent\\nFAKE LOG LINE: command not found"),
+        ("/x\x1b[31mRED", "/x\\x1b[31mRED: command not found"),
+        ("/" + "a" * 120_000, " characters)"),
+    ],
+)
+def test_a_start_failure_is_one_clean_line(command: str, shown: str):
+    out = run([*PLAIN, "--", command], clean_env())
+    assert out.returncode in (126, 127)
+    assert out.stderr.count("\n") == 1 and "\x1b" not in out.stderr
+    assert shown in out.stderr and len(out.stderr) < 1100
