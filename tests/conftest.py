@@ -374,3 +374,10 @@ def images(binary: Path, podman: list[str], tmp_path_factory: pytest.TempPathFac
     finally:
         for image in built.values():
             subprocess.run([*podman, "rmi", "-f", image], capture_output=True, timeout=120)
+
+
+def wait_until(condition: Callable[[], bool], failure: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.005)
