@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import AGENT, FakeNode, clean_env, gpu_supervise_cmd, pid_alive
+from conftest import (
+    AGENT,
+    FakeNode,
+    clean_env,
+    gpu_supervise_cmd,
+    pid_alive,
+    stalled_collector,
+)
 from fakenvml import dgx_a100
 
 FAST = ["--interval", "0.2", "--cooldown", "0", "--settle", "0"]
@@ -85,24 +92,6 @@ def test_a_stderr_nobody_reads_never_stops_a_stop(fake_node: FakeNode, tmp_path:
         proc.stderr.close()
 
 
-def _stalled_collector(fake_node: FakeNode, tmp_path: Path, stop_timeout: str):
-    """gpu-supervise whose stderr pipe the agent fills (a chatty agent, a stalled collector):
-    returns the process, once the pipe is full and nothing of gpu-supervise's can get out."""
-    out = tmp_path / "out"
-    agent = "echo up; head -c 300000 /dev/zero >&2; exec sleep 300"  # blocks on the full pipe
-    cmd = [*gpu_supervise_cmd(), *FAST, "--stop-timeout", stop_timeout, "--termination-log",
-           str(tmp_path / "termination-log"), "--", "sh", "-c", agent]  # fmt: skip
-    (tmp_path / "termination-log").write_text("")
-    with open(out, "wb") as stdout:
-        proc = subprocess.Popen(cmd, env=fake_node.env, stdout=stdout, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while b"up" not in out.read_bytes():
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.05)
-    time.sleep(1)  # the baseline and a few probes queued behind the agent's 300 kB
-    return proc
-
-
 def test_the_decision_lines_survive_a_collector_stalled_across_the_exit(
     fake_node: FakeNode, tmp_path: Path
 ):
@@ -111,7 +100,7 @@ def test_the_decision_lines_survive_a_collector_stalled_across_the_exit(
     line are all there (they wait up to stop_timeout, not 2 s)."""
     node = dgx_a100(["1g.5gb"] * 7, count=2)
     fake_node.write(node)
-    proc = _stalled_collector(fake_node, tmp_path, stop_timeout="10")
+    proc = stalled_collector(fake_node, tmp_path, stop_timeout="10")
     try:
         node.gpu(1).set_layout(["3g.20gb"] * 2)
         fake_node.write(node)
