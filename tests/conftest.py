@@ -374,3 +374,32 @@ def images(binary: Path, podman: list[str], tmp_path_factory: pytest.TempPathFac
     finally:
         for image in built.values():
             subprocess.run([*podman, "rmi", "-f", image], capture_output=True, timeout=120)
+
+
+def wait_until(condition: Callable[[], bool], failure: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.005)
+
+
+STALLED_FAST = ["--interval", "0.2", "--cooldown", "0", "--settle", "0"]
+
+
+def stalled_collector(fake_node: FakeNode, tmp_path: Path, stop_timeout: str):
+    """gpu-supervise whose stderr pipe the agent fills (a chatty agent, a stalled collector):
+    returns the process, once the pipe is full and nothing of gpu-supervise's can get out."""
+    out = tmp_path / "out"
+    agent = "echo up; head -c 300000 /dev/zero >&2; exec sleep 300"  # blocks on the full pipe
+    cmd = [*gpu_supervise_cmd(), *STALLED_FAST, "--stop-timeout", stop_timeout,
+           "--termination-log", str(tmp_path / "termination-log"),
+           "--", "sh", "-c", agent]  # fmt: skip
+    (tmp_path / "termination-log").write_text("")
+    with open(out, "wb") as stdout:
+        proc = subprocess.Popen(cmd, env=fake_node.env, stdout=stdout, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while b"up" not in out.read_bytes():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    time.sleep(1)  # the baseline and a few probes queued behind the agent's 300 kB
+    return proc

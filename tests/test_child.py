@@ -3,36 +3,33 @@ Real processes and real signals, in the shape of dumb-init's own tests."""
 
 from __future__ import annotations
 
-import fcntl
 import os
-import pty
-import select
+import random
 import signal
 import subprocess
 import sys
-import termios
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import (
     AGENT,
+    SESSION_MARK,
     FakeNode,
     Proc,
     clean_env,
     gpu_supervise_cmd,
-    kill_marked,
-    log_stamp,
-    marked,
-    missing_capability,
     pid_alive,
     run,
+    wait_until,
 )
 from fakenvml import dgx_a100
-from procfs import cpu_seconds, stat_fields
+from procfs import stat_fields
+from terminal import Terminal
 
 Start = Callable[..., Proc]
 PLAIN = ["--no-watch"]
@@ -42,6 +39,9 @@ STOP_1S = ["--stop-timeout", "1"]
 def tree_agent(pidfile: Path, *args: str) -> list[str]:
     """The test agent leaving a grandchild in a session of its own; both pids in `pidfile`."""
     return [*AGENT, "--grandchild", "--pidfile", str(pidfile), *args]
+
+
+# -- exit statuses, the shape of dumb-init's tests -------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -62,6 +62,25 @@ def test_child_exit_status_comes_back(script: str, code: int):
     last = out.stderr.splitlines()[-1]  # every run ends saying how and why
     how = f"exited with code {code}" if script.startswith("exit") else "was killed by SIG"
     assert last.split(" INFO    ")[1].startswith(f"exiting {code}: the agent {how}"), last
+
+
+def test_every_exit_code_comes_back():
+    def code_of(n: int) -> int:
+        return run([*PLAIN, "--", "sh", "-c", f"exit {n}"], clean_env()).returncode
+
+    with ThreadPoolExecutor(4) as pool:
+        codes = list(pool.map(code_of, range(256)))
+    assert codes == list(range(256))
+
+
+@pytest.mark.parametrize(
+    "sig", ["SIGHUP", "SIGINT", "SIGQUIT", "SIGABRT", "SIGKILL", "SIGSEGV", "SIGPIPE", "SIGALRM",
+            "SIGTERM", "SIGUSR1", "SIGUSR2"],
+)  # fmt: skip
+def test_death_by_signal_is_128_plus_n(sig: str):
+    number = getattr(signal, sig)
+    out = run([*PLAIN, "--", "sh", "-c", f"kill -{sig[3:]} $$"], clean_env())
+    assert out.returncode == 128 + number
 
 
 def not_executable(tmp_path: Path) -> Path:
@@ -126,6 +145,24 @@ def test_a_file_that_exists_is_never_command_not_found(tmp_path: Path):
         f"gpu-supervise: {outer}: cannot execute: a file it needs is missing (No such file or "
         "directory)\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        ("/nonexistent\nFAKE LOG LINE", "/nonexistent\\nFAKE LOG LINE: command not found"),
+        ("/x\x1b[31mRED", "/x\\x1b[31mRED: command not found"),
+        ("/" + "a" * 120_000, " characters)"),
+    ],
+)
+def test_a_start_failure_is_one_clean_line(command: str, shown: str):
+    out = run([*PLAIN, "--", command], clean_env())
+    assert out.returncode in (126, 127)
+    assert out.stderr.count("\n") == 1 and "\x1b" not in out.stderr
+    assert shown in out.stderr and len(out.stderr) < 1100
+
+
+# -- what the agent gets: its arguments, output and environment ------------------------------------
 
 
 def test_output_passes_straight_through_and_arguments_arrive_verbatim(tmp_path: Path):
@@ -193,6 +230,34 @@ def test_of_a_name_given_twice_the_agent_gets_the_first_value(tmp_path: Path):
     assert sorted(out.stdout.split(b"\0")[:-1]) == sorted(
         [b"DUP=first", b"PATH=/usr/bin:/bin", os.fsencode(mark)]
     )
+
+
+RAW_ENV = r"""
+#include <unistd.h>
+int main(int argc, char **argv) {
+    char *env[] = {"=weird=x", "PATH=/usr/bin:/bin", argv[1], 0};
+    execve(argv[2], argv + 2, env);
+    return 127;
+}
+"""
+
+
+def test_an_environment_entry_exec_cannot_take_is_dropped(tmp_path: Path):
+    """A C program can pass an envp entry named "=weird": the agent still starts."""
+    source = tmp_path / "rawenv.c"
+    source.write_text(RAW_ENV)
+    subprocess.run(["gcc", "-o", str(tmp_path / "rawenv"), str(source)], check=True)
+    mark = f"{SESSION_MARK}={os.environ[SESSION_MARK]}"
+    out = subprocess.run(
+        [str(tmp_path / "rawenv"), mark, *gpu_supervise_cmd(), *PLAIN, "--termination-log", "",
+         "--", "sh", "-c", 'echo "seen=${PATH}"; exit 4'],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 4, out.stderr
+    assert "seen=/usr/bin:/bin" in out.stdout and "Traceback" not in out.stderr
+
+
+# -- signals to the agent --------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("sig", ["SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGWINCH"])
@@ -296,6 +361,9 @@ def test_the_last_resort_stop_continues_a_stopped_agent_too():
             os.waitpid(pid, 0)
 
 
+# -- the agent's whole tree ------------------------------------------------------------------------
+
+
 def test_the_agent_leads_a_process_group_of_its_own(start: Start, tmp_path: Path):
     """So that a stop signals the whole group at once, and a ^C meant for gpu-supervise's own
     group (a shell's job) is not the agent's business: the agent's group is its own pid."""
@@ -341,6 +409,30 @@ def test_stubborn_child_and_setsid_grandchild_are_killed(start: Start, tmp_path:
     assert not any(pid_alive(p) for p in pids)
 
 
+def test_double_forked_setsid_daemons_are_stopped(start: Start, tmp_path: Path):
+    token = f"gs-daemon-{random.getrandbits(32):x}"
+    script = (
+        f"(setsid sh -c \"trap '' TERM; exec -a {token} sleep 300\" &); "
+        f"(setsid sh -c \"trap '' TERM; while :; do sleep 1; done; : {token}\" &); "
+        "echo up; exec sleep 300"
+    )
+    proc = start([*PLAIN, "--stop-timeout", "1", "--", "sh", "-c", script], clean_env())
+    proc.wait_for("up")
+    time.sleep(0.3)
+    assert _with_token(token)
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(60) == 143
+    assert not _with_token(token)
+
+
+def _with_token(token: str) -> list[int]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        if any(token in part for part in p.info["cmdline"] or []) and pid_alive(p.pid):
+            found.append(p.pid)
+    return found
+
+
 def test_topology_change_kills_a_stubborn_tree(start: Start, fake_node: FakeNode, tmp_path: Path):
     node = dgx_a100(["1g.5gb"] * 7)
     fake_node.write(node)
@@ -365,82 +457,6 @@ def test_leftover_daemons_are_stopped_when_the_child_exits(start: Start, tmp_pat
     assert not any(pid_alive(int(p)) for p in pidfile.read_text().split())
 
 
-# Raises once, in gpu-supervise only (its pid in the file GS_TEST_BREAK_PID names), at its first
-# os.kill or os.killpg: with --no-watch and no signal to forward, the stop after the agent's
-# exit. A bug in the loop, planted through the interpreter's audit hooks.
-BREAK_AT_THE_FIRST_KILL = """
-import os, sys
-_armed = [os.environ.get("GS_TEST_BREAK_PID")]
-def _hook(event, args):
-    if event in ("os.kill", "os.killpg") and _armed[0] and os.path.exists(_armed[0]):
-        if str(os.getpid()) == open(_armed[0]).read().strip():
-            _armed[0] = None
-            raise RuntimeError("planted failure in the stop")
-sys.addaudithook(_hook)
-"""
-
-
-def test_a_failure_after_the_agent_exited_still_stops_what_it_left(start: Start, tmp_path: Path):
-    """The agent has exited and left a daemon (setsid, ignoring SIGTERM); the stop of what it
-    left fails inside gpu-supervise. The last resort must still stop the daemon: gone when
-    gpu-supervise exits 70, not left running unsupervised."""
-    (tmp_path / "site").mkdir()
-    (tmp_path / "site" / "sitecustomize.py").write_text(BREAK_AT_THE_FIRST_KILL)
-    gs_pid, pidfile = tmp_path / "gs.pid", tmp_path / "pids"
-    env = clean_env(PYTHONPATH=str(tmp_path / "site"), GS_TEST_BREAK_PID=str(gs_pid))
-    agent = tree_agent(pidfile, "--no-nvml", "--run", "1", "--exit", "5")
-    proc = start([*PLAIN, *STOP_1S, "--", *agent], env)
-    gs_pid.write_text(str(proc.pid))
-    assert proc.wait() == 70, proc.output
-    assert "CRITICAL internal error (RuntimeError: planted failure in the stop at " in proc.log
-    assert "child " in proc.log and " exited with code 5" in proc.log  # the agent went first
-    daemon = int(pidfile.read_text().split()[1])
-    assert not pid_alive(daemon)
-
-
-# Raises at gpu-supervise's first two os.kill/os.killpg (the stop after the agent's exit, then
-# the last resort's own), and from then on writes each os.killpg it is asked for to a file.
-BREAK_TWICE = """
-import os, sys
-_file, _log, _left = os.environ["GS_TEST_BREAK_PID"], os.environ["GS_TEST_KILLPG_LOG"], [2]
-def _hook(event, args):
-    if event not in ("os.kill", "os.killpg") or not os.path.exists(_file):
-        return
-    if str(os.getpid()) != open(_file).read().strip():
-        return
-    if _left[0]:
-        _left[0] -= 1
-        raise RuntimeError("planted failure in the stop")
-    if event == "os.killpg":
-        with open(_log, "a") as fh:
-            fh.write(f"{args[0]} {args[1]}\\n")
-sys.addaudithook(_hook)
-"""
-
-
-def test_the_last_resort_never_signals_the_group_of_an_agent_already_reaped(
-    start: Start, tmp_path: Path
-):
-    """When even the tree walk fails, the last resort signals the agent's group with system
-    calls only; once the agent is reaped its group's number is free, and may name somebody
-    else's group: then it must not be signalled."""
-    (tmp_path / "site").mkdir()
-    (tmp_path / "site" / "sitecustomize.py").write_text(BREAK_TWICE)
-    gs_pid, pidfile, killpg = tmp_path / "gs.pid", tmp_path / "pids", tmp_path / "killpg"
-    env = clean_env(PYTHONPATH=str(tmp_path / "site"), GS_TEST_BREAK_PID=str(gs_pid),
-                    GS_TEST_KILLPG_LOG=str(killpg))  # fmt: skip
-    agent = tree_agent(pidfile, "--no-nvml", "--run", "1", "--exit", "5")
-    proc = start([*PLAIN, *STOP_1S, "--", *agent], env)
-    gs_pid.write_text(str(proc.pid))
-    assert proc.wait() == 70, proc.output
-    assert proc.log.count("RuntimeError: planted failure in the stop") == 1  # the CRITICAL line
-    reaped = int(pidfile.read_text().split()[0])
-    groups = (
-        [line.split()[0] for line in killpg.read_text().splitlines()] if killpg.exists() else []
-    )
-    assert str(reaped) not in groups
-
-
 def test_orphans_are_reaped_as_subreaper(start: Start, tmp_path: Path):
     """Grandchildren whose parent died come to us (PR_SET_CHILD_SUBREAPER); none stays a zombie."""
     script = "for i in $(seq 20); do (sleep 0.2 &) ; done; sleep 1; echo done"
@@ -451,479 +467,3 @@ def test_orphans_are_reaped_as_subreaper(start: Start, tmp_path: Path):
     proc = start(["--log-level", "DEBUG", *PLAIN, "--", "sh", "-c", script], clean_env())
     assert proc.wait() == 0
     assert proc.output.count("reaped orphan") == 20
-
-
-class Terminal:
-    """gpu-supervise on a pseudo-terminal as its controlling terminal: the test plays the
-    terminal emulator (`docker run -it`, an operator's shell)."""
-
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
-        self.master, slave = pty.openpty()
-        self.mark = uuid.uuid4().hex
-
-        def controlling_terminal() -> None:
-            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-        self.proc = subprocess.Popen(
-            [*gpu_supervise_cmd(), *args],
-            stdin=slave, stdout=slave, stderr=slave,
-            env={**(env or clean_env()), Proc.MARK: self.mark},
-            start_new_session=True, preexec_fn=controlling_terminal,
-        )  # fmt: skip
-        os.close(slave)
-        self.seen = b""
-
-    def __enter__(self) -> Terminal:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        kill_marked(Proc.MARK, self.mark)  # the agents too, whatever their group or session
-        self.proc.kill()
-        self.proc.wait()
-        os.close(self.master)
-
-    def type(self, data: bytes) -> None:
-        os.write(self.master, data)
-
-    def expect(self, marker: bytes, timeout: float = 30.0, count: int = 1) -> None:
-        """Read what the terminal shows until `marker` has appeared `count` times."""
-        deadline = time.monotonic() + timeout
-        while self.seen.count(marker) < count and time.monotonic() < deadline:
-            ready, _, _ = select.select([self.master], [], [], 0.1)
-            if ready:
-                try:
-                    self.seen += os.read(self.master, 4096)
-                except OSError:  # every writer is gone and all was read
-                    break
-        assert self.seen.count(marker) >= count, self.seen.decode(errors="replace")
-
-
-def test_child_owns_the_terminal_like_docker_run_it():
-    """With a terminal on stdin, the child's group becomes the foreground one: it can read the
-    terminal (a background group would be stopped by SIGTTIN) and gets ^C from it directly."""
-    # The trap is set before the read, so ^C, sent once the line is echoed back, is caught.
-    script = "trap 'echo trapped-sigint; exit 9' INT; read line; echo got:$line; sleep 30 & wait"
-    with Terminal([*PLAIN, "--", "sh", "-c", script]) as term:
-        term.type(b"hello\n")
-        term.expect(b"got:hello")
-        term.type(b"\x03")  # ^C: the terminal signals its foreground group, the child's
-        term.expect(b"trapped-sigint")
-        assert term.proc.wait(60) == 9
-
-
-def test_the_terminal_is_the_childs_before_its_first_instruction():
-    """A child that reads at once must never meet a terminal still held by us: handed over
-    after the exec, it loses that race on a busy machine and stays stopped by SIGTTIN. The
-    machine is made busy here on purpose; a handover after the exec failed half of these."""
-    hogs = [subprocess.Popen(["sh", "-c", "while :; do :; done"]) for _ in range(4)]
-    try:
-        for attempt in range(10):
-            with Terminal([*PLAIN, "--", "sh", "-c", "read line; echo got:$line"]) as term:
-                term.type(f"line{attempt}\n".encode())
-                term.expect(f"got:line{attempt}".encode(), timeout=15)
-                assert term.proc.wait(60) == 0
-    finally:
-        for hog in hogs:
-            hog.kill()
-            hog.wait()
-
-
-def test_exec_failures_on_a_terminal_are_127_and_126(tmp_path: Path):
-    """The terminal path starts the child its own way; a failed exec still says why."""
-    for command, code, reason in [
-        ("no-such-agent-xyz", 127, b"no-such-agent-xyz: command not found"),
-        (str(not_executable(tmp_path)), 126, b"permission denied"),
-    ]:
-        with Terminal([*PLAIN, "--", command]) as term:
-            assert term.proc.wait(60) == code
-            term.expect(reason)
-
-
-# -- a stop always ends --------------------------------------------------------------------------
-
-
-class Freezer:
-    """A cgroup whose processes can be frozen: they then ignore every signal, SIGKILL included,
-    as a process stuck in a GPU driver call (uninterruptible sleep) does."""
-
-    def __init__(self, path: Path, state_file: str, frozen: str, thawed: str) -> None:
-        self.path, self.state_file, self.frozen, self.thawed = path, state_file, frozen, thawed
-
-    def freeze(self, pid: int) -> None:
-        (self.path / "cgroup.procs").write_text(str(pid))
-        self._freeze()
-
-    def _freeze(self) -> None:
-        """Freeze, and wait until every process is frozen: the v1 freezer reads FREEZING, and
-        v2's cgroup.events says `frozen 0`, while some are still running (and forking)."""
-        (self.path / self.state_file).write_text(self.frozen)
-        wait_until(self._frozen, "the cgroup never froze")
-
-    def _frozen(self) -> bool:
-        if self.state_file == "freezer.state":
-            return (self.path / self.state_file).read_text().strip() == self.frozen
-        return "frozen 1" in (self.path / "cgroup.events").read_text().splitlines()
-
-    def thaw(self) -> None:
-        (self.path / self.state_file).write_text(self.thawed)
-
-    def release(self) -> None:
-        """Kill whatever is in the cgroup, frozen first so that nothing can fork away, then
-        remove the cgroup."""
-        deadline = time.monotonic() + 60
-        while (self.path / "cgroup.procs").read_text().split():
-            assert time.monotonic() < deadline, "processes outlived SIGKILL in a thawed cgroup"
-            self._freeze()  # everything, a child forked a moment ago included
-            for pid in (self.path / "cgroup.procs").read_text().split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            self.thaw()
-            time.sleep(0.05)
-        self.path.rmdir()
-
-
-@pytest.fixture
-def freezer() -> Iterator[Freezer]:
-    name = f"gpu-supervise-test-{os.getpid()}-{time.monotonic_ns()}"  # never one left behind
-    v1, v2 = Path("/sys/fs/cgroup/freezer"), Path("/sys/fs/cgroup/unified")
-    if (v1 / "freezer.state").exists() or (v1 / "cgroup.procs").exists():
-        made = Freezer(v1 / name, "freezer.state", "FROZEN", "THAWED")
-    elif (Path("/sys/fs/cgroup") / "cgroup.subtree_control").exists():
-        made = Freezer(Path("/sys/fs/cgroup") / name, "cgroup.freeze", "1", "0")
-    elif (v2 / "cgroup.subtree_control").exists():
-        made = Freezer(v2 / name, "cgroup.freeze", "1", "0")
-    else:
-        missing_capability("no cgroup freezer (neither the v1 freezer nor v2's cgroup.freeze)")
-    try:
-        made.path.mkdir()
-    except OSError as exc:
-        missing_capability(f"cannot create a freezer cgroup here: {exc}")
-    try:
-        yield made
-    finally:
-        made.release()
-
-
-def _stamp(lines: list[str], marker: str) -> float:
-    """The log's own timestamp of the first line of gpu-supervise's holding `marker`, in s."""
-    return log_stamp(lines, marker).timestamp()
-
-
-def test_a_child_that_survives_sigkill_is_logged_and_the_stop_still_ends(
-    start: Start, fake_node: FakeNode, tmp_path: Path, freezer: Freezer
-):
-    node = dgx_a100(["1g.5gb"] * 7)
-    fake_node.write(node)
-    pidfile = tmp_path / "pids"
-    watch = ["--interval", "0.2", "--cooldown", "0", "--settle", "0"]
-    agent = [*AGENT, "--no-nvml", "--pidfile", str(pidfile)]
-    proc = start([*watch, *STOP_1S, "--", *agent], fake_node.env)
-    proc.wait_for("ready")
-    proc.wait_for("[GPU-Watcher] baseline")
-    frozen = int(pidfile.read_text())
-    freezer.freeze(frozen)
-    node.gpu(0).set_layout(None)
-    fake_node.write(node)
-    assert proc.wait(60) == 1
-    lines = proc.log_lines()
-    survived = [line for line in lines if "ERROR   pid" in line]
-    assert len(survived) == 1 and f"pid {frozen} survived SIGKILL (state " in survived[0]
-    assert "agent.py --no-nvml --pidfile" in survived[0]
-    took = _stamp(lines, "exiting 1:") - _stamp(lines, "Initiating self-restart")
-    assert took <= 2 * 1 + 1  # within 2x stop_timeout + 1 s
-
-
-# A daemon that ignores SIGTERM and moves on to a new process in a new session as fast as it can
-# fork: by the time anyone has listed it and sent SIGKILL, the listed process is gone.
-WALKER = r"""
-#include <signal.h>
-#include <stdio.h>
-#include <unistd.h>
-int main(void) {
-    signal(SIGTERM, SIG_IGN);
-    if (fork()) return 0;
-    puts("daemon up");
-    fflush(stdout);
-    for (;;) {
-        setsid();
-        if (fork()) _exit(0);
-    }
-}
-"""
-
-
-def test_a_daemon_that_keeps_forking_cannot_hold_up_the_stop(
-    fake_node: FakeNode, tmp_path: Path, freezer: Freezer
-):
-    """Everything runs in a cgroup of the test's, which it freezes at the end to kill all. (Such
-    a walker can outrun every SIGKILL; that it is then named as a survivor is checked below.)"""
-    node = dgx_a100()
-    fake_node.write(node)
-    walker = tmp_path / "walker"
-    source = tmp_path / "walker.c"
-    source.write_text(WALKER)
-    subprocess.run(["gcc", "-O2", "-o", str(walker), str(source)], check=True)
-    watch = ["--interval", "0.2", "--cooldown", "0", "--settle", "0"]
-    script = f"{walker}; exec sleep 300"
-    cgroup = freezer.path / "cgroup.procs"
-    log, stdout = tmp_path / "log", tmp_path / "stdout"
-    with open(log, "wb") as err, open(stdout, "wb") as out:
-        proc = subprocess.Popen(
-            [*gpu_supervise_cmd(), *watch, *STOP_1S, "--", "sh", "-c", script],
-            env=fake_node.env, stdout=out, stderr=err,
-            preexec_fn=lambda: cgroup.write_text(str(os.getpid())),
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while (
-            "[GPU-Watcher] baseline" not in log.read_text() or "daemon up" not in stdout.read_text()
-        ):
-            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
-            time.sleep(0.05)
-        node.gpus.pop()
-        fake_node.write(node)
-        assert proc.wait(60) == 1
-        lines = log.read_text().splitlines()
-        took = _stamp(lines, "exiting 1:") - _stamp(lines, "Initiating self-restart")
-        assert took <= 2 * 1 + 1
-    finally:
-        proc.kill()
-        proc.wait()
-
-
-def test_the_tree_is_found_from_proc_alone_too():
-    """Under systemd's ProcSubset=pid psutil cannot read /proc/stat; the walk that replaces it
-    finds the same processes."""
-    from gpu_supervise import child
-
-    tree = subprocess.Popen(["sh", "-c", "sleep 30 & sleep 30 & wait"])
-    try:
-        deadline = time.monotonic() + 30
-        while len(child.descendants()) < 3:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        assert sorted(child._children_from_proc()) == sorted(child.descendants())
-    finally:
-        subprocess.run(["pkill", "-KILL", "-P", str(tree.pid)])
-        tree.kill()
-        tree.wait()
-
-
-# -- after SIGKILL: late deaths, newcomers, zombies, and no busy waiting --------------------------
-
-
-def wait_until(condition: Callable[[], bool], failure: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, failure
-        time.sleep(0.005)
-
-
-def sigkill_pending(pid: int) -> bool:
-    """Whether SIGKILL waits to be delivered to `pid` (a frozen process keeps it pending); True
-    once the process is gone, too."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return True
-    pending = 0
-    for line in status.splitlines():
-        if line.startswith(("SigPnd:", "ShdPnd:")):
-            pending |= int(line.split()[1], 16)
-    return bool(pending & (1 << (signal.SIGKILL - 1))) or not pid_alive(pid)
-
-
-def frozen_agent(
-    start: Start, freezer: Freezer, tmp_path: Path, stop_timeout: str
-) -> tuple[Proc, int]:
-    """gpu-supervise running the test agent, the agent frozen: it ignores SIGTERM and SIGKILL
-    stays pending on it until it is thawed."""
-    pidfile = tmp_path / "agent-pid"
-    agent = [*AGENT, "--no-nvml", "--pidfile", str(pidfile)]
-    proc = start([*PLAIN, "--stop-timeout", stop_timeout, "--", *agent], clean_env())
-    proc.wait_for("ready")
-    pid = int(pidfile.read_text())
-    freezer.freeze(pid)
-    return proc, pid
-
-
-def test_an_agent_that_dies_late_after_sigkill_is_not_a_survivor(
-    start: Start, tmp_path: Path, freezer: Freezer
-):
-    """stop_timeout = 0 is valid: SIGKILL follows SIGTERM at once. A process can take a few
-    hundred milliseconds to die after SIGKILL (a CUDA process releasing its memory; here a
-    frozen cgroup thawed 0.3 s later): the minimum wait after SIGKILL covers that, and the agent
-    is reported killed, not "survived SIGKILL"."""
-    proc, agent = frozen_agent(start, freezer, tmp_path, "0")
-    proc.signal(signal.SIGTERM)
-    wait_until(lambda: sigkill_pending(agent), "SIGKILL never reached the frozen agent")
-    time.sleep(0.3)
-    if not pid_alive(agent):
-        missing_capability("this cgroup freezer lets SIGKILL through: nothing can die late")
-    freezer.thaw()
-    assert proc.wait() == 137
-    assert "survived SIGKILL" not in proc.log
-    assert proc.log_lines()[-1].endswith(" INFO    exiting 137: stopped by SIGTERM")
-
-
-def test_waiting_for_survivors_after_sigkill_does_not_spin(
-    start: Start, tmp_path: Path, freezer: Freezer
-):
-    """Between SIGKILL and giving up on what survives it (stop_timeout, 1 s here) the loop
-    looks again every 50 ms and sleeps in between: a busy loop would burn a core all along.
-    gpu-supervise's CPU time from the SIGKILL to its exit, its exit included, is bounded."""
-    proc, agent = frozen_agent(start, freezer, tmp_path, "1")
-    proc.signal(signal.SIGTERM)
-    wait_until(lambda: sigkill_pending(agent), "SIGKILL never reached the frozen agent")
-    before = cpu_seconds(proc.pid)
-    # A zombie's /proc/PID/stat still holds its CPU time: read it there, before the reaping.
-    wait_until(lambda: stat_fields(proc.pid)[0] == "Z", "gpu-supervise never exited")
-    spent = cpu_seconds(proc.pid) - before
-    assert proc.wait() == 137
-    assert f"pid {agent} survived SIGKILL" in proc.log  # the whole window was waited out
-    # About 0.1 s here (20 walks of the tree, the ERROR line, the exit), also on a loaded
-    # machine; a busy loop takes what a core gives it, 0.45 to 1 s.
-    assert spent < 0.3, f"{spent:.2f} s of CPU in a 1 s wait for survivors"
-
-
-# A daemon that ignores SIGTERM and, once it gets it, forks helpers as fast as it can, each into a
-# process group of its own (so that no group signal reaches it): helpers appear while the first
-# SIGKILL is being sent, after the tree was listed. It counts them in the file argv[1].
-FORKER = r"""
-#include <fcntl.h>
-#include <signal.h>
-#include <stdio.h>
-#include <unistd.h>
-static volatile sig_atomic_t termed;
-static void on_term(int sig) { (void)sig; termed = 1; }
-int main(int argc, char **argv) {
-    (void)argc;
-    signal(SIGTERM, SIG_IGN);
-    if (fork() == 0) {
-        int count = open(argv[1], O_WRONLY | O_CREAT | O_TRUNC, 0644);
-        setpgid(0, 0);
-        signal(SIGTERM, on_term);
-        printf("daemon %d up\n", getpid());
-        fflush(stdout);
-        while (!termed) pause();
-        for (int i = 1; i <= 5000; i++) {
-            if (fork() == 0) {
-                setpgid(0, 0);
-                for (;;) pause();
-            }
-            char text[16];
-            pwrite(count, text, (size_t)snprintf(text, sizeof text, "%-8d", i), 0);
-        }
-        for (;;) pause();
-    }
-    for (;;) pause();
-}
-"""
-
-
-def test_helpers_forked_after_the_first_sigkill_get_it_too(start: Start, tmp_path: Path):
-    """Nothing of the tree outlives gpu-supervise's exit: what the daemon forked while the first
-    SIGKILL went out is killed by the next ones, well before the stop gives up on survivors."""
-    forker = tmp_path / "forker"
-    source = tmp_path / "forker.c"
-    source.write_text(FORKER)
-    subprocess.run(["gcc", "-O2", "-o", str(forker), str(source)], check=True)
-    for attempt in range(5):
-        forked = tmp_path / f"forked-{attempt}"
-        proc = start([*PLAIN, "--stop-timeout", "0", "--", str(forker), str(forked)], clean_env())
-        proc.wait_for(" up\n")
-        proc.signal(signal.SIGTERM)
-        assert proc.wait() == 137, proc.log
-        left = marked(Proc.MARK, proc.mark)
-        deadline = time.monotonic() + 10  # time to die, for what was killed last
-        while left and time.monotonic() < deadline:
-            time.sleep(0.05)
-            left = marked(Proc.MARK, proc.mark)
-        assert not left, f"{len(left)} process(es) of the tree outlived gpu-supervise"
-        assert "survived SIGKILL" not in proc.log
-        # The first SIGKILL went to what was listed: the agent, the daemon, and the helpers
-        # forked before the listing. Helpers beyond those were forked after it; on a machine
-        # so busy that the daemon forked none in time, the race is run again.
-        listed = int(proc.log.split(" process(es) still running 0 s after SIGTERM")[0].split()[-1])
-        if 2 + int(forked.read_text()) > listed:
-            return
-    pytest.fail("in 5 attempts the daemon never forked a helper after the first SIGKILL")
-
-
-def test_a_zombie_is_not_a_survivor(start: Start, tmp_path: Path, freezer: Freezer):
-    """A dead child of a frozen agent stays a zombie (its parent cannot reap it): dead, so not
-    "survived SIGKILL (state Z)"; only the frozen agent is reported."""
-    pidfile = tmp_path / "pids"
-    script = (
-        "import os, time\n"
-        "dead = os.fork()\n"
-        "if dead == 0:\n"
-        "    os._exit(0)\n"
-        f"open({str(pidfile)!r}, 'w').write(f'{{os.getpid()}} {{dead}}')\n"
-        "print('ready', flush=True)\n"
-        "while True:\n"
-        "    time.sleep(1)\n"
-    )
-    proc = start([*PLAIN, "--stop-timeout", "0", "--", sys.executable, "-c", script], clean_env())
-    proc.wait_for("ready")
-    agent, zombie = map(int, pidfile.read_text().split())
-    wait_until(lambda: stat_fields(zombie)[0] == "Z", "the agent's child never became a zombie")
-    freezer.freeze(agent)
-    proc.signal(signal.SIGTERM)
-    assert proc.wait() == 137, proc.log
-    survived = [line for line in proc.log_lines() if "ERROR   pid" in line]
-    assert len(survived) == 1 and f"pid {agent} survived SIGKILL" in survived[0], survived
-    assert "(state Z)" not in proc.log and f"pid {zombie} " not in proc.log
-
-
-# Under gpu-supervise's own conditions (a subreaper that reaps every 50 ms, the daemon's process
-# of the moment its child once the one before has exited), what survivors() reports.
-SURVIVORS = r"""
-import os, subprocess, sys, time
-from gpu_supervise import child
-
-try:  # ahead of whatever else loads the machine: each look lasts only child.CATCH_SECONDS
-    os.nice(-10)
-except OSError:
-    pass
-
-assert child.become_subreaper()
-subprocess.run([sys.argv[1]], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-               stderr=subprocess.DEVNULL, check=True)
-for _ in range(5):  # the daemon walks, as it would through a stop's give-up window
-    child.reap()
-    time.sleep(0.05)
-for _ in range(3):
-    found = child.survivors()
-    if found:
-        print(*(f"{s.pid} {s.state} {s.cmdline}" for s in found), sep="\n")
-        break
-    child.reap()
-"""
-
-
-def test_a_daemon_that_outruns_every_sigkill_is_reported_as_a_survivor(
-    tmp_path: Path, freezer: Freezer
-):
-    """The walker above moves to a new process every few tens of microseconds: by the time a
-    listing of the tree (milliseconds) is read, the processes it names are zombies, and the
-    daemon lives on in a newer one. It can outrun every SIGKILL (only a cgroup, or a container's
-    end, stops it for sure); then it must at least be reported, not leave a log that says
-    nothing survived. Run in a cgroup of the test's, which kills it all at the end."""
-    walker = tmp_path / "walker"
-    source = tmp_path / "walker.c"
-    source.write_text(WALKER)
-    subprocess.run(["gcc", "-O2", "-o", str(walker), str(source)], check=True)
-    script = tmp_path / "survivors.py"
-    script.write_text(SURVIVORS)
-    cgroup = freezer.path / "cgroup.procs"
-    out = subprocess.run(
-        [sys.executable, str(script), str(walker)], capture_output=True, text=True, timeout=60,
-        env=clean_env(), preexec_fn=lambda: cgroup.write_text(str(os.getpid())),
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip(), "survivors() found nothing alive while the walker walked"
-    for line in out.stdout.splitlines():
-        assert line.split()[1] in ("R", "S", "D") and line.split()[2] == str(walker), line

@@ -858,3 +858,38 @@ def test_a_bad_flag_names_the_flag_in_process():
         config.load_traced({("watch", "interval"): "0"}, None, {})
     with pytest.raises(ConfigError, match=r"^--log-level: must be one of TRACE"):
         load({("log", "level"): "loud"}, environ={})
+
+
+# -- Kubernetes service links ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_kubernetes_service_links_are_not_settings():
+    out = run([*PLAIN, "--", "sh", "-c", "exit 4"], clean_env(**SERVICE_LINKS))
+    assert out.returncode == 4, out.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "value"), NOT_SERVICE_LINKS)
+def test_a_variable_that_only_looks_like_a_service_link_is_an_error(name: str, value: str):
+    out = run([*PLAIN, "--", "true"], clean_env(**{name: value}))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert out.stderr.startswith(f"gpu-supervise: environment {name}: unknown setting")
+
+
+# -- a config file that is not a file --------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["fifo", "directory", "/dev/zero"])
+def test_a_config_file_that_is_not_a_file_is_one_line(tmp_path: Path, kind: str):
+    path = tmp_path / "config.toml"
+    if kind == "fifo":
+        os.mkfifo(path)  # opened for reading, it would block until a writer came
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        path = Path(kind)
+    out = run(["--config", str(path), "--", "true"], clean_env(), timeout=30)
+    assert out.returncode == 2
+    assert out.stderr == f"gpu-supervise: config file {path}: cannot read (not a regular file)\n"

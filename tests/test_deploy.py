@@ -1,29 +1,20 @@
-"""Where gpu-supervise lands: Kubernetes manifests, the systemd unit and its notify protocol, the
-termination message, and the file topology source."""
+"""Where gpu-supervise lands: Kubernetes manifests, the systemd unit and the shipped examples."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import kubernetes_validate  # a declared test dependency: missing, the suite fails
 import pytest
 import yaml
 
-from conftest import AGENT, FakeNode, Proc, clean_env, gpu_supervise_cmd, missing_capability, run
-from fakenvml import GPU_IS_LOST, dgx_a100
+from conftest import gpu_supervise_cmd, missing_capability
 from gpu_supervise.config import load
 
 ROOT = Path(__file__).parent.parent
-Start = Callable[..., Proc]
-FAST = ["--interval", "0.2", "--cooldown", "0", "--settle", "0"]
 
 
 # -- Kubernetes ----------------------------------------------------------------------------------
@@ -318,132 +309,7 @@ def _ini_section(text: str, name: str) -> dict[str, str]:
     return out
 
 
-@pytest.mark.parametrize("abstract", [False, True])
-def test_notify_protocol_on_a_real_socket(start: Start, tmp_path: Path, abstract: bool):
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    address = f"@gpu-supervise-test-{id(sock)}" if abstract else str(tmp_path / "notify.sock")
-    sock.bind("\0" + address[1:] if abstract else address)
-    sock.settimeout(30)
-    try:
-        env = clean_env(NOTIFY_SOCKET=address)
-        script = 'echo "child NOTIFY_SOCKET=[${NOTIFY_SOCKET-unset}]"; exec sleep 60'
-        proc = start(["--no-watch", "--", "sh", "-c", script], env)
-        ready = _notification(sock)
-        assert ready["READY"] == "1" and ready["MAINPID"] == str(proc.pid)
-        assert ready["STATUS"].startswith("running sh as pid ")
-        proc.wait_for("child NOTIFY_SOCKET=[unset]")  # the agent never sees the socket
-        proc.signal(signal.SIGTERM)
-        stopping = _notification(sock)
-        assert stopping == {"STATUS": "stopping the agent: stopped by SIGTERM", "STOPPING": "1"}
-        assert proc.wait() == 143
-    finally:
-        sock.close()
-
-
-def _notification(sock: socket.socket) -> dict[str, str]:
-    """One sd_notify datagram as systemd reads it: KEY=VALUE lines."""
-    return dict(line.split("=", 1) for line in sock.recv(4096).decode().splitlines())
-
-
-# -- the Kubernetes termination message ---------------------------------------------------------
-
-
-def test_termination_message_is_capped_at_4096_bytes(start: Start, fake_node: FakeNode, tmp_path):
-    log = tmp_path / "termination-log"
-    log.write_text("")
-    node = dgx_a100(*[["1g.5gb"] * 7] * 8)
-    fake_node.write(node)
-    proc = start([*FAST, "--termination-log", str(log), "--", *AGENT, "--no-nvml"], fake_node.env)
-    proc.wait_for("[GPU-Watcher] baseline")
-    for gpu in node.gpus:
-        gpu.set_layout(["3g.20gb"] * 2)
-    fake_node.write(node)
-    assert proc.wait() == 1
-    data = log.read_bytes()
-    assert len(data) <= 4096 and data.endswith(b"[truncated]")
-
-
-def test_termination_message_on_nvml_failures(start: Start, fake_node: FakeNode, tmp_path: Path):
-    log = tmp_path / "termination-log"
-    log.write_text("")
-    fake_node.write(dgx_a100())
-    proc = start([*FAST, "--termination-log", str(log), "--", *AGENT, "--no-nvml"], fake_node.env)
-    proc.wait_for("[GPU-Watcher] baseline")
-    fake_node.write(dgx_a100().fail("nvmlDeviceGetUUID", GPU_IS_LOST))
-    assert proc.wait() == 1
-    lines = log.read_text().splitlines()
-    assert lines[0] == "gpu-supervise: NVML failed 3 consecutive probes:"
-    assert len(lines) == 4 and all("GPU is lost" in line for line in lines[1:])
-
-
-@pytest.mark.parametrize("kind", ["absent", "fifo", "directory"])
-def test_a_termination_log_that_is_not_a_regular_file_is_left_alone(
-    start: Start, fake_node: FakeNode, tmp_path: Path, kind: str
-):
-    """Absent: not on Kubernetes, and never created on a host. A FIFO nobody reads would block
-    a writer: it is never opened for a write that could wait."""
-    log = tmp_path / "termination-log"
-    if kind == "fifo":
-        os.mkfifo(log)
-    elif kind == "directory":
-        log.mkdir()
-    node = dgx_a100()
-    fake_node.write(node)
-    proc = start([*FAST, "--termination-log", str(log), "--", *AGENT, "--no-nvml"], fake_node.env)
-    proc.wait_for("[GPU-Watcher] baseline")
-    node.gpus.pop()
-    fake_node.write(node)
-    assert proc.wait(30) == 1
-    assert "exiting 1: restart me (GPU topology changed)" in proc.output
-    assert log.exists() is (kind != "absent")
-
-
-# -- the file source -------------------------------------------------------------------------------
-
-
-def test_file_source_dry_run_from_a_real_snapshot(start: Start, fake_node: FakeNode, tmp_path):
-    """An operator saves `snapshot --json` from a node and rehearses a change anywhere."""
-    node = dgx_a100(["1g.5gb"] * 7, ["2g.10gb"] * 3)
-    fake_node.write(node)
-    snap = run(["snapshot", "--json"], fake_node.env)
-    doc = json.loads(snap.stdout)
-    saved = tmp_path / "node.json"
-    saved.write_text(snap.stdout)
-    env = clean_env()  # no NVML at all from here on
-    assert run(["snapshot", "--json", "--source", f"file:{saved}"], env).stdout == snap.stdout
-    proc = start([*FAST, "--source", f"file:{saved}", "--", *AGENT, "--no-nvml"], env)
-    proc.wait_for("[GPU-Watcher] baseline: 8 GPU(s), 10 MIG device(s)")
-    doc["gpus"][1]["mig_devices"].pop()
-    saved.write_text(json.dumps(doc))
-    assert proc.wait() == 1
-    assert "MIG devices 3x2g.10gb -> 2x2g.10gb" in proc.output
-
-
-def test_file_source_unreadable_document_is_a_failure(start: Start, tmp_path: Path):
-    saved = tmp_path / "node.json"
-    saved.write_text(json.dumps({"schema": 1, "gpus": []}))
-    proc = start([*FAST, "--source", f"file:{saved}", "--", *AGENT, "--no-nvml"], clean_env())
-    proc.wait_for("[GPU-Watcher] baseline: 0 GPU(s)")
-    saved.write_text("{not json")
-    assert proc.wait() == 1
-    out = proc.output
-    assert "topology probe failed (1/3 consecutive)" in out
-    assert f"the topology source (file:{saved}) failed 3 consecutive probes" in out
-    assert "NVML failed" not in out
-
-
-def test_a_file_source_that_vanishes_later_reads_as_no_source(start: Start, tmp_path: Path):
-    """A missing file at start is exit 2 (test_config). Deleted after the baseline, it reads as
-    a node whose NVML went away: a topology change, not a failed probe."""
-    saved = tmp_path / "node.json"
-    saved.write_text(json.dumps({"schema": 1, "gpus": [{"index": 0, "uuid": "GPU-a"}]}))
-    proc = start([*FAST, "--source", f"file:{saved}", "--", *AGENT, "--no-nvml"], clean_env())
-    proc.wait_for("[GPU-Watcher] baseline: 1 GPU(s)")
-    saved.unlink()
-    assert proc.wait() == 1
-    out = proc.output
-    assert "GPU topology change detected (Old UUIDs: [GPU-a], New UUIDs: [])" in out
-    assert "NVML is no longer usable" in out and "probe failed" not in out
+# -- the shipped examples --------------------------------------------------------------------------
 
 
 def test_example_files_parse():

@@ -1,6 +1,7 @@
 """What the watcher's decisions read like to people and machines: the change line, the last
-line's reason, the Kubernetes termination message and systemd's status texts. Pure functions,
-checked word for word: log alerts, `kubectl describe pod` readers and dashboards match them."""
+line's reason and systemd's status texts (the termination message's are in
+test_termination_message.py). Pure functions, checked word for word: log alerts and dashboards
+match them."""
 
 from __future__ import annotations
 
@@ -88,37 +89,6 @@ def test_the_restart_reason_of_every_restart():
     )
 
 
-def test_the_termination_message_of_nvml_failures():
-    failing = decision(Verdict.FAILING, errors=("GPU is lost", "Unknown Error", "GPU is lost"))
-    assert events.termination_message(failing, NVML) == (
-        "gpu-supervise: NVML failed 3 consecutive probes:\nGPU is lost\nUnknown Error\nGPU is lost"
-    )
-
-
-def test_the_termination_message_of_a_probe_stuck_while_holding():
-    stuck = decision(Verdict.STUCK, errors=("probe 9 timed out",))
-    assert events.termination_message(stuck, NVML) == (
-        "gpu-supervise: a probe is stuck in NVML while holding for a GPU reset: gpu-supervise "
-        "itself now holds the GPU and would block the reset it waits for. Exiting 1 to release "
-        "the handle."
-    )
-
-
-def test_the_termination_message_of_a_change():
-    assert events.termination_message(decision(Verdict.CHANGED, MIG_CHANGE), NVML) == (
-        "gpu-supervise: GPU topology changed; restarting the agent.\n"
-        "old: GPU 0: MIG 2x1g.5gb; GPU 1: MIG off\n"
-        "new: GPU 0: MIG 1x1g.5gb; GPU 1: MIG off\n" + MIG_CHANGE.lines[0]
-    )
-    assert len(GPU_LOST.lines) == 1
-    assert events.termination_message(decision(Verdict.CHANGED, GPU_LOST), NVML) == (
-        "gpu-supervise: GPU topology changed; restarting the agent.\n"
-        "old: GPU 0: MIG 2x1g.5gb; GPU 1: MIG off\n"
-        "new: GPU 0: MIG 2x1g.5gb\n"
-        "GPU 1 GPU-b (NVIDIA A100): lost"
-    )
-
-
 def test_a_mode_change_with_no_instance_says_what_changed_below_identical_lists():
     """MIG turned on with no instance yet: the UUID lists are the same (a GPU UUID either way),
     so the per-GPU line and the termination message must say what changed."""
@@ -137,23 +107,6 @@ def test_a_mode_change_with_no_instance_says_what_changed_below_identical_lists(
     )
     back = diff(on, off)
     assert back.lines == ("GPU 0 GPU-a (NVIDIA A100): MIG mode on -> off",)
-
-
-def test_the_termination_message_after_a_hold():
-    stopped = (
-        "gpu-supervise: the agent was stopped because a MIG mode change was pending a GPU reset; "
-        "no GPU is pending any more."
-    )
-    assert events.termination_message(decision(Verdict.RELEASED), NVML) == (
-        stopped + "\nThe pending change was withdrawn: the topology is as before."
-    )
-    took_effect = events.termination_message(decision(Verdict.RELEASED, GPU_LOST), NVML)
-    assert took_effect == (
-        stopped + "\ngpu-supervise: GPU topology changed; restarting the agent.\n"
-        "old: GPU 0: MIG 2x1g.5gb; GPU 1: MIG off\n"
-        "new: GPU 0: MIG 2x1g.5gb\n"
-        "GPU 1 GPU-b (NVIDIA A100): lost"
-    )
 
 
 # -- systemd's status texts ------------------------------------------------------------------

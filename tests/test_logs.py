@@ -18,16 +18,19 @@ import sys
 import termios
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
 
-from conftest import FakeNode, clean_env, gpu_supervise_cmd
+from conftest import AGENT, FakeNode, Proc, clean_env, gpu_supervise_cmd
 from fakenvml import dgx_a100
 from gpu_supervise.logs import LINE_LIMIT, _fit_json, _fit_text
 from gpu_supervise.text import printable
 from procfs import status_mib
+
+Start = Callable[..., Proc]
+FAST = ["--interval", "0.2", "--cooldown", "0", "--settle", "0"]
 
 
 def written(line: str) -> int:
@@ -579,3 +582,46 @@ def test_the_decision_lines_get_out_when_the_agent_made_stderr_non_blocking(
     ours = [line for line in log.splitlines() if not line.startswith("agent ")]
     assert all(line.count(" gpu-supervise[") == 1 for line in ours), "lines glued together"
     assert "could not be written" not in message.read_text()
+
+
+# -- no line over 16 KiB on a 16x7 node ------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_every_line_fits_the_runtimes_16_kib_on_a_16x7_node(
+    start: Start, fake_node: FakeNode, fmt: str
+):
+    node = dgx_a100(*[["1g.5gb"] * 7] * 16, count=16)
+    fake_node.write(node)
+    proc = start([*FAST, "--log-format", fmt, "--", *AGENT, "--no-nvml"], fake_node.env)
+    proc.wait_for("baseline")
+    new = node.copy()
+    for gpu in new.gpus:
+        gpu.set_layout(["1g.5gb"] * 7, salt="again")  # every MIG UUID new
+    fake_node.write(new)
+    assert proc.wait(60) == 1
+    lines = proc.log_path.read_bytes().splitlines()
+    assert max(len(line) + 1 for line in lines) <= LINE_LIMIT
+    old_list, new_list = ", ".join(node.uuids()), ", ".join(new.uuids())
+    prd = (
+        f"[GPU-Watcher] MIG configuration change detected (Old UUIDs: [{old_list}], "
+        f"New UUIDs: [{new_list}]). Initiating self-restart."
+    )
+    assert prd in proc.output
+    if fmt == "json":
+        docs = [json.loads(line) for line in lines if line.startswith(b"{")]
+        assert not any("truncated" in doc for doc in docs)  # it fits by design, not by cutting
+        per_gpu = [doc for doc in docs if doc.get("event") == "gpu_changed"]
+        assert [doc["new_uuids"] for doc in per_gpu] == [
+            [gpu.uuid, *gpu.mig_uuids] for gpu in new.gpus
+        ]
+
+
+def test_a_json_line_of_wide_characters_still_fits():
+    doc = {"time": "t", "level": "INFO", "message": "\u2603" * 20000, "program": "p", "pid": 1,
+           "gpu": "GPU-a", "note": "\u2603" * 20000}  # fmt: skip
+    line = _fit_json(doc)
+    assert len(line.encode()) < LINE_LIMIT
+    parsed = json.loads(line)
+    assert parsed["truncated"] == ["note"] and parsed["message"].endswith(" [truncated]")

@@ -203,7 +203,7 @@ def test_ignore_keeps_the_agent_and_so_the_reset_waits(start: Start, fake_node: 
 def test_the_agent_started_again_after_a_hold_gets_the_terminal(fake_node: FakeNode):
     """On a terminal (docker run -it), the agent started again after a timed-out hold is the
     foreground group again: it can read the terminal instead of being stopped by SIGTTIN."""
-    from test_child import Terminal
+    from terminal import Terminal
 
     node = dgx_a100(count=1)
     node.gpu(0).request_mig(True)  # pending from the start: hold, then time out

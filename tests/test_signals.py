@@ -5,20 +5,26 @@ caller hands over (tini's sigconf: the agent gets the caller's ignored signals a
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import shutil
 import signal
+import subprocess
 import sys
+import sysconfig
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import Proc, clean_env, gpu_supervise_cmd, pid_alive
+from conftest import AGENT, Proc, clean_env, gpu_supervise_cmd, missing_capability, pid_alive
 
 Start = Callable[..., Proc]
 PLAIN = ["--no-watch"]
+ROOT = Path(__file__).parent.parent
 
 
 def sh_agent(pidfile: Path) -> list[str]:
@@ -244,3 +250,173 @@ def test_a_sigint_the_caller_ignored_is_forwarded_not_a_stop(start_cmd: Start):
     proc.wait_for(f"received SIGINT: forwarding it to pid {agent}")
     proc.signal(signal.SIGTERM)
     assert proc.wait() == 143, proc.log  # stopped by the SIGTERM, the agent alive until then
+
+
+# -- every signal a process can catch reaches the agent --------------------------------------------
+
+
+OUTSIDE_THE_OLD_SET = [
+    "SIGALRM", "SIGPWR", "SIGVTALRM", "SIGPROF", "SIGIO", "SIGURG", "SIGXCPU", "SIGSTKFLT",
+    "SIGCONT", "SIGTSTP",
+]  # fmt: skip
+
+
+def test_every_catchable_signal_is_forwarded(start: Start):
+    proc = start([*PLAIN, "--", *AGENT, "--no-nvml"], clean_env())
+    proc.wait_for("ready")
+    rt = [signal.SIGRTMIN, signal.SIGRTMIN + 5, signal.SIGRTMAX]
+    for sig in [getattr(signal, name) for name in OUTSIDE_THE_OLD_SET] + rt:
+        proc.signal(sig)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"SIGRTMIN+{sig - signal.SIGRTMIN}"
+        proc.wait_for(f"got {name}")
+    assert proc.popen.poll() is None  # none of them killed gpu-supervise
+    proc.signal(signal.SIGTERM)
+    assert proc.wait() == 143
+
+
+def test_terminal_job_control_signals_never_stop_gpu_supervise(start: Start):
+    proc = start([*PLAIN, "--", *AGENT, "--no-nvml"], clean_env())
+    proc.wait_for("ready")
+    for sig in (signal.SIGTTIN, signal.SIGTTOU):
+        proc.signal(sig)
+    time.sleep(0.3)
+    state = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    assert state != "T"  # ignored, as tini ignores them: not stopped
+    assert "got SIGTTIN" not in proc.output  # and not forwarded: they concern our terminal
+    proc.signal(signal.SIGTERM)
+    assert proc.wait() == 143
+
+
+# -- a signal the kernel refuses -------------------------------------------------------------------
+
+
+SETUID_AGENT = r"""
+#include <signal.h>
+#include <stdio.h>
+#include <unistd.h>
+int main(void) {
+    if (setresuid(0, 0, 0) != 0) { perror("setresuid"); return 3; }  /* all ids root */
+    signal(SIGTERM, SIG_IGN);
+    printf("setuid agent %d ready\n", getpid());
+    fflush(stdout);
+    for (;;) pause();
+}
+"""
+
+
+@pytest.fixture
+def unprivileged() -> Iterator[tuple[list[str], Path]]:
+    """gpu-supervise as user nobody (Debian's python3 with this package on its path: the
+    interpreter tests run under may live where nobody cannot read), and a setuid-root agent."""
+    python = Path("/usr/bin/python3")
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None or not python.exists():
+        missing_capability("needs root, setpriv (util-linux) and /usr/bin/python3")
+    version = "import sys; print('%d.%d' % sys.version_info[:2])"
+    theirs = subprocess.run([str(python), "-c", version], capture_output=True, text=True).stdout
+    if theirs.strip() != "%d.%d" % sys.version_info[:2]:  # noqa: UP031
+        missing_capability("/usr/bin/python3 is another Python than the tests' (psutil)")
+    folder = Path(tempfile.mkdtemp(prefix="gs-setuid-", dir="/tmp"))
+    folder.chmod(0o755)
+    source = folder / "agent.c"
+    source.write_text(SETUID_AGENT)
+    agent = folder / "agent"
+    subprocess.run(["gcc", "-o", str(agent), str(source)], check=True)
+    agent.chmod(0o4755)  # setuid root
+    site = sysconfig.get_paths()["purelib"]
+    boot = (
+        f"import sys; sys.path[:0] = [{str(ROOT / 'supervisor')!r}, {site!r}]; "
+        "sys.argv[0] = 'gpu-supervise'; from gpu_supervise.cli import run; run()"
+    )
+    cmd = [
+        setpriv,
+        "--reuid",
+        "65534",
+        "--regid",
+        "65534",
+        "--clear-groups",
+        str(python),
+        "-c",
+        boot,
+    ]
+    try:
+        yield cmd, agent
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_a_refused_signal_never_ends_supervision(start_cmd, unprivileged):
+    cmd, agent = unprivileged
+    proc = start_cmd([*cmd, *PLAIN, "--stop-timeout", "0.5", "--", str(agent)], clean_env())
+    out = proc.wait_for("setuid agent")
+    agent_pid = int(out.split("setuid agent ")[1].split()[0])
+    proc.signal(signal.SIGHUP)
+    proc.wait_for(f"could not forward SIGHUP to pid {agent_pid}: Operation not permitted")
+    assert proc.popen.poll() is None and "Traceback" not in proc.output
+    # nor can it stop the agent: the stop still ends, and says who is left
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(60) == 137
+    assert f"pid {agent_pid} survived SIGKILL" in proc.output
+    assert "exiting 137: stopped by SIGTERM; the agent survived SIGKILL" in proc.output
+    os.kill(agent_pid, signal.SIGKILL)  # as root, the test can
+
+
+# -- gpu-supervise itself killed -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "survives"), [([], True), (["--parent-death-signal", "TERM"], False)]
+)
+def test_the_parent_death_signal(start: Start, tmp_path: Path, option: list[str], survives: bool):
+    pidfile = tmp_path / "pid"
+    proc = start(
+        [*PLAIN, *option, "--", *AGENT, "--no-nvml", "--pidfile", str(pidfile)], clean_env()
+    )
+    proc.wait_for("ready")
+    agent_pid = int(pidfile.read_text())
+    os.kill(proc.pid, signal.SIGKILL)  # gpu-supervise dies; nobody stops the agent for it
+    proc.popen.wait()
+    deadline = time.monotonic() + (2 if survives else 30)
+    while pid_alive(agent_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pid_alive(agent_pid) is survives
+    if not survives:
+        assert "got SIGTERM" in proc.output
+
+
+# -- signals before gpu-supervise is loaded --------------------------------------------------------
+
+
+def test_signals_are_held_from_the_entry_point_on(tmp_path: Path):
+    """The entry point holds the signals gpu-supervise handles before it loads anything else: a
+    SIGINT or SIGTSTP in the tens of milliseconds of loading neither kills it with a traceback
+    nor stops it. Shown with the rest of the program replaced by a slow stand-in."""
+    fake = tmp_path / "fake"
+    (fake / "gpu_supervise").mkdir(parents=True)
+    package = ROOT / "supervisor" / "gpu_supervise"
+    for name in ("__init__.py", "entry.py", "signals.py"):
+        shutil.copy2(package / name, fake / "gpu_supervise" / name)
+    (fake / "gpu_supervise" / "cli.py").write_text(
+        "import os, signal, sys, time\n"
+        "def run():\n"
+        "    print('loading', flush=True)\n"
+        "    time.sleep(2)  # the imports, slowed down\n"
+        "    pending = signal.sigpending()\n"
+        "    print('pending', sorted(int(s) for s in pending), flush=True)\n"
+        "    os._exit(0)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from gpu_supervise.entry import run; run()"],
+        env=clean_env(PYTHONPATH=str(fake)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stdout.readline() == "loading\n"
+    for sig in (signal.SIGINT, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTERM):
+        proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in err  # neither killed nor stopped
+    held = [int(x) for x in out.split("[")[1].split("]")[0].split(",")]
+    assert sorted(held) == sorted([signal.SIGINT, signal.SIGTERM, signal.SIGTSTP])

@@ -46,8 +46,8 @@ def load_what_a_stop_needs() -> None:
     Imported lazily at the moment of a stop, a module would be read from disk long after start:
     after an in-place upgrade (a new package, a new binary folder over the running one) it is
     the new version's file, or in the binary a different archive at the old offsets (zlib
-    errors), and the stop fails with the agent's tree still running. tests/test_hostile.py
-    audits that a whole run imports nothing after this."""
+    errors), and the stop fails with the agent's tree still running.
+    tests/test_no_late_imports.py audits that a whole run imports nothing after this."""
     import ctypes  # noqa: F401  (child: the parent-death signal of an agent started again)
     import socket  # noqa: F401  (report: systemd's notify socket)
 

@@ -1,8 +1,6 @@
-"""The Kubernetes termination message: what `kubectl describe pod` shows as the restart reason.
-
-The kubelet keeps the file across restarts of the container (it is bind-mounted from the pod's
-directory), so the file gpu-supervise writes often already holds the message of the container
-before it: what it writes must replace that whole, never leave a tail of it."""
+"""systemd's notify protocol: READY=1, STATUS and STOPPING=1 on a real socket, every field escaped
+(an argv[0] that is not UTF-8 or holds a newline or a control character), a socket whose queue is
+full never blocking the loop, and the watchdog pinged at half its period while the loop runs."""
 
 from __future__ import annotations
 
@@ -17,87 +15,125 @@ import pytest
 
 from conftest import AGENT, FakeNode, Proc, clean_env, gpu_supervise_cmd
 from fakenvml import dgx_a100
-from gpu_supervise.report import (
-    TERMINATION_LOG_LIMIT,
-    sd_notify,
-    take_notify_socket,
-    watchdog_period,
-    write_termination_message,
-)
+from gpu_supervise.report import sd_notify, take_notify_socket, watchdog_period
 from procfs import stat_fields
 
-FAST = ["--interval", "0.2", "--cooldown", "0", "--settle", "0"]
-# What a previous container left: longer than any message below, and easy to spot.
-OLD = "gpu-supervise: an older message from the container before this one. " * 50
-
 Start = Callable[..., Proc]
+PLAIN = ["--no-watch"]
+FAST = ["--interval", "0.2", "--cooldown", "0", "--settle", "0"]
 
 
-def test_a_longer_message_already_there_is_replaced_whole(tmp_path: Path):
-    log = tmp_path / "termination-log"
-    log.write_text(OLD)
-    assert write_termination_message(str(log), "gpu-supervise: GPU topology changed.\nold: x")
-    assert log.read_text() == "gpu-supervise: GPU topology changed.\nold: x"
+def test_a_command_name_that_is_not_utf8_reaches_systemd_escaped(start_cmd, tmp_path: Path):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.settimeout(30)
+    agent = tmp_path / "agent\udcff"  # a file name with the byte 0xff
+    agent.write_text("#!/bin/sh\necho agent-up\nexec sleep 60\n")
+    agent.chmod(0o755)
+    try:
+        proc = start_cmd([*gpu_supervise_cmd(), *PLAIN, "--", str(agent)],
+                         clean_env(NOTIFY_SOCKET=str(tmp_path / "notify")))  # fmt: skip
+        ready = sock.recv(4096)
+        assert ready.startswith(b"READY=1\nSTATUS=running ") and b"agent\\udcff" in ready
+        proc.wait_for("agent-up")
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(60) == 143 and "Traceback" not in proc.output
+    finally:
+        sock.close()
 
 
-def test_a_message_cut_to_the_limit_replaces_a_longer_file_whole(tmp_path: Path):
-    """The cut message (4096 bytes) over a file that was longer still: nothing of it remains."""
-    log = tmp_path / "termination-log"
-    log.write_bytes(b"x" * (3 * TERMINATION_LOG_LIMIT))
-    assert write_termination_message(str(log), "y" * (2 * TERMINATION_LOG_LIMIT))
-    data = log.read_bytes()
-    assert len(data) == TERMINATION_LOG_LIMIT and b"x" not in data
-    assert data.endswith(b"\n[truncated]")
+def test_no_notify_field_can_be_injected_through_the_command(start_cmd, tmp_path: Path):
+    """systemd reads one field a line: an argv[0] holding a newline must not add STOPPING=1
+    (or anything else) to READY=1. Every field's value is escaped, as the log lines are."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.settimeout(30)
+    agent = tmp_path / "agent\nSTOPPING=1\nSTATUS=pwned"
+    agent.write_text("#!/bin/sh\necho agent-up\nexec sleep 60\n")
+    agent.chmod(0o755)
+    try:
+        proc = start_cmd([*gpu_supervise_cmd(), *PLAIN, "--", str(agent)],
+                         clean_env(NOTIFY_SOCKET=str(tmp_path / "notify")))  # fmt: skip
+        messages = [sock.recv(4096).decode()]
+        proc.wait_for("agent-up")
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(60) == 143
+        sock.setblocking(False)
+        while True:
+            try:
+                messages.append(sock.recv(4096).decode())
+            except BlockingIOError:
+                break
+    finally:
+        sock.close()
+    fields = [[line.split("=", 1)[0] for line in m.split("\n")] for m in messages]
+    assert fields[0] == ["READY", "STATUS", "MAINPID"]
+    assert "\\nSTOPPING=1\\nSTATUS=pwned" in messages[0]
+    assert fields[1:] == [["STATUS", "STOPPING"]]  # the stop's own message, once
 
 
-def test_a_symlink_is_never_followed(tmp_path: Path):
-    """The termination log is a symlink to a regular file: nothing is written, the file it
-    names keeps every byte (a link to a file elsewhere is not the kubelet's file)."""
-    target = tmp_path / "elsewhere"
-    target.write_text(OLD)
-    log = tmp_path / "termination-log"
-    log.symlink_to(target)
-    assert not write_termination_message(str(log), "gpu-supervise: GPU topology changed.")
-    assert target.read_text() == OLD
-    dangling = tmp_path / "dangling"
-    dangling.symlink_to(tmp_path / "absent")
-    assert not write_termination_message(str(dangling), "gpu-supervise: GPU topology changed.")
-    assert not (tmp_path / "absent").exists()
+def test_a_notify_socket_that_is_full_never_blocks_the_loop(start_cmd, tmp_path: Path):
+    """systemd stalled: its socket's queue is full. The message is dropped, not waited for."""
+    path = str(tmp_path / "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    filler.connect(path)
+    try:
+        while True:
+            filler.send(b"x" * 1024, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        pass
+    try:
+        proc = start_cmd([*gpu_supervise_cmd(), *PLAIN, "--", *AGENT, "--no-nvml"],
+                         clean_env(NOTIFY_SOCKET=path))  # fmt: skip
+        proc.wait_for("ready")
+        proc.wait_for("started ")
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(60) == 143
+    finally:
+        filler.close()
+        sock.close()
 
 
-def test_a_restart_replaces_the_previous_containers_message(
-    start: Start, fake_node: FakeNode, tmp_path: Path
-):
-    """End to end: gpu-supervise exits 1 on a change with --termination-log naming a file that
-    holds the previous container's longer message; the file then holds this restart's reason
-    alone."""
-    log = tmp_path / "termination-log"
-    log.write_text(OLD)
-    node = dgx_a100(["1g.5gb"] * 7)
-    fake_node.write(node)
-    proc = start([*FAST, "--termination-log", str(log), "--", *AGENT, "--no-nvml"], fake_node.env)
-    proc.wait_for("[GPU-Watcher] baseline")
-    node.gpu(0).set_layout(["3g.20gb"] * 2)
-    fake_node.write(node)
-    assert proc.wait() == 1
-    text = log.read_text()
-    assert "older message" not in text
-    assert len(text) < len(OLD)
-    lines = text.split("\n")
-    assert lines[:3] == [
-        "gpu-supervise: GPU topology changed; restarting the agent.",
-        "old: GPU 0: MIG 7x1g.5gb; " + "; ".join(f"GPU {i}: MIG off" for i in range(1, 8)),
-        "new: GPU 0: MIG 2x3g.20gb; " + "; ".join(f"GPU {i}: MIG off" for i in range(1, 8)),
-    ]
-    assert lines[3].startswith("GPU 0 ") and "MIG devices 7x1g.5gb -> 2x3g.20gb" in lines[3]
-    assert len(lines) == 4  # the message ends with its last line: no tail, no newline after it
+# -- the protocol on a real socket -----------------------------------------------------------------
 
 
-# -- systemd's notify socket ---------------------------------------------------------------------
+@pytest.mark.parametrize("abstract", [False, True])
+def test_notify_protocol_on_a_real_socket(start: Start, tmp_path: Path, abstract: bool):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    address = f"@gpu-supervise-test-{id(sock)}" if abstract else str(tmp_path / "notify.sock")
+    sock.bind("\0" + address[1:] if abstract else address)
+    sock.settimeout(30)
+    try:
+        env = clean_env(NOTIFY_SOCKET=address)
+        script = 'echo "child NOTIFY_SOCKET=[${NOTIFY_SOCKET-unset}]"; exec sleep 60'
+        proc = start(["--no-watch", "--", "sh", "-c", script], env)
+        ready = _notification(sock)
+        assert ready["READY"] == "1" and ready["MAINPID"] == str(proc.pid)
+        assert ready["STATUS"].startswith("running sh as pid ")
+        proc.wait_for("child NOTIFY_SOCKET=[unset]")  # the agent never sees the socket
+        proc.signal(signal.SIGTERM)
+        stopping = _notification(sock)
+        assert stopping == {"STATUS": "stopping the agent: stopped by SIGTERM", "STOPPING": "1"}
+        assert proc.wait() == 143
+    finally:
+        sock.close()
+
+
+def _notification(sock: socket.socket) -> dict[str, str]:
+    """One sd_notify datagram as systemd reads it: KEY=VALUE lines."""
+    return dict(line.split("=", 1) for line in sock.recv(4096).decode().splitlines())
+
+
+# -- every field escaped ---------------------------------------------------------------------------
+
 
 # Every kind of control character a command line can carry: ESC (a terminal sequence), BEL, CR,
 # TAB, DEL, a newline (that would begin a field of its own) and a Unicode line separator.
 CONTROL = "\x1b[2J\x07\r\t\x7f\nSTOPPING=1\u2028"
+
+
 ESCAPED = "\\x1b[2J\\x07\\r\\t\\x7f\\nSTOPPING=1\\u2028"
 
 
@@ -139,9 +175,12 @@ def test_an_agent_named_with_control_characters_reaches_systemd_escaped(
         proc.wait()
 
 
-# -- systemd's watchdog ---------------------------------------------------------------------------
+# -- systemd's watchdog ----------------------------------------------------------------------------
+
 
 PERIOD = 6.0  # WATCHDOG_USEC, in seconds: WATCHDOG=1 is due every 3 s
+
+
 WATCHDOG_AGENT = 'echo "agent sees [${WATCHDOG_USEC-unset} ${WATCHDOG_PID-unset}]"; exec sleep 300'
 
 
