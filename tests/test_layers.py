@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).parent.parent / "supervisor" / "gpu_supervise"
 LAYERS = [
     "__main__", "entry", "cli", "demo", "install", "supervise", "events", "watch", "probe",
     "sources", "nvml", "tripwire", "holders", "child", "report", "args", "config", "logs",
-    "topology", "files", "signals", "text", "__init__",
+    "topology", "files", "signals", "procs", "text", "__init__",
 ]  # fmt: skip
 
 

@@ -16,6 +16,7 @@ The modules form layers; each uses only those below it (tests/test_layers.py kee
     args, config       command-line parsing; settings from file, environment and flags
     logs, topology     the log sink; the topology model and its diff
     files, signals     opening files safely; which signals are forwarded
+    procs              the process table, read from /proc
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__, build_token
+from . import __version__, build_token, procs
 from .args import EXIT_USAGE, PROG, Parser
 from .config import ConfigError
 from .text import clip
@@ -218,14 +218,12 @@ def _mapped() -> tuple[set[bytes], set[tuple[int, int]]]:
     gpu-supervise is started as VERSION-FOLDER/_internal/ld/gpu-supervise by the launcher."""
     paths: set[bytes] = set()
     inodes: set[tuple[int, int]] = set()
-    for pid in [e for e in os.listdir("/proc") if e.isdigit()]:
+    for pid in procs.pids():
         try:
             try:
-                with open(f"/proc/{pid}/maps", "rb") as fh:
-                    maps = fh.read()
+                maps = procs.read(pid, "maps")
             except PermissionError:
-                with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                    paths.update(fh.read().split(b"\0"))
+                paths.update(procs.read(pid, "cmdline").split(b"\0"))
                 continue
         except OSError:
             continue  # gone meanwhile
