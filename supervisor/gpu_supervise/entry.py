@@ -29,5 +29,5 @@ def run() -> NoReturn:
         import os
 
         os.write(2, f"gpu-supervise: cannot start: {type(exc).__name__}: {exc}\n".encode())
-        os._exit(70)  # args.EXIT_INTERNAL; nothing was started
+        os._exit(70)  # exits.EXIT_INTERNAL; nothing was started
     cli_run()

@@ -74,8 +74,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__, build_token, procs
-from .args import EXIT_USAGE, PROG, Parser
+from .args import PROG, Parser
 from .config import ConfigError
+from .exits import EXIT_USAGE
 from .text import clip
 
 EXIT_FAILED = 1
