@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any, NoReturn
 
 from .config import ConfigError
 from .exits import EXIT_INTERNAL, EXIT_USAGE, describe_failure  # noqa: F401 (cli, supervise)
 from .text import clip
-
-TYPE_CHECKING = False  # typing costs the agent's start milliseconds: only for type checkers
-if TYPE_CHECKING:
-    from typing import Any, NoReturn
 
 PROG = "gpu-supervise"
 

@@ -13,7 +13,7 @@ this, the interpreter's own start-up, no Python code can shorten.
 
 from __future__ import annotations
 
-TYPE_CHECKING = False  # `typing` alone costs the agent's start milliseconds
+TYPE_CHECKING = False  # nothing is loaded before the signals are held, not even `typing`
 if TYPE_CHECKING:
     from typing import NoReturn
 
