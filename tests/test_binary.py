@@ -882,34 +882,6 @@ def test_upgrade_under_a_running_supervisor_leaves_it_whole(
     assert _started_from(again.pid) == b
 
 
-def test_upgrade_from_an_install_of_the_older_layout(
-    binary: Path, binary_b: Path, tmp_path: Path, start_cmd: Callable[..., Proc]
-):
-    """DIR holding what an older install wrote (the launcher as DIR/gpu-supervise beside
-    DIR/_internal), running: the link replaces the launcher in one rename, the old _internal
-    stays while the supervisor started from it runs, and goes at the next install after."""
-    opt = tmp_path / "opt"
-    shutil.copytree(binary.parent, opt, symlinks=True)
-    proc = start_cmd([str(opt / "gpu-supervise"), "--no-watch", "--", "sh", "-c", TREE_AGENT],
-                     clean_env())  # fmt: skip
-    agent, child = _agent_tree(proc)
-    b = _installed(binary_b, opt)
-    assert sorted(p.name for p in opt.iterdir()) == [
-        "_internal",
-        "gpu-supervise",
-        "gpu-supervise.versions",
-    ]
-    assert _started_from(proc.pid) == opt
-    assert not [m for m in _mapped_files(proc.pid) if m.endswith("(deleted)")]
-    proc.signal(signal.SIGTERM)
-    assert proc.wait(60) == 143, proc.log
-    assert "Traceback" not in proc.output
-    assert not pid_alive(agent) and not pid_alive(child)
-    again = _installed(binary_b, opt)
-    assert sorted(p.name for p in opt.iterdir()) == ["gpu-supervise", "gpu-supervise.versions"]
-    assert again == b and _versions(opt) == [b.name]
-
-
 def test_install_removes_old_copies_only_once_nothing_runs_from_them(
     binary: Path, tmp_path: Path, start_cmd: Callable[..., Proc]
 ):

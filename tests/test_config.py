@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -56,6 +57,15 @@ def test_defaults_are_the_prds():
     assert (p.interval, p.cooldown, p.settle, p.failure_threshold) == (30.0, 60.0, 5.0, 3)
     assert (s.watch_enabled, s.probe_timeout, s.stop_timeout) == (True, 10.0, 10.0)
     assert (s.log_level, s.log_format, s.source) == ("INFO", "text", "nvml")
+
+
+def test_settings_declares_every_key_with_its_default():
+    """Settings names each SCHEMA key's field and default itself: the two must agree, or
+    Settings() and a key added to SCHEMA would disagree with what load() gives."""
+    declared = {f.name: f.default for f in dataclasses.fields(config.Settings)}
+    keys = {config.attr_name(section, key): spec.default
+            for section, specs in SCHEMA.items() for key, spec in specs.items()}  # fmt: skip
+    assert declared == {"config_file": None, **keys}
 
 
 def test_file_then_environment_then_flags(tmp_path: Path):

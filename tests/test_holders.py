@@ -26,7 +26,7 @@ import pytest
 
 from conftest import AGENT, FakeNode, Proc, missing_capability
 from fakenvml import dgx_a100, reset_gpu
-from gpu_supervise import holders
+from gpu_supervise import holders, procs
 from gpu_supervise.events import holders_line
 from gpu_supervise.holders import container_id, is_device, scan
 
@@ -197,8 +197,13 @@ def test_what_cannot_be_read_is_counted_not_guessed(fake_node: FakeNode, holder,
     folder = Path(tempfile.mkdtemp(prefix="gs-holders-", dir="/tmp"))
     try:
         folder.chmod(0o755)
-        shutil.copy(holders.__file__, folder / "holders.py")  # stdlib only
-        probe = (f"import holders; s = holders.scan({str(fake_node.path) + '.dev'!r}); "
+        package = folder / "gpu_supervise"
+        package.mkdir()
+        (package / "__init__.py").write_text("")
+        for module in (holders, procs):  # stdlib only
+            shutil.copy(module.__file__, package)
+        probe = ("from gpu_supervise import holders; "
+                 f"s = holders.scan({str(fake_node.path) + '.dev'!r}); "
                  "print(len(s.holders), s.unreadable)")  # fmt: skip
         out = subprocess.run(
             [setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups", str(python), "-c",

@@ -189,8 +189,10 @@ def test_a_daemon_that_keeps_forking_cannot_hold_up_the_stop(
 
 
 def test_the_tree_is_found_from_proc_alone_too():
-    """Under systemd's ProcSubset=pid psutil cannot read /proc/stat; the walk that replaces it
-    finds the same processes."""
+    """The walk of /proc/PID/stat alone (which works under systemd's ProcSubset=pid, where
+    psutil cannot read /proc/stat) finds the processes psutil finds."""
+    import psutil
+
     from gpu_supervise import child
 
     tree = subprocess.Popen(["sh", "-c", "sleep 30 & sleep 30 & wait"])
@@ -199,7 +201,8 @@ def test_the_tree_is_found_from_proc_alone_too():
         while len(child.descendants()) < 3:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        assert sorted(child._children_from_proc()) == sorted(child.descendants())
+        found = psutil.Process().children(recursive=True)
+        assert sorted(child.descendants()) == sorted(p.pid for p in found)
     finally:
         subprocess.run(["pkill", "-KILL", "-P", str(tree.pid)])
         tree.kill()

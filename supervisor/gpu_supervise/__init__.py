@@ -14,8 +14,10 @@ The modules form layers; each uses only those below it (tests/test_layers.py kee
     tripwire           the driver's MIG tree in procfs: a change hurries the next probe
     child, report      the agent's processes; systemd's notify socket, the termination log
     args, config       command-line parsing; settings from file, environment and flags
+    exits              gpu-supervise's own exit codes; an unexpected failure in one line
     logs, topology     the log sink; the topology model and its diff
     files, signals     opening files safely; which signals are forwarded
+    procs              the process table, read from /proc
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 
+from . import procs
 from .signals import FAULTS, FORWARDED, IGNORED, caller
 
 # A disposition set to "ignore" survives exec; the child gets every signal at its default, but
@@ -400,38 +401,7 @@ def has_children() -> bool:
 def descendants() -> list[int]:
     """Every live process below us. Walking from ourselves (not from the child) also finds
     orphans that were re-parented to us after their parent died."""
-    import psutil  # only needed to stop a tree: not on the way to starting the child
-
-    try:
-        procs = psutil.Process().children(recursive=True)
-    except (psutil.Error, OSError):  # a /proc without /proc/stat (systemd's ProcSubset=pid)
-        return _children_from_proc()
-    return [p.pid for p in procs]
-
-
-def _stat_fields(pid: int) -> list[bytes]:
-    """/proc/PID/stat after the command name (which may hold spaces and parentheses): [0] is
-    the state letter, [1] the parent's pid."""
-    with open(f"/proc/{pid}/stat", "rb") as fh:
-        return fh.read().rsplit(b")", 1)[1].split()
-
-
-def _children_from_proc() -> list[int]:
-    """The walk psutil does, from /proc/PID/stat alone."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(_stat_fields(int(entry))[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            parents.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [os.getpid()]
-    while todo:
-        for kid in parents.get(todo.pop(), []):
-            out.append(kid)
-            todo.append(kid)
-    return out
+    return procs.descendants(os.getpid())
 
 
 def signal_tree(pgid: int | None, sig: int, leader_ours: bool = False) -> int:
@@ -444,9 +414,9 @@ def signal_tree(pgid: int | None, sig: int, leader_ours: bool = False) -> int:
     descendants made with setsid: everything in such a session descends from us. A group is
     signalled only while one of its members is ours: once empty, its number is free and could
     name somebody else's. `leader_ours` says the child itself is not reaped yet, so its group
-    is ours for certain: it is signalled at once, before the walk of the tree (which loads
-    psutil and costs milliseconds). Exactly once matters: many agents take a second SIGTERM or
-    SIGINT as "quit now, skip the clean shutdown".
+    is ours for certain: it is signalled at once, before the walk of the tree (which reads
+    every process's /proc/PID/stat: milliseconds). Exactly once matters: many agents take a
+    second SIGTERM or SIGINT as "quit now, skip the clean shutdown".
 
     Any signal but SIGKILL is followed by SIGCONT, as systemd does it: a stopped process (^Z,
     a SIGTSTP forwarded) acts on nothing else, and would wait for SIGKILL."""
@@ -542,7 +512,7 @@ def survivors() -> list[Survivor]:
         return found
     deadline = time.monotonic() + CATCH_SECONDS
     while time.monotonic() < deadline:
-        todo = _children_of("self")[-NEWEST:]
+        todo = procs.children_of("self")[-NEWEST:]
         if not todo and not has_children():
             break
         while todo:
@@ -550,7 +520,7 @@ def survivors() -> list[Survivor]:
             if seen is not None and seen.cmdline:
                 return [seen]
             if seen is not None:  # exiting (no command line any more): its children live on
-                todo.extend(_children_of(pid)[-NEWEST:])
+                todo.extend(procs.children_of(pid)[-NEWEST:])
     return []
 
 
@@ -558,24 +528,10 @@ def _look_at(pid: int) -> Survivor | None:
     """`pid` as /proc shows it now; None for a zombie, or a process gone. (The command line is
     empty for a process that is exiting, or was started with no arguments at all.)"""
     try:
-        state = _stat_fields(pid)[0].decode()
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            argv = fh.read().rstrip(b"\0").split(b"\0")
+        state = procs.stat_fields(pid)[0].decode()
+        argv = procs.argv(pid)
     except (OSError, IndexError):
         return None
     if state == "Z":
         return None
     return Survivor(pid, state, " ".join(a.decode(errors="replace") for a in argv))
-
-
-def _children_of(pid: int | str) -> list[int]:
-    """`pid`'s children now, oldest first: one short read per thread of it ([] where the kernel
-    has no /proc/PID/task/TID/children)."""
-    out: list[int] = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children", "rb") as fh:
-                out.extend(int(child) for child in fh.read().split())
-    except (OSError, ValueError):
-        pass
-    return out

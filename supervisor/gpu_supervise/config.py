@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from .files import read_regular_file
 from .text import clip
-
-TYPE_CHECKING = False  # typing costs the agent's start milliseconds: only for type checkers
-if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
-    from typing import Any
 
 DEFAULT_CONFIG = "/etc/gpu-supervise/config.toml"  # a plain str: pathlib costs start time
 ENV_PREFIX = "GPU_SUPERVISE_"
@@ -297,68 +296,40 @@ def attr_name(section: str, key: str) -> str:
 _PREFIXED = {("watch", "enabled"), ("log", "level"), ("log", "format"), ("log", "heartbeat")}
 
 
+def _default(section: str, key: str) -> Any:
+    return SCHEMA[section][key].default
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
-    """Every setting, validated and merged, frozen once loaded.
+    """Every setting, validated and merged, frozen once loaded: one field per SCHEMA key
+    (attr_name), with its default, and where the configuration file was read from."""
 
-    A plain class, not a dataclass: it is built before the agent starts, and importing
-    `dataclasses` (with `inspect`) would cost the agent's start about 8 ms. One attribute per
-    SCHEMA key (attr_name), plus where the configuration file was read from."""
-
-    watch_enabled: bool
-    interval: float
-    cooldown: float
-    settle: float
-    failure_threshold: int
-    probe_timeout: float
-    source: str
-    on_pending: str
-    pending_timeout: float
-    tripwire_interval: float
-    device_dir: str
-    procfs_root: str
-    stop_timeout: float
-    parent_death_signal: int
-    log_level: str
-    log_format: str
-    log_heartbeat: float
-    termination_log: str
-    config_file: str | None
-
-    __slots__ = (
-        *(attr_name(s, k) for s, keys in SCHEMA.items() for k in keys),
-        "config_file",
-    )
-
-    def __init__(self, config_file: str | None = None, **values: Any) -> None:
-        for section, keys in SCHEMA.items():
-            for key, spec in keys.items():
-                name = attr_name(section, key)
-                object.__setattr__(self, name, values.pop(name, spec.default))
-        object.__setattr__(self, "config_file", config_file)
-        if values:
-            raise TypeError(f"unknown settings: {', '.join(sorted(values))}")
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(f"Settings are frozen: cannot set {name}")
+    config_file: str | None = None
+    watch_enabled: bool = _default("watch", "enabled")
+    interval: float = _default("watch", "interval")
+    cooldown: float = _default("watch", "cooldown")
+    settle: float = _default("watch", "settle")
+    failure_threshold: int = _default("watch", "failure_threshold")
+    probe_timeout: float = _default("watch", "probe_timeout")
+    source: str = _default("watch", "source")
+    on_pending: str = _default("watch", "on_pending")
+    pending_timeout: float = _default("watch", "pending_timeout")
+    tripwire_interval: float = _default("watch", "tripwire_interval")
+    device_dir: str = _default("watch", "device_dir")
+    procfs_root: str = _default("watch", "procfs_root")
+    stop_timeout: float = _default("child", "stop_timeout")
+    parent_death_signal: int = _default("child", "parent_death_signal")
+    log_level: str = _default("log", "level")
+    log_format: str = _default("log", "format")
+    log_heartbeat: float = _default("log", "heartbeat")
+    termination_log: str = _default("report", "termination_log")
 
     @property
     def tripwire_every(self) -> float:
         """The tripwire's interval in force: 0 when it is off, as it is for a file source (the
         driver's tree says nothing about one)."""
         return self.tripwire_interval if self.source == "nvml" else 0.0
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Settings) and self._values() == other._values()
-
-    def __hash__(self) -> int:
-        return hash(tuple(self._values()))
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={value!r}" for name, value in self._values())
-        return f"Settings({fields})"
-
-    def _values(self) -> list[tuple[str, Any]]:
-        return [(name, getattr(self, name)) for name in self.__slots__]
 
     @classmethod
     def from_values(
@@ -605,14 +576,10 @@ def _is_ip(text: str) -> bool:
 
 
 def _is_port(value: str) -> bool:
-    import re
-
     return re.fullmatch(_PORT, value) is not None and int(value) <= 65535
 
 
 def _is_url(value: str) -> bool:
-    import re
-
     match = re.fullmatch(_URL, value)
     return match is not None and _is_ip(match["ip6"] or match["ip4"]) and _is_port(match["port"])
 
@@ -629,8 +596,5 @@ _SERVICE_LINKS: tuple[tuple[str, Callable[[str], bool]], ...] = (
 
 def is_service_link(name: str, value: str) -> bool:
     """Exactly the variables Kubernetes' service links make, with values of their shape: one
-    that only looks like one (a mistyped setting) stays an error. (`re` is loaded only here:
-    only a pod with such a Service pays for it before the agent starts.)"""
-    import re
-
+    that only looks like one (a mistyped setting) stays an error."""
     return any(re.fullmatch(shape, name) and valid(value) for shape, valid in _SERVICE_LINKS)

@@ -13,7 +13,7 @@ this, the interpreter's own start-up, no Python code can shorten.
 
 from __future__ import annotations
 
-TYPE_CHECKING = False  # `typing` alone costs the agent's start milliseconds
+TYPE_CHECKING = False  # nothing is loaded before the signals are held, not even `typing`
 if TYPE_CHECKING:
     from typing import NoReturn
 
@@ -29,5 +29,5 @@ def run() -> NoReturn:
         import os
 
         os.write(2, f"gpu-supervise: cannot start: {type(exc).__name__}: {exc}\n".encode())
-        os._exit(70)  # args.EXIT_INTERNAL; nothing was started
+        os._exit(70)  # exits.EXIT_INTERNAL; nothing was started
     cli_run()

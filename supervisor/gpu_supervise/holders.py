@@ -20,6 +20,8 @@ import re
 import threading
 from collections.abc import Callable
 
+from . import procs
+
 MAX_PROCESSES = 100_000  # a scan never looks further: a bound, not a count of real nodes
 MAX_FDS = 65_536  # descriptors read per process
 CMDLINE_CHARS = 200
@@ -85,7 +87,7 @@ def scan(device_dir: str = "/dev", proc: str = "/proc") -> Scan:
     unreadable = 0
     own = str(os.getpid())
     try:
-        pids = [e for e in os.listdir(proc) if e.isdigit() and e != own][:MAX_PROCESSES]
+        pids = [e for e in procs.pids(proc) if e != own][:MAX_PROCESSES]
     except OSError:
         return Scan([], 0, namespace_only=True)
     for pid in pids:
@@ -129,24 +131,21 @@ def _started(proc: str, pid: int) -> int:
     """When the process started (clock ticks since boot, /proc/PID/stat's 22nd field): with the
     pid, who it is; a pid used again by a new process is another holder. 0 if unknown."""
     try:
-        with open(f"{proc}/{pid}/stat", "rb") as fh:
-            fields = fh.read(4096).rsplit(b")", 1)[-1].split()
-        return int(fields[19])
+        return int(procs.stat_fields(pid, proc)[19])
     except (OSError, IndexError, ValueError):
         return 0
 
 
 def _cmdline(proc: str, pid: int) -> str:
     try:
-        with open(f"{proc}/{pid}/cmdline", "rb") as fh:
-            raw = fh.read(4 * CMDLINE_CHARS)
+        argv = procs.argv(pid, 4 * CMDLINE_CHARS, proc)
     except OSError:
-        raw = b""
-    text = " ".join(a.decode(errors="backslashreplace") for a in raw.rstrip(b"\0").split(b"\0"))
+        argv = []
+    text = " ".join(a.decode(errors="backslashreplace") for a in argv)
     if not text:  # a kernel thread, or a process that cleared its command line
         try:
-            with open(f"{proc}/{pid}/comm", "rb") as fh:
-                text = f"[{fh.read(64).strip().decode(errors='backslashreplace')}]"
+            comm = procs.read(pid, "comm", 64, proc).strip()
+            text = f"[{comm.decode(errors='backslashreplace')}]"
         except OSError:
             text = "?"
     return text if len(text) <= CMDLINE_CHARS else text[: CMDLINE_CHARS - 3] + "..."
@@ -155,8 +154,7 @@ def _cmdline(proc: str, pid: int) -> str:
 def _container(proc: str, pid: int) -> str:
     """The container id in the process's cgroup path, or ""."""
     try:
-        with open(f"{proc}/{pid}/cgroup", "rb") as fh:
-            text = fh.read(8192).decode(errors="replace")
+        text = procs.read(pid, "cgroup", 8192, proc).decode(errors="replace")
     except OSError:
         return ""
     return container_id(text)

@@ -42,13 +42,12 @@ The steps, and what a failure or a crash after each leaves:
 3. Make the link gpu-supervise.versions/.link-RANDOM -> gpu-supervise.versions/VERSION-TOKEN/
    gpu-supervise (relative: DIR may be mounted elsewhere in the agent's container), and rename
    it over DIR/gpu-supervise: the switch. Before it, the old copy starts; after it, the new.
-4. Remove the copies nobody can be running: every other folder of gpu-supervise.versions/ (and
-   the _internal/ of an install made before this layout), except the copy DIR/gpu-supervise
-   named before the switch (supervisors started until now run from it, possibly in other PID
-   namespaces) and any folder that a process this install can see maps a file from
-   (/proc/PID/maps, by path or by inode: another mount namespace sees it under another path;
-   the command line of a process whose map it may not read). A version folder is renamed to
-   .old-RANDOM first. A failure here is reported, and the install stands.
+4. Remove the copies nobody can be running: every other folder of gpu-supervise.versions/,
+   except the copy DIR/gpu-supervise named before the switch (supervisors started until now
+   run from it, possibly in other PID namespaces) and any folder that a process this install
+   can see maps a file from (/proc/PID/maps, by path or by inode: another mount namespace sees
+   it under another path; the command line of a process whose map it may not read). A version
+   folder is renamed to .old-RANDOM first. A failure here is reported, and the install stands.
 
 One install into DIR at a time (a lock on gpu-supervise.versions/): another one waits for it,
 saying so on stderr, up to LOCK_WAIT seconds, then fails. Nothing of DIR but DIR/gpu-supervise
@@ -74,9 +73,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__, build_token
-from .args import EXIT_USAGE, PROG, Parser
+from . import __version__, build_token, procs
+from .args import PROG, Parser
 from .config import ConfigError
+from .exits import EXIT_USAGE
 from .text import clip
 
 EXIT_FAILED = 1
@@ -204,13 +204,6 @@ def _version_folder(link: Path, versions: Path) -> Path | None:
     return named.parent if named.parent.parent == versions else None
 
 
-def _legacy(target: Path, name: str) -> Path | None:
-    """DIR/_internal of an install made before gpu-supervise.versions/, if it is one."""
-    internal = target / "_internal"
-    ours = (internal / "ld" / name).is_symlink() and (internal / name).is_file()
-    return internal if ours and internal.is_dir() and not internal.is_symlink() else None
-
-
 def _mapped() -> tuple[set[bytes], set[tuple[int, int]]]:
     """The paths, and the (device, inode) pairs, of the files that the processes we can see
     map. A process whose map we may not read (another user's, or one with more capabilities,
@@ -218,14 +211,12 @@ def _mapped() -> tuple[set[bytes], set[tuple[int, int]]]:
     gpu-supervise is started as VERSION-FOLDER/_internal/ld/gpu-supervise by the launcher."""
     paths: set[bytes] = set()
     inodes: set[tuple[int, int]] = set()
-    for pid in [e for e in os.listdir("/proc") if e.isdigit()]:
+    for pid in procs.pids():
         try:
             try:
-                with open(f"/proc/{pid}/maps", "rb") as fh:
-                    maps = fh.read()
+                maps = procs.read(pid, "maps")
             except PermissionError:
-                with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                    paths.update(fh.read().split(b"\0"))
+                paths.update(procs.read(pid, "cmdline").split(b"\0"))
                 continue
         except OSError:
             continue  # gone meanwhile
@@ -304,8 +295,6 @@ def install(bundle: Bundle, target: Path) -> tuple[Path, list[str]]:
     lock = _lock(versions, LOCK_WAIT)
     try:
         previous = _version_folder(link, versions)
-        if previous is None and not link.is_symlink():  # an older install's launcher
-            previous = _legacy(target, name)
         scratch = os.urandom(4).hex()  # names this install's temporary entries
         version = "".join(c if c.isalnum() or c in "._+-" else "_" for c in __version__)
         new = versions / f"{NEW}{scratch}"
@@ -381,9 +370,6 @@ def _remove_unused(target: Path, name: str, keep: set[Path | None]) -> list[str]
     """Step 4: remove what nothing runs from; a line for each that could not be removed."""
     versions = target / (name + VERSIONS)
     candidates = [p for p in sorted(versions.iterdir()) if p not in keep]
-    legacy = _legacy(target, name)
-    if legacy is not None and legacy not in keep:
-        candidates.append(legacy)
     try:
         mapped = _mapped() if candidates else (set(), set())
     except OSError as exc:  # no /proc: nothing can be known to be unused

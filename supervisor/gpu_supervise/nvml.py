@@ -70,8 +70,6 @@ def _uuid(nv: Any, handle: Any, what: str) -> str:
 class NvmlSource:
     """Reads the topology through nvidia-ml-py (which dlopens `libnvidia-ml.so.1`)."""
 
-    description = "nvml"
-
     def probe(self) -> Topology:
         import pynvml  # imported on first probe: `--no-watch` never pays for it
 

@@ -62,23 +62,18 @@ def watchdog_period(environ: Mapping[str, str]) -> float | None:
     return usec / 1e6 if usec > 0 and pid == os.getpid() else None
 
 
-def escape(value: str) -> str:
-    """A notify field's value on one line, every control character escaped (printable): a
-    newline in it (an argv[0] holding "\\nSTOPPING=1") would be read by systemd as a field of
-    its own, and an ESC or a CR would reach `systemctl status` raw."""
-    return printable(value)
-
-
 def sd_notify(address: str | None, **fields: str) -> bool:
     """Send one datagram per the sd_notify protocol (`@` = abstract socket); no libsystemd.
-    Each field is `NAME=value` on a line of its own, the value escaped (escape())."""
+    Each field is `NAME=value` on a line of its own, every control character of the value
+    escaped (printable): a newline in it (an argv[0] holding "\\nSTOPPING=1") would be read by
+    systemd as a field of its own, and an ESC or a CR would reach `systemctl status` raw."""
     if not address:
         return False
 
     import socket  # only when systemd asked for it (and then loaded at start: Supervisor)
 
     target = "\0" + address[1:] if address.startswith("@") else address
-    message = "\n".join(f"{name}={escape(value)}" for name, value in fields.items())
+    message = "\n".join(f"{name}={printable(value)}" for name, value in fields.items())
     data = message.encode("utf-8", "backslashreplace")  # an argv that is not UTF-8, say
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:

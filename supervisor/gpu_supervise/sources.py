@@ -19,8 +19,6 @@ MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
 
 
 class Source(Protocol):
-    description: str
-
     def probe(self) -> Topology:
         """One full reading. Raises SourceUnavailable (no usable NVML) or ProbeError."""
         ...
@@ -29,7 +27,6 @@ class Source(Protocol):
 class FileSource:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.description = f"file:{path}"
 
     def probe(self) -> Topology:
         try:

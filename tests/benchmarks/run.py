@@ -2,6 +2,7 @@
 
     python tests/benchmarks/run.py [--quick] [--binary DIST/gpu-supervise/gpu-supervise]
     python tests/benchmarks/run.py --holders    (the holder scan's rows alone)
+    python tests/benchmarks/run.py --start      (the start's figures alone, printed)
 
 Writes tests/benchmarks/results.json and the Markdown table between the benchmark markers of
 docs/performance.md. Measures; asserts nothing (the test suite asserts behaviour). Needs gcc,
@@ -504,8 +505,15 @@ def main() -> int:
                         "docs/performance.md")  # fmt: skip
     parser.add_argument("--holders", action="store_true", help="measure the holder scan alone; "
                         "the other figures stay those of results.json")  # fmt: skip
+    parser.add_argument("--start", action="store_true", help="measure the start alone and "
+                        "print it; results.json and the table stay as they are")  # fmt: skip
     args = parser.parse_args()
     bench = Bench(args.quick, args.binary)
+    if args.start:
+        bench.start_overhead()
+        print(start_lines(bench.results))
+        shutil.rmtree(bench.tmp, ignore_errors=True)
+        return 0
     if args.holders:
         bench.holder_scan()
         results = {**json.loads((HERE / "results.json").read_text()), **bench.results}
@@ -523,6 +531,14 @@ def main() -> int:
     print("... detection at the default interval, with and without the tripwire", flush=True)
     bench.tripwire_detection()
     return report({**_measured(), **bench.results}, args.no_docs, bench.tmp)
+
+
+def start_lines(results: dict) -> str:
+    """The start to the child's first instruction, each wrapper's and over bare python's."""
+    first = results["start_to_child_ms"]
+    base = first["bare python"]["median"]
+    return "\n".join(f"{name}: {_fmt(s)} ms, {s['median'] - base:+.1f} ms over bare python"
+                     for name, s in first.items())  # fmt: skip
 
 
 def report(results: dict, no_docs: bool, tmp: Path) -> int:
