@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).parent.parent / "supervisor" / "gpu_supervise"
 # Top to bottom: a module may import only modules that come after it.
 LAYERS = [
     "__main__", "entry", "cli", "demo", "install", "supervise", "events", "watch", "probe",
-    "sources", "nvml", "tripwire", "holders", "child", "report", "args", "config", "logs",
+    "sources", "nvml", "tripwire", "kube", "holders", "child", "report", "args", "config", "logs",
     "topology", "files", "signals", "text", "__init__",
 ]  # fmt: skip
 
