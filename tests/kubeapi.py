@@ -223,6 +223,7 @@ class Faults:
     gone_as: str = "event"  # how a compacted resourceVersion is refused: event | response
     echo_token: bool = False  # a hostile 401 that quotes the token it was sent
     forbidden: set[str] = field(default_factory=set)  # resources: nodes, pods
+    huge_list: bool = False  # a list of more than 4 MiB (a 5 MiB annotation)
     partial: bool = True  # serve metadata only when asked (False: as a server that cannot)
 
 
@@ -430,19 +431,23 @@ class _Handler(BaseHTTPRequestHandler):
         with api.cond:
             nodes = [n for n in api.nodes.values() if pick(n)]
             rv = str(api.rv)
+        items = [n.partial() if partial else n.full() for n in nodes]
+        if api.faults.huge_list:
+            for item in items:
+                item["metadata"]["annotations"] = {"padding": "x" * (5 << 20)}
         if partial:
             doc = {
                 "kind": "PartialObjectMetadataList",
                 "apiVersion": META,
                 "metadata": {"resourceVersion": rv},
-                "items": [n.partial() for n in nodes],
+                "items": items,
             }
         else:
             doc = {
                 "kind": "NodeList",
                 "apiVersion": "v1",
                 "metadata": {"resourceVersion": rv},
-                "items": [n.full() for n in nodes],
+                "items": items,
             }
         self._send(200, doc)
 

@@ -362,6 +362,15 @@ def test_a_line_that_never_ends_is_cut_at_the_limit(api: KubeAPI, start):
     seen.labels("pending")  # and it watches on
 
 
+def test_a_list_past_the_limit_is_refused(api: KubeAPI, start):
+    api.faults.huge_list = True
+    _, seen = start(api)
+    problem = seen.problem("protocol")
+    assert str(kube.MAX_RESPONSE) in problem.message
+    api.faults.huge_list = False
+    seen.labels("success")
+
+
 @pytest.mark.parametrize("fault", ["drip", "silent"])
 def test_a_dripping_or_silent_watch_is_given_up_and_resumed(api: KubeAPI, start, fault: str):
     """A byte every 0.1 s keeps each read alive; the watch's life (twice timeoutSeconds)

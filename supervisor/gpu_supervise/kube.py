@@ -574,7 +574,11 @@ class NodeWatcher:
             )
         if code == 404:
             hint = "is KUBERNETES_SERVICE_HOST/PORT the cluster's API server?"
-            hint = self._node_hint() if what.startswith("pod") else hint
+            if what.startswith("pod"):
+                hint = (
+                    "the pod's name is taken from HOSTNAME; set NODE_NAME (env valueFrom "
+                    "fieldRef spec.nodeName) and no pod is read"
+                )
             return _Failure("not-found", f"{what} not found at {self._server} ({detail}): {hint}")
         if 300 <= code < 400:
             return _Failure(
