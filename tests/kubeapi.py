@@ -199,6 +199,7 @@ class Request:
     query: dict[str, str]
     token: str | None
     accept: str
+    at: float = field(default_factory=time.monotonic)  # when it came
 
     @property
     def watch(self) -> bool:

@@ -185,14 +185,13 @@ def test_the_node_name_comes_from_the_pod(api: KubeAPI, start):
 
 
 def test_a_bookmark_moves_the_resume_point(api: KubeAPI, start):
-    _, seen = start(api)
+    watcher, seen = start(api)
     seen.labels("success")
     wait_until(api.watches, "a watch")
     api.label("other-node", {MIG: "pending"})  # the version moves on, unseen by our watch
     api.bookmark()
     bookmarked = str(api.rv)
-    time.sleep(0.5)  # let the bookmark arrive (if it does not, the resume below shows it)
-    api.faults.watch = None
+    wait_until(lambda: watcher._version == bookmarked, "the bookmark taken in")
     api.drop_watches()
     wait_until(lambda: len(api.watches()) >= 2, "a second watch")
     assert api.watches()[1].query["resourceVersion"] == bookmarked
@@ -285,6 +284,18 @@ def test_401_is_one_problem_and_a_hostile_echo_never_shows_the_token(api: KubeAP
     count = len(api.requests)
     wait_until(lambda: len(api.requests) >= count + 3, "retries")
     assert seen.problems() == [problem]
+
+
+def test_retries_wait_longer_and_longer(api: KubeAPI, start):
+    """Between two refused requests the watcher waits at least half its back-off delay (0.1 s
+    doubling to 0.8 s): lower bounds only, which a slow machine cannot break."""
+    api.faults.forbidden.add("nodes")
+    _, seen = start(api, backoff=(0.1, 0.8))
+    seen.problem("forbidden")
+    wait_until(lambda: len(api.requests) >= 7, "six retries")
+    times = [r.at for r in api.requests[:7]]
+    for n, (a, b) in enumerate(zip(times, times[1:])):
+        assert b - a >= 0.5 * min(0.8, 0.1 * 2**n), (n, b - a)
 
 
 def test_backoff_doubles_to_its_cap_with_jitter():
