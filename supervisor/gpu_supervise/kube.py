@@ -591,7 +591,8 @@ class NodeWatcher:
 
     def _cut(self, exchange: _Exchange | None) -> None:
         """Shut the open connection down (only `exchange`'s, if given), from any thread: a
-        blocked connect, handshake or read returns at once, and fails."""
+        blocked TLS handshake or read returns at once, and fails. (A TCP connect still under
+        way has no socket here yet: it ends within CONNECT_SECONDS.)"""
         with self._lock:
             sock = self._sock
             if sock is None or (exchange is not None and exchange.sock is not sock):
