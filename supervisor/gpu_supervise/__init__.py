@@ -12,6 +12,7 @@ The modules form layers; each uses only those below it (tests/test_layers.py kee
     probe              readings in a thread of their own, each under a deadline
     sources, nvml      where readings come from: NVML, or a file
     tripwire           the driver's MIG tree in procfs: a change hurries the next probe
+    kube               the node's GPU Operator labels, watched through the Kubernetes API
     child, report      the agent's processes; systemd's notify socket, the termination log
     args, config       command-line parsing; settings from file, environment and flags
     exits              gpu-supervise's own exit codes; an unexpected failure in one line
