@@ -7,11 +7,12 @@ and a hung NVML call never delays a signal or a stop.
 
 The supervisor's states, as supervisord names its processes' states:
 
-    RUNNING ──(change, failures, the agent exits, SIGTERM)──► STOPPING ──► exit
-       ▲  └──(a MIG mode change pending a GPU reset)──► STOPPING ──► HOLDING ──(reset done)──► exit
+    RUNNING ──(change, failures, the agent exits, SIGTERM)──► STOPPING ──► EXITING
+       ▲  └──(a MIG mode change pending a GPU reset)──► STOPPING ──► HOLDING ──(reset)──► EXITING
        └──────────────────────(pending_timeout: the agent starts again)──────┘
 
-The watch policy (watch.py) decides the transitions; this loop carries them out.
+The watch policy (watch.py) decides the transitions; this loop carries them out, each through
+_change_state along EDGES. Every stop of the tree is one child.TreeStop.
 """
 
 from __future__ import annotations
@@ -36,8 +37,6 @@ from .tripwire import Tripwire
 from .watch import Action, Decision, Watcher, WatchPolicy
 
 EXIT_RESTART = 1
-# After SIGKILL a process needs a moment to die and be reaped, even with stop_timeout 0.
-MIN_KILL_WAIT = 1.0
 
 
 def load_what_a_stop_needs() -> None:
@@ -82,17 +81,33 @@ class State(enum.Enum):
     RUNNING = "running"  # the agent is up; the topology is watched
     STOPPING = "stopping"  # the agent's tree got SIGTERM (or SIGINT); SIGKILL follows
     HOLDING = "holding"  # the agent is stopped on purpose: a MIG mode change waits for a reset
+    EXITING = "exiting"  # the loop ends: its code and reason are set
+
+
+# Every transition there is; Supervisor._change_state refuses any other.
+EDGES = frozenset(
+    {
+        (State.RUNNING, State.STOPPING),  # RUNNING -> STOPPING: a decision, a signal, the exit
+        (State.STOPPING, State.HOLDING),  # STOPPING -> HOLDING: the tree is gone, a reset waits
+        (State.STOPPING, State.EXITING),  # STOPPING -> EXITING: the tree is gone
+        (State.HOLDING, State.RUNNING),  # HOLDING -> RUNNING: the hold timed out, agent again
+        (State.HOLDING, State.EXITING),  # HOLDING -> EXITING: a decision, a signal, no agent
+    }
+)
+
+
+class StateError(RuntimeError):
+    """A transition the supervisor has no edge for: a bug (the last resort takes it)."""
 
 
 @dataclass
 class Stop:
-    """A stop in progress: what follows it, and when SIGKILL follows SIGTERM."""
+    """A stop in progress: the tree's (child.TreeStop), and what follows it."""
 
     exit_code: int | None  # None: exit with the child's own code
     reason: str
-    kill_at: float
+    tree: child.TreeStop
     hold: bool = False  # once the tree is gone, hold instead of exiting
-    give_up_at: float | None = None  # set with the SIGKILL: survivors are logged, we exit
 
 
 class Supervisor:
@@ -114,7 +129,7 @@ class Supervisor:
         self.status: int | None = None
         self.state = State.RUNNING
         self.stop: Stop | None = None
-        self.exit: tuple[int, str] | None = None
+        self.outcome: tuple[int, str] | None = None  # the exit code and why, once EXITING
         self.notify_socket = notify_socket
         # systemd's watchdog: WATCHDOG=1 at half its period from the loop (_keep_alive)
         self.watchdog = report.watchdog_period(os.environ) if notify_socket else None
@@ -250,33 +265,39 @@ class Supervisor:
             report.write_termination_message(self.settings.termination_log, text)
 
     def _stop_now(self) -> None:
-        """SIGTERM to the tree, SIGKILL to what is left after stop_timeout (and to newcomers),
-        then at most MIN_KILL_WAIT more: a plain loop, not the state machine that just failed."""
-        killing = False
-        deadline = time.monotonic() + self.settings.stop_timeout
-        self._signal_tree(signal.SIGTERM)
-        while child.has_children():
-            for reaped in child.reap():
-                if reaped.pid == self.pid:
-                    self.status = reaped.status
-            now = time.monotonic()
-            if now >= deadline:
-                if killing:
-                    return
-                killing, deadline = True, now + MIN_KILL_WAIT
-            if killing:
-                self._signal_tree(signal.SIGKILL)
-            time.sleep(0.02)
+        """The stop as a plain loop (child.TreeStop.wait), not the loop that just failed."""
+        tree = self._tree_stop(time.monotonic())
+        tree.signal(signal.SIGTERM)
+        tree.wait(self._reaped_quietly)
+
+    def _reaped_quietly(self, reaped: child.Reaped) -> None:
+        if reaped.pid == self.pid:
+            self.status = reaped.status
+
+    def _tree_stop(self, now: float) -> child.TreeStop:
+        return child.TreeStop(
+            self.pid, self.settings.stop_timeout, now, lambda: self.status is None
+        )
 
     # -- the loop ------------------------------------------------------------------------------
 
+    def _change_state(self, new: State) -> None:
+        """Every transition happens here, along EDGES; any other is a bug, raised."""
+        if (self.state, new) not in EDGES:
+            raise StateError(f"no transition from {self.state.value} to {new.value}")
+        self.state = new
+
+    def _exit(self, code: int, why: str) -> None:
+        self._change_state(State.EXITING)
+        self.outcome = (code, why)
+
     def _loop(self) -> tuple[int, str]:
-        while self.exit is None:
+        while self.state is not State.EXITING:
             self._handle_signals()
             self._reap()
             now = time.monotonic()
             self._keep_alive(now)
-            if self.state is not State.STOPPING:
+            if self.state in (State.RUNNING, State.HOLDING):
                 self._check_tripwire(now)
                 self._watch(now)
                 self._report_holders()
@@ -285,19 +306,21 @@ class Supervisor:
                 code = child.exit_code(self.status)
                 events.log_left_behind(child.survivors())
                 self._begin_stop(now, code, f"the agent {child.describe_status(self.status)}")
-            self._beat(now)
+            if self.state is not State.EXITING:
+                self._beat(now)
             if self.state is State.STOPPING:
                 self._advance_stop(now)
-            if self.exit is None:
+            if self.state is not State.EXITING:
                 self._sleep(self._next_wake(now) - time.monotonic())
-        return self.exit
+        assert self.outcome is not None
+        return self.outcome
 
     def _next_wake(self, now: float) -> float:
         times = [now + 3600.0]
         if self.watchdog is not None:
             times.append(self.watchdog_at)
         if self.stop is not None:
-            times.append(now + 0.05 if self.stop.give_up_at is not None else self.stop.kill_at)
+            times.append(self.stop.tree.next_look(now))
         if self.heartbeat is not None and self.settings.log_heartbeat > 0:
             times.append(self.heartbeat.since + self.settings.log_heartbeat)
         if self.watcher is not None and self.state is not State.STOPPING:
@@ -353,7 +376,7 @@ class Supervisor:
         ignored is only forwarded, as tini does: the agent inherited the ignore, and a
         background job's SIGINT from the terminal is not meant for it.)"""
         if self.state is State.HOLDING:
-            self.exit = (self._agent_code(), f"stopped by {name} while holding")
+            self._exit(self._agent_code(), f"stopped by {name} while holding")
         elif self.state is State.RUNNING:
             logger.info(f"received {name}: stopping the child")
             self._begin_stop(time.monotonic(), None, f"stopped by {name}", sig=sig)
@@ -362,7 +385,7 @@ class Supervisor:
             logger.info(f"received {name} during the stop: sending it to the child's tree too")
             self.stop.hold, self.stop.exit_code = False, None
             self.stop.reason = f"stopped by {name}"
-            self._signal_tree(sig)
+            self.stop.tree.signal(sig)
 
     def _reap(self) -> None:
         for reaped in child.reap():
@@ -378,49 +401,38 @@ class Supervisor:
         self, now: float, exit_code: int | None, reason: str, sig: int = signal.SIGTERM,
         hold: bool = False,
     ) -> None:  # fmt: skip
-        self.state = State.STOPPING
-        self.stop = Stop(exit_code, reason, kill_at=now + self.settings.stop_timeout, hold=hold)
+        self._change_state(State.STOPPING)
+        self.stop = Stop(exit_code, reason, self._tree_stop(now), hold=hold)
         status = "stopping the agent: " + reason
         if hold:
             self._notify(STATUS=status)
         else:
             self._notify(STATUS=status, STOPPING="1")
-        self._signal_tree(sig)
-
-    def _signal_tree(self, sig: int) -> int:
-        """The agent's tree; its group at once while the agent is not reaped (so surely ours)."""
-        return child.signal_tree(self.pid, sig, leader_ours=self.status is None)
+        self.stop.tree.signal(sig)
 
     def _advance_stop(self, now: float) -> None:
-        """Wait for the tree to go; SIGKILL what is left after stop_timeout, and whatever
-        appears after that. What survives stop_timeout more is logged, and the stop ends."""
+        """One step of the tree's stop (child.TreeStop), and its lines."""
         stop = self.stop
         assert stop is not None
-        if not child.has_children():
-            return self._stopped(stop)
-        if stop.give_up_at is None:
-            if now >= stop.kill_at:
-                left = self._signal_tree(signal.SIGKILL)
-                stop.give_up_at = now + max(self.settings.stop_timeout, MIN_KILL_WAIT)
-                logger.warning(
-                    f"{left} process(es) still running {self.settings.stop_timeout:g} s after "
-                    "SIGTERM: sent SIGKILL"
-                )
-            return None
-        self._signal_tree(signal.SIGKILL)  # newcomers forked since get it too
-        if now >= stop.give_up_at:
+        phase = stop.tree.step(now)
+        if phase == "killed":
+            logger.warning(
+                f"{stop.tree.left} process(es) still running {self.settings.stop_timeout:g} s "
+                "after SIGTERM: sent SIGKILL"
+            )
+        elif phase == "gave up":
             for survivor in child.survivors():
                 logger.error(
                     f"pid {survivor.pid} survived SIGKILL (state {survivor.state}): "
                     f"{survivor.cmdline}"
                 )
+        if phase in ("done", "gave up"):
             self._stopped(stop)
-        return None
 
     def _stopped(self, stop: Stop) -> None:
         self.stop = None
         if stop.hold:
-            self.state = State.HOLDING
+            self._change_state(State.HOLDING)
             self.holders = None
             self.scanner.forget()
             self._check_holders()
@@ -428,11 +440,11 @@ class Supervisor:
                 self._notify(STATUS=events.holding_status(self.watcher.hold, self.settings))
             return
         if stop.exit_code is not None:
-            self.exit = (stop.exit_code, stop.reason)
+            self._exit(stop.exit_code, stop.reason)
         elif self.status is not None:
-            self.exit = (self._agent_code(), stop.reason)
+            self._exit(self._agent_code(), stop.reason)
         else:
-            self.exit = (self._agent_code(), stop.reason + "; the agent survived SIGKILL")
+            self._exit(self._agent_code(), stop.reason + "; the agent survived SIGKILL")
 
     def _agent_code(self) -> int:
         """The agent's exit code; an agent that survived SIGKILL counts as killed by it."""
@@ -447,10 +459,10 @@ class Supervisor:
         except child.SpawnError as exc:
             logger.error(f"cannot start the agent again: {exc}")
             if not self._stop_asked():  # else the loop ends the hold by the rule for SIGTERM
-                self.exit = (exc.code, str(exc))
+                self._exit(exc.code, str(exc))
             return
         self.status = None
-        self.state = State.RUNNING
+        self._change_state(State.RUNNING)
         logger.info(f"started {self.argv[0]} again as pid {self.pid}")
         self._notify(STATUS=events.running_status(self.argv, self.pid, self.settings))
 
@@ -502,7 +514,7 @@ class Supervisor:
         """A finished scan: logged when the hold begins and whenever the holders change, its
         count in systemd's status."""
         found, watcher = self.scanner.take(), self.watcher
-        if found is None or self.state is not State.HOLDING or self.exit is not None:
+        if found is None or self.state is not State.HOLDING:
             return
         if watcher is None or watcher.hold is None:
             return
@@ -532,7 +544,7 @@ class Supervisor:
         if lost is not None and self.heartbeat is not None:
             self.heartbeat.count(failed(-1, "overdue"))
         self._decide(None, lost)
-        if self.state is not State.STOPPING and self.exit is None and self.watcher.probe_due(now):
+        if self.state in (State.RUNNING, State.HOLDING) and self.watcher.probe_due(now):
             seq = self.watcher.begin_probe(now)
             if not self.prober.request(seq):
                 stuck = failed(seq, "previous probe is still hanging in NVML")
@@ -550,7 +562,7 @@ class Supervisor:
             report.write_termination_message(self.settings.termination_log, self.termination_text)
             reason = events.restart_reason(decision, self.settings)
             if self.state is State.HOLDING:  # the agent is already stopped
-                self.exit = (EXIT_RESTART, reason)
+                self._exit(EXIT_RESTART, reason)
             else:
                 self._begin_stop(now, EXIT_RESTART, reason)
         elif decision.action is Action.HOLD:
