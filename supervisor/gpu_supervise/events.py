@@ -19,7 +19,7 @@ from .holders import Scan
 from .probe import ProbeResult
 from .text import clip
 from .topology import Change, Gpu, Topology
-from .watch import Action, Decision, Hold, Verdict, Watcher
+from .watch import Action, Decision, Hold, Verdict
 
 TAG = "[GPU-Watcher]"
 STUCK = (
@@ -257,10 +257,9 @@ def _gpu_uuids(topo: Topology, gpu_uuid: str) -> list[str]:
     return Topology(tuple(gpus), nvml=topo.nvml).uuids()
 
 
-def log_decision(
-    decision: Decision, result: ProbeResult | None, watcher: Watcher, settings: Settings
-) -> None:
-    """`result` is None when the decision is about a probe that never answered."""
+def log_decision(decision: Decision, result: ProbeResult | None, settings: Settings) -> None:
+    """The decision's lines, from what it carries. `result` is None when the decision is about
+    a probe that never answered."""
     v = decision.verdict
     seq = result.seq if result is not None else "?"
     if v is Verdict.BASELINE:
@@ -283,8 +282,8 @@ def log_decision(
         logger.debug(f"{TAG} probe {seq}: a MIG mode change is still pending a GPU reset")
     elif v is Verdict.SETTLING:
         what = "topology differs from the baseline"
-        if watcher.hold is not None:
-            waiting = watcher.candidate is not None and watcher.candidate.pending_mig_changes()
+        if decision.holding:
+            waiting = decision.candidate is not None and decision.candidate.pending_mig_changes()
             what = (
                 "a MIG mode change took effect while a GPU still waits for a reset"
                 if waiting
@@ -298,7 +297,7 @@ def log_decision(
         logger.info(f"{TAG} topology is back to the baseline; no restart")
     elif v is Verdict.TOLERATED:
         n, limit = len(decision.errors), settings.failure_threshold
-        count = "while holding" if watcher.hold is not None else f"{n}/{limit} consecutive"
+        count = "while holding" if decision.holding else f"{n}/{limit} consecutive"
         logger.bind(event="probe_failed", error=decision.errors[-1], failures=n).warning(
             f"{TAG} topology probe failed ({count}): {decision.errors[-1]}"
         )
@@ -328,7 +327,7 @@ def log_decision(
             f"{TAG} {decision.errors[-1]}: {STUCK}"
         )
     elif v is Verdict.FAILING:
-        old = watcher.baseline.uuids() if watcher.baseline else []
+        old = decision.baseline.uuids() if decision.baseline else []
         logs.decision(
             event="nvml_failing", errors=list(decision.errors), old_uuids=old, restarting=True
         ).error(
@@ -339,7 +338,7 @@ def log_decision(
         bound = logger.bind(event="nvml_failing", errors=[decision.errors[-1]], restarting=False)
         then = (  # only an NVML that refused to start left the agent without one
             "the agent is restarted once it works"
-            if watcher.refused_at_start
+            if decision.refused
             else "the first good probe is the baseline"
         )
         text = (
@@ -352,10 +351,10 @@ def log_decision(
             bound.error(text)
         else:
             bound.debug(text)
-    _log_pending(decision, watcher, settings)
+    _log_pending(decision, settings)
 
 
-def _log_pending(decision: Decision, watcher: Watcher, settings: Settings) -> None:
+def _log_pending(decision: Decision, settings: Settings) -> None:
     if decision.action is Action.HOLD:
         for gpu in decision.newly_pending:
             logger.bind(event="mig_pending", gpu=gpu.uuid, pending=_mode(gpu), hold=True).info(
@@ -365,7 +364,7 @@ def _log_pending(decision: Decision, watcher: Watcher, settings: Settings) -> No
             )
     elif decision.verdict is not Verdict.TIMED_OUT:
         for gpu in decision.newly_pending:
-            held = watcher.hold is not None
+            held = decision.holding
             logger.bind(event="mig_pending", gpu=gpu.uuid, pending=_mode(gpu), hold=held).info(
                 f"{TAG} {gpu.describe()}: MIG mode change to {_mode(gpu)} is pending a GPU reset; "
                 + ("still holding" if held else "it counts once it takes effect")

@@ -555,7 +555,7 @@ class Supervisor:
         if decision is None:
             return
         assert self.watcher is not None
-        events.log_decision(decision, result, self.watcher, self.settings)
+        events.log_decision(decision, result, self.settings)
         now = time.monotonic()
         if decision.action is Action.RESTART:
             self.termination_text = events.termination_message(decision, self.settings)

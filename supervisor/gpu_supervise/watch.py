@@ -96,6 +96,8 @@ class Action(enum.Enum):
 
 @dataclass(frozen=True)
 class Decision:
+    """What the policy decided, with what its log lines need: never the Watcher's own state."""
+
     verdict: Verdict
     next_probe_at: float
     change: Change | None = None
@@ -103,6 +105,10 @@ class Decision:
     newly_pending: tuple[Gpu, ...] = ()  # GPUs whose pending mode change is news
     action: Action = Action.NONE
     loud: bool = True  # BROKEN: whether this one is worth an ERROR line (rate-limited)
+    baseline: Topology | None = None  # what readings are compared against, after this one
+    candidate: Topology | None = None  # the reading being confirmed (SETTLING)
+    holding: bool = False  # the agent is held back after this decision
+    refused: bool = False  # NVML refused to start before any good reading (BROKEN)
 
 
 @dataclass
@@ -398,7 +404,10 @@ class Watcher:
         loud: bool = True,
     ) -> Decision:
         self.next_probe_at = next_probe_at
-        return Decision(verdict, next_probe_at, change, errors, newly_pending, action, loud)
+        return Decision(
+            verdict, next_probe_at, change, errors, newly_pending, action, loud,
+            self.baseline, self.candidate, self.hold is not None, self.refused_at_start,
+        )  # fmt: skip
 
 
 def _key(gpu: Gpu) -> PendingKey:
