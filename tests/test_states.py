@@ -15,8 +15,7 @@ from gpu_supervise.supervise import EDGES, State, StateError, Supervisor
 def supervisor():
     sup = Supervisor(Settings(), ["true"], pid=os.getpid(), env={})
     yield sup
-    os.close(sup._wake_r)
-    os.close(sup._wake_w)
+    sup.inbox.close()
 
 
 def test_every_edge_of_the_table_is_taken(supervisor: Supervisor):

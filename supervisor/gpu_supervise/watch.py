@@ -1,8 +1,9 @@
 """The watch policy: given probe results and the time, keep going, confirm, hold, or act.
 
-Pure by design: no threads, no clock of its own, no I/O. The main loop asks `next_probe_at`,
-runs a probe when it is due, and hands the result to `observe` together with the time. That
-makes every rule here (cool-down, settle, failure threshold, hold) testable with a fake clock.
+Pure by design: no threads, no clock of its own, no I/O. The main loop asks `probe_due`, starts
+a probe with `begin_probe` when it is, sleeps until `wake_at`, and hands the result to `observe`
+(or, past its deadline, asks `overdue`) together with the time. That makes every rule here
+(cool-down, settle, failure threshold, hold) testable with a fake clock.
 
     baseline ──► steady ◄──────────────┐
        │            │ differs           │ back to baseline
@@ -112,10 +113,10 @@ class Decision:
 
 
 @dataclass
-class Hold:
-    """The agent is stopped so that a GPU reset can go ahead. Each pending GPU has its own
-    allowance, from the reading that first saw it pending; the hold lasts while any of those
-    pending now is within its allowance."""
+class PendingReset:
+    """The agent is stopped so that a GPU reset can go ahead (the supervisor's HOLDING). Each
+    pending GPU has its own allowance, from the reading that first saw it pending; the hold
+    lasts while any of those pending now is within its allowance."""
 
     allowances: dict[PendingKey, tuple[Gpu, float]]  # pending now: the GPU, its allowance's end
 
@@ -147,7 +148,7 @@ class Watcher:
         self.settle_by = 0.0  # when the candidate is acted on at the latest, moving or not
         self.errors: list[str] = []
         self.next_probe_at = started_at
-        self.hold: Hold | None = None
+        self.hold: PendingReset | None = None
         self._reported_at: float | None = None
         self.refused_at_start = False  # NVML refused to start before any good reading
         self._pending_seen: frozenset[PendingKey] = frozenset()
@@ -330,7 +331,7 @@ class Watcher:
     def _begin_hold(
         self, now: float, pending: tuple[Gpu, ...], verdict: Verdict = Verdict.PENDING
     ) -> Decision:
-        self.hold = Hold({})
+        self.hold = PendingReset({})
         self.hold.update(now, pending, self.policy.pending_timeout)
         self.candidate = None
         self._pending_seen = frozenset(_key(g) for g in pending)
@@ -408,6 +409,9 @@ class Watcher:
             verdict, next_probe_at, change, errors, newly_pending, action, loud,
             self.baseline, self.candidate, self.hold is not None, self.refused_at_start,
         )  # fmt: skip
+
+
+Hold = PendingReset  # the name it had
 
 
 def _key(gpu: Gpu) -> PendingKey:
