@@ -16,8 +16,9 @@ PACKAGE = Path(__file__).parent.parent / "supervisor" / "gpu_supervise"
 # Top to bottom: a module may import only modules that come after it.
 LAYERS = [
     "__main__", "entry", "cli", "demo", "install", "supervise", "watching", "events", "watch",
-    "probe", "sources", "nvml", "tripwire", "holders", "agent", "inbox", "notifier", "child",
-    "report", "args", "config", "logs", "topology", "files", "signals", "text", "__init__",
+    "probe", "sources", "nvml", "tripwire", "holders", "stopping", "agent", "inbox", "notifier",
+    "child", "report", "args", "config", "logs", "topology", "files", "signals", "text",
+    "__init__",
 ]  # fmt: skip
 
 

@@ -16,6 +16,7 @@ The modules form layers; each uses only those below it (tests/test_layers.py kee
     sources, nvml      where readings come from: NVML, or a file
     tripwire           the driver's MIG tree in procfs: a change hurries the next probe
     holders            who holds the GPU's device files open (a scan off the loop)
+    stopping           a stop in progress, the last lines, the last resort
     agent              the agent as the loop sees it: pid, status, start again, forward
     inbox, notifier    what wakes the loop (signals, a self-pipe); systemd's notify socket
     child, report      the agent's processes and the one stop of their tree; systemd's notify

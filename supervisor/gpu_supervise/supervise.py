@@ -23,17 +23,16 @@ import enum
 import os
 import signal
 import time
-from dataclasses import dataclass
 
 from loguru import logger
 
 from . import child, events, logs, report, signals
 from .agent import Agent
-from .args import EXIT_INTERNAL, PROG, describe_failure
 from .config import Settings
 from .inbox import Inbox
 from .notifier import Notifier
 from .probe import ProbeResult
+from .stopping import Stop, flush_log, last_resort
 from .watch import Action, Decision, PendingReset
 from .watching import Blockers, Watching
 
@@ -54,14 +53,6 @@ def load_what_a_stop_needs() -> None:
     import psutil  # noqa: F401  (child: the tree walk of every stop)
 
     "".encode("unicode_escape")  # text.printable's codec, a module of its own
-
-
-def _write_stderr(line: str) -> None:
-    """One line straight to fd 2, for when the logger itself is what failed."""
-    try:
-        os.write(2, (line + "\n").encode("utf-8", "backslashreplace"))
-    except OSError:
-        pass
 
 
 class State(enum.Enum):
@@ -85,16 +76,6 @@ EDGES = frozenset(
 
 class StateError(RuntimeError):
     """A transition the supervisor has no edge for: a bug (the last resort takes it)."""
-
-
-@dataclass
-class Stop:
-    """A stop in progress: the tree's (child.TreeStop), and what follows it."""
-
-    exit_code: int | None  # None: exit with the child's own code
-    reason: str
-    tree: child.TreeStop
-    hold: bool = False  # once the tree is gone, hold instead of exiting
 
 
 class Supervisor:
@@ -124,7 +105,8 @@ class Supervisor:
         try:
             return self._run()
         except Exception as exc:  # a bug, or a resource gone: never leave the agent unsupervised
-            return self._last_resort(exc)
+            return last_resort(exc, self.agent, self.settings, self.systemd,
+                               self.termination_text)  # fmt: skip
 
     def _run(self) -> int:
         agent, settings = self.agent, self.settings
@@ -141,46 +123,8 @@ class Supervisor:
         code, why = self._loop()  # watch, decide, stop, hold: until EXITING
         self.systemd.keep_alive(self.systemd.watchdog_at)  # the flush gets a whole period
         logs.decision(event="exit", code=code, reason=why).info(f"exiting {code}: {why}")
-        self._flush_log()
+        flush_log(settings, self.termination_text)
         return code
-
-    def _last_resort(self, exc: Exception) -> int:
-        """Something failed that the loop does not expect: stop the agent's whole tree (TERM,
-        then KILL after stop_timeout) with as little machinery as possible, say so in one line,
-        and exit EXIT_INTERNAL so that the restart policy starts everything afresh."""
-        line = (
-            f"internal error ({describe_failure(exc)}); stopping the agent's tree and exiting "
-            f"{EXIT_INTERNAL}"
-        )
-        try:
-            logs.decision(event="exit", code=EXIT_INTERNAL, reason=line).critical(line)
-        except Exception:
-            _write_stderr(f"{PROG}: {line}")
-        self.systemd.notify(STOPPING="1", STATUS=line)
-        agent = self.agent
-        try:
-            if agent.status is None or child.has_children():
-                tree = agent.tree_stop(time.monotonic(), self.settings.stop_timeout)
-                tree.signal(signal.SIGTERM)
-                tree.wait(agent.reaped)  # a plain loop, not the loop that just failed
-        except Exception:  # even the tree walk failed: the agent's group, with system calls only
-            if agent.status is None:  # once reaped, its group's number may be somebody else's
-                child.stop_group_now(agent.pid, self.settings.stop_timeout)
-        try:
-            self._flush_log()
-        except Exception:
-            pass  # the line above went to stderr already if the logger is what failed
-        return EXIT_INTERNAL
-
-    def _flush_log(self) -> None:
-        """The last lines, before the exit: the decision lines (the change, the failure, the
-        exit) get up to stop_timeout of their own while stderr is stalled. What still could not
-        be written is said first in the termination message."""
-        unwritten = logs.flush(2.0, self.settings.stop_timeout)
-        if unwritten.decisions:
-            note = f"gpu-supervise: {unwritten.note()}"
-            text = note if self.termination_text is None else f"{note}\n{self.termination_text}"
-            report.write_termination_message(self.settings.termination_log, text)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -256,10 +200,7 @@ class Supervisor:
             self._begin_stop(time.monotonic(), None, f"stopped by {name}", sig=sig)
         else:
             assert self.stop is not None
-            logger.info(f"received {name} during the stop: sending it to the child's tree too")
-            self.stop.hold, self.stop.exit_code = False, None
-            self.stop.reason = f"stopped by {name}"
-            self.stop.tree.signal(sig)
+            self.stop.again(sig, name)
 
     def _agent_exited(self, now: float) -> None:
         """The agent exited by itself: clear what it left behind, exit with its code."""
@@ -275,49 +216,27 @@ class Supervisor:
         hold: bool = False,
     ) -> None:  # fmt: skip
         self._change_state(State.STOPPING)
-        tree = self.agent.tree_stop(now, self.settings.stop_timeout)
-        self.stop = Stop(exit_code, reason, tree, hold=hold)
         status = "stopping the agent: " + reason
         if hold:
             self.systemd.notify(STATUS=status)
         else:
             self.systemd.notify(STATUS=status, STOPPING="1")
-        tree.signal(sig)
+        self.stop = Stop(self.agent, self.settings, now, exit_code, reason, sig, hold)
 
     def _advance_stop(self, now: float) -> None:
-        """One step of the tree's stop (child.TreeStop), and its lines."""
         stop = self.stop
         assert stop is not None
-        phase = stop.tree.step(now)
-        if phase == "killed":
-            logger.warning(
-                f"{stop.tree.left} process(es) still running {self.settings.stop_timeout:g} s "
-                "after SIGTERM: sent SIGKILL"
-            )
-        elif phase == "gave up":
-            for survivor in child.survivors():
-                logger.error(
-                    f"pid {survivor.pid} survived SIGKILL (state {survivor.state}): "
-                    f"{survivor.cmdline}"
-                )
-        if phase in ("done", "gave up"):
-            self._stopped(stop)
-
-    def _stopped(self, stop: Stop) -> None:
-        self.stop = None
-        if stop.hold:
-            self._change_state(State.HOLDING)
-            self.blockers.begin()
-            hold = self._hold()
-            if hold is not None:  # the count follows
-                self.systemd.notify(STATUS=events.holding_status(hold, self.settings))
+        if not stop.step(now):
             return
-        code, reason = self.agent.code(), stop.reason
-        if stop.exit_code is not None:
-            code = stop.exit_code
-        elif self.agent.status is None:
-            reason += "; the agent survived SIGKILL"
-        self._exit(code, reason)
+        self.stop = None
+        if not stop.hold:
+            return self._exit(*stop.outcome(self.agent))
+        self._change_state(State.HOLDING)
+        self.blockers.begin()
+        hold = self._hold()
+        if hold is not None:  # the count follows
+            self.systemd.notify(STATUS=events.holding_status(hold, self.settings))
+        return None
 
     def _resume(self) -> None:
         """The hold timed out: start the agent again, in this process."""

@@ -35,14 +35,11 @@ stopped by the next failures.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, fields, replace
 
+from .config import Settings
 from .probe import ProbeResult
 from .topology import Change, Gpu, Topology, diff
-
-if TYPE_CHECKING:
-    from .config import Settings
 
 # While NVML fails from the start, the failure is logged loudly once, then at this period.
 REPORT_EVERY = 600.0
@@ -50,27 +47,24 @@ REPORT_EVERY = 600.0
 PendingKey = tuple[str, bool | None]  # (GPU UUID, the MIG mode waiting for a reset)
 
 
+_DEFAULTS = Settings()  # the defaults are config.SCHEMA's, and only there
+
+
 @dataclass(frozen=True)
 class WatchPolicy:
-    interval: float = 30.0
-    cooldown: float = 60.0
-    settle: float = 5.0
-    failure_threshold: int = 3
-    on_pending: str = "hold"  # "hold": stop the agent while a MIG mode change waits; "ignore"
-    pending_timeout: float = 300.0
-    probe_timeout: float = 10.0
+    """The settings the policy reads: each field is the Settings attribute of its name."""
+
+    interval: float = _DEFAULTS.interval
+    cooldown: float = _DEFAULTS.cooldown
+    settle: float = _DEFAULTS.settle
+    failure_threshold: int = _DEFAULTS.failure_threshold
+    on_pending: str = _DEFAULTS.on_pending  # "hold": stop the agent while a MIG change waits
+    pending_timeout: float = _DEFAULTS.pending_timeout
+    probe_timeout: float = _DEFAULTS.probe_timeout
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WatchPolicy:
-        return cls(
-            interval=settings.interval,
-            cooldown=settings.cooldown,
-            settle=settings.settle,
-            failure_threshold=settings.failure_threshold,
-            on_pending=settings.on_pending,
-            pending_timeout=settings.pending_timeout,
-            probe_timeout=settings.probe_timeout,
-        )
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
 
 
 class Verdict(enum.Enum):
