@@ -15,9 +15,10 @@ PACKAGE = Path(__file__).parent.parent / "supervisor" / "gpu_supervise"
 
 # Top to bottom: a module may import only modules that come after it.
 LAYERS = [
-    "__main__", "entry", "cli", "demo", "install", "supervise", "events", "watch", "probe",
-    "sources", "nvml", "tripwire", "kube", "holders", "child", "report", "args", "exits",
-    "config", "logs", "topology", "files", "signals", "procs", "text", "__init__",
+    "__main__", "entry", "cli", "demo", "install", "supervise", "watching", "events", "watch",
+    "probe", "sources", "nvml", "tripwire", "kube", "holders", "stopping", "agent", "inbox",
+    "notifier", "child", "report", "args", "exits", "config", "logs", "topology", "files",
+    "signals", "procs", "text", "__init__",
 ]  # fmt: skip
 
 

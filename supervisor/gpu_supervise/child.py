@@ -318,34 +318,6 @@ def _spawn_forked(argv: list[str], env: dict[str, str], foreground: bool, death_
     return pid
 
 
-def stop_group_now(pid: int, timeout: float) -> int:
-    """The last resort when gpu-supervise itself fails right after starting the agent: SIGTERM
-    to the agent's group, SIGKILL after `timeout`, and the agent's exit code (137 if it could
-    not be reaped). Only system calls: whatever broke (a module that cannot be loaded, no file
-    descriptor left) must not stop this."""
-    import time  # a built-in module: nothing to read from disk
-
-    _killpg(pid, signal.SIGTERM)
-    _killpg(pid, signal.SIGCONT)  # a stopped agent acts on SIGTERM only once continued
-    deadline = time.monotonic() + timeout
-    killed_at = None
-    while True:
-        try:
-            done, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return 128 + signal.SIGKILL
-        if done:
-            _killpg(pid, signal.SIGKILL)  # what the agent left in its group
-            return exit_code(status)
-        now = time.monotonic()
-        if killed_at is None and now >= deadline:
-            _killpg(pid, signal.SIGKILL)
-            killed_at = now
-        elif killed_at is not None and now >= killed_at + 1.0:
-            return 128 + signal.SIGKILL
-        time.sleep(0.01)
-
-
 def exit_code(status: int) -> int:
     """The shell's convention, as tini and dumb-init: the code, or 128+N for death by signal N."""
     code = os.waitstatus_to_exitcode(status)
@@ -477,6 +449,94 @@ def _kill(pid: int, sig: int) -> str | None:
 def send(pid: int, sig: int) -> str | None:
     """Forward one signal to the child; the reason when the kernel refused it."""
     return _kill(pid, sig)
+
+
+# After SIGKILL a process needs a moment to die and be reaped, even with a stop_timeout of 0.
+KILL_WAIT = 1.0
+# How often a blocking stop looks again (TreeStop.wait).
+STOP_POLL = 0.02
+
+
+class TreeStop:
+    """The one stop of the agent's tree, for every path that stops it (a decision, a signal from
+    outside, a hold beginning, the last resort): SIGTERM (or the signal given) to the tree, then
+    SIGKILL after `timeout` to what is left and to whatever appears after that; what survives
+    max(timeout, KILL_WAIT) more is given up on. The main loop runs it a step at a time
+    (`step`); a last resort runs it as a plain loop (`wait`): the same code and constants.
+
+    `leader_ours` says whether the agent is not reaped yet: once it is, its group's number may
+    be somebody else's, and only the tree walk finds what is left. `group_only` signals the
+    agent's group alone, with system calls only (no tree walk: psutil may be what failed)."""
+
+    __slots__ = ("pid", "timeout", "kill_at", "give_up_at", "leader_ours", "group_only", "left")
+
+    def __init__(
+        self, pid: int, timeout: float, now: float, leader_ours: Callable[[], bool],
+        group_only: bool = False,
+    ) -> None:  # fmt: skip
+        self.pid, self.timeout, self.leader_ours = pid, timeout, leader_ours
+        self.group_only = group_only
+        self.kill_at = now + timeout
+        self.give_up_at: float | None = None  # set with the SIGKILL
+        self.left = 0  # the processes the SIGKILL found
+
+    def signal(self, sig: int) -> int:
+        """`sig` (and SIGCONT after it) to the tree: how many processes it had below us."""
+        if not self.group_only:
+            return signal_tree(self.pid, sig, leader_ours=self.leader_ours())
+        if self.leader_ours():
+            for each in (sig,) if sig == signal.SIGKILL else (sig, signal.SIGCONT):
+                _killpg(self.pid, each)
+        return 0
+
+    def step(self, now: float) -> str:
+        """One look at the stop: "done" once the tree is gone (the agent alone, with
+        group_only), "killed" when SIGKILL was sent now (`left` says to how many), "gave up"
+        once what is left survived SIGKILL long enough, else "waiting"."""
+        if not has_children() or (self.group_only and not self.leader_ours()):
+            return "done"
+        if self.give_up_at is None:
+            if now < self.kill_at:
+                return "waiting"
+            self.left = self.signal(signal.SIGKILL)
+            self.give_up_at = now + max(self.timeout, KILL_WAIT)
+            return "killed"
+        self.signal(signal.SIGKILL)  # newcomers forked since get it too
+        return "gave up" if now >= self.give_up_at else "waiting"
+
+    def next_look(self, now: float) -> float:
+        """When the loop must look again: at the SIGKILL, then every STOP_POLL."""
+        return self.kill_at if self.give_up_at is None else now + STOP_POLL
+
+    def wait(self, reaped: Callable[[Reaped], None]) -> str:
+        """The stop as a plain loop, reaping as it goes (`reaped` hears of each child
+        collected): "done" or "gave up"."""
+        while True:
+            for each in reap():
+                reaped(each)
+            phase = self.step(time.monotonic())
+            if phase in ("done", "gave up"):
+                return phase
+            time.sleep(STOP_POLL)
+
+
+def stop_group_now(pid: int, timeout: float) -> int:
+    """The last resort when gpu-supervise itself fails right after starting the agent: the
+    TreeStop of the agent's group alone, with system calls only (whatever broke, a module that
+    cannot be loaded, no file descriptor left, must not stop this); the agent's exit code (137
+    if it could not be reaped). What the agent left in its group gets SIGKILL."""
+    status: list[int] = []
+
+    def reaped(each: Reaped) -> None:
+        if each.pid == pid:
+            status.append(each.status)
+
+    stop = TreeStop(pid, timeout, time.monotonic(), lambda: not status, group_only=True)
+    stop.signal(signal.SIGTERM)
+    if stop.wait(reaped) == "gave up" or not status:
+        return 128 + signal.SIGKILL
+    _killpg(pid, signal.SIGKILL)  # what the agent left in its group, reaped just now
+    return exit_code(status[0])
 
 
 class Survivor:

@@ -4,6 +4,7 @@
     gpu-supervise snapshot [--json] [--source S]   print the node's topology
     gpu-supervise demo                             the whole story on a simulated node
     gpu-supervise config [OPTIONS] [-- COMMAND]    the settings in force, and who set each
+    gpu-supervise install DIR                      copy the self-contained binary into DIR
 
 Usage and configuration errors print one line and exit 2; nothing is started.
 """

@@ -19,7 +19,7 @@ from .holders import Scan
 from .probe import ProbeResult
 from .text import clip
 from .topology import Change, Gpu, Topology
-from .watch import Action, Decision, Hold, Verdict, Watcher
+from .watch import Action, Decision, PendingReset, Verdict
 
 TAG = "[GPU-Watcher]"
 STUCK = (
@@ -97,7 +97,7 @@ def termination_message(decision: Decision, settings: Settings) -> str:
     return "\n".join(lines)
 
 
-def holding_status(hold: Hold, settings: Settings, scan: Scan | None = None) -> str:
+def holding_status(hold: PendingReset, settings: Settings, scan: Scan | None = None) -> str:
     """systemd's STATUS= while the agent is held back."""
     holders = ""
     if scan is not None:
@@ -257,65 +257,85 @@ def _gpu_uuids(topo: Topology, gpu_uuid: str) -> list[str]:
     return Topology(tuple(gpus), nvml=topo.nvml).uuids()
 
 
-def log_decision(
-    decision: Decision, result: ProbeResult | None, watcher: Watcher, settings: Settings
-) -> None:
-    """`result` is None when the decision is about a probe that never answered."""
+def log_decision(decision: Decision, result: ProbeResult | None, settings: Settings) -> None:
+    """The decision's lines, from what it carries. `result` is None when the decision is about
+    a probe that never answered."""
     v = decision.verdict
-    seq = result.seq if result is not None else "?"
     if v is Verdict.BASELINE:
-        assert result is not None and result.topology is not None
-        topo = result.topology
-        if result.unavailable:
-            logger.bind(event="baseline", reason=result.unavailable).warning(
-                f"{TAG} baseline: no GPUs ({result.unavailable}); running the agent anyway, "
-                "NVML appearing later counts as a topology change"
-            )
-        else:
-            migs = sum(len(g.mig_devices) for g in topo.gpus)
-            logger.bind(event="baseline", uuids=topo.uuids()).info(
-                f"{TAG} baseline: {len(topo.gpus)} GPU(s), {migs} MIG device(s): {topo.summary()}"
-            )
-    elif v is Verdict.STEADY:
-        seconds = result.seconds if result is not None else 0.0
-        logger.debug(f"{TAG} probe {seq}: topology unchanged ({seconds:.3f} s)")
-    elif v is Verdict.PENDING:
-        logger.debug(f"{TAG} probe {seq}: a MIG mode change is still pending a GPU reset")
+        assert result is not None
+        _log_baseline(result)
+    elif v in (Verdict.STEADY, Verdict.PENDING):
+        _log_quiet(decision, result)
     elif v is Verdict.SETTLING:
-        what = "topology differs from the baseline"
-        if watcher.hold is not None:
-            waiting = watcher.candidate is not None and watcher.candidate.pending_mig_changes()
-            what = (
-                "a MIG mode change took effect while a GPU still waits for a reset"
-                if waiting
-                else "no GPU is pending a reset any more"
-            )
-        now = decision.change.new.summary() if decision.change else "as the baseline"
-        logger.bind(
-            event="settling", diff=list(decision.change.lines) if decision.change else []
-        ).info(f"{TAG} {what}; confirming in {settings.settle:g} s (now: {now})")
+        _log_settling(decision, settings)
     elif v is Verdict.REVERTED:
         logger.info(f"{TAG} topology is back to the baseline; no restart")
-    elif v is Verdict.TOLERATED:
-        n, limit = len(decision.errors), settings.failure_threshold
-        count = "while holding" if watcher.hold is not None else f"{n}/{limit} consecutive"
-        logger.bind(event="probe_failed", error=decision.errors[-1], failures=n).warning(
-            f"{TAG} topology probe failed ({count}): {decision.errors[-1]}"
-        )
     elif v is Verdict.CHANGED:
         assert decision.change is not None
         _log_change(decision.change)
+    elif v in (Verdict.RELEASED, Verdict.TIMED_OUT, Verdict.STUCK):
+        _log_hold_end(decision, settings)
+    elif v is Verdict.TOLERATED:
+        _log_tolerated(decision, settings)
+    elif v in (Verdict.FAILING, Verdict.BROKEN):
+        _log_failing(decision, settings)
+    _log_pending(decision, settings)
+
+
+def _log_baseline(result: ProbeResult) -> None:
+    topo = result.topology
+    assert topo is not None
+    if result.unavailable:
+        logger.bind(event="baseline", reason=result.unavailable).warning(
+            f"{TAG} baseline: no GPUs ({result.unavailable}); running the agent anyway, "
+            "NVML appearing later counts as a topology change"
+        )
+    else:
+        migs = sum(len(g.mig_devices) for g in topo.gpus)
+        logger.bind(event="baseline", uuids=topo.uuids()).info(
+            f"{TAG} baseline: {len(topo.gpus)} GPU(s), {migs} MIG device(s): {topo.summary()}"
+        )
+
+
+def _log_quiet(decision: Decision, result: ProbeResult | None) -> None:
+    """STEADY and PENDING: nothing new, at DEBUG."""
+    seq = result.seq if result is not None else "?"
+    if decision.verdict is Verdict.STEADY:
+        seconds = result.seconds if result is not None else 0.0
+        logger.debug(f"{TAG} probe {seq}: topology unchanged ({seconds:.3f} s)")
+    else:
+        logger.debug(f"{TAG} probe {seq}: a MIG mode change is still pending a GPU reset")
+
+
+def _log_settling(decision: Decision, settings: Settings) -> None:
+    what = "topology differs from the baseline"
+    if decision.holding:
+        waiting = decision.candidate is not None and decision.candidate.pending_mig_changes()
+        what = (
+            "a MIG mode change took effect while a GPU still waits for a reset"
+            if waiting
+            else "no GPU is pending a reset any more"
+        )
+    now = decision.change.new.summary() if decision.change else "as the baseline"
+    logger.bind(event="settling", diff=list(decision.change.lines) if decision.change else []).info(
+        f"{TAG} {what}; confirming in {settings.settle:g} s (now: {now})"
+    )
+
+
+def _log_hold_end(decision: Decision, settings: Settings) -> None:
+    """RELEASED, TIMED_OUT, STUCK: how a hold ends."""
+    v = decision.verdict
+    if v is Verdict.RELEASED and decision.change is None:
+        logs.decision(event="hold_released", withdrawn=True).info(
+            f"{TAG} the pending MIG mode change was withdrawn: no GPU waits for a reset and "
+            "the topology is as before. Initiating self-restart."
+        )
     elif v is Verdict.RELEASED:
-        if decision.change is None:
-            logs.decision(event="hold_released", withdrawn=True).info(
-                f"{TAG} the pending MIG mode change was withdrawn: no GPU waits for a reset and "
-                "the topology is as before. Initiating self-restart."
-            )
-        else:
-            logs.decision(event="hold_released", withdrawn=False).info(
-                f"{TAG} the MIG mode change took effect: no GPU waits for a reset any more"
-            )
-            _log_change(decision.change)
+        assert decision.change is not None
+        logs.decision(event="hold_released", withdrawn=False).info(
+            f"{TAG} the MIG mode change took effect: no GPU waits for a reset any more"
+        )
+        _log_change(decision.change)
     elif v is Verdict.TIMED_OUT:
         gpus = _pending_gpus(decision.newly_pending)
         logger.bind(event="hold_timed_out", gpus=[g.uuid for g in decision.newly_pending]).warning(
@@ -323,39 +343,50 @@ def log_decision(
             "each: the GPU reset did not happen. Starting the agent again; it may block the reset "
             "again (no further hold for these pending changes)"
         )
-    elif v is Verdict.STUCK:
+    else:
         logs.decision(event="probe_stuck", error=decision.errors[-1]).error(
             f"{TAG} {decision.errors[-1]}: {STUCK}"
         )
-    elif v is Verdict.FAILING:
-        old = watcher.baseline.uuids() if watcher.baseline else []
+
+
+def _log_tolerated(decision: Decision, settings: Settings) -> None:
+    n, limit = len(decision.errors), settings.failure_threshold
+    count = "while holding" if decision.holding else f"{n}/{limit} consecutive"
+    logger.bind(event="probe_failed", error=decision.errors[-1], failures=n).warning(
+        f"{TAG} topology probe failed ({count}): {decision.errors[-1]}"
+    )
+
+
+def _log_failing(decision: Decision, settings: Settings) -> None:
+    """FAILING (a restart) and BROKEN (failing since start: no restart could help)."""
+    if decision.verdict is Verdict.FAILING:
+        old = decision.baseline.uuids() if decision.baseline else []
         logs.decision(
             event="nvml_failing", errors=list(decision.errors), old_uuids=old, restarting=True
         ).error(
             f"{TAG} {_failed(decision, settings)} (errors: {'; '.join(decision.errors)}). "
             "Initiating self-restart."
         )
-    elif v is Verdict.BROKEN:
-        bound = logger.bind(event="nvml_failing", errors=[decision.errors[-1]], restarting=False)
-        then = (  # only an NVML that refused to start left the agent without one
-            "the agent is restarted once it works"
-            if watcher.refused_at_start
-            else "the first good probe is the baseline"
-        )
-        text = (
-            f"{TAG} {source_name(settings)} has failed every probe since start "
-            f"({len(decision.errors)} so far; last: {decision.errors[-1]}). Not restarting: a "
-            f"restart cannot give the agent a working NVML. Probing every {settings.interval:g} "
-            f"s; {then}."
-        )
-        if decision.loud:
-            bound.error(text)
-        else:
-            bound.debug(text)
-    _log_pending(decision, watcher, settings)
+        return
+    bound = logger.bind(event="nvml_failing", errors=[decision.errors[-1]], restarting=False)
+    then = (  # only an NVML that refused to start left the agent without one
+        "the agent is restarted once it works"
+        if decision.refused
+        else "the first good probe is the baseline"
+    )
+    text = (
+        f"{TAG} {source_name(settings)} has failed every probe since start "
+        f"({len(decision.errors)} so far; last: {decision.errors[-1]}). Not restarting: a "
+        f"restart cannot give the agent a working NVML. Probing every {settings.interval:g} "
+        f"s; {then}."
+    )
+    if decision.loud:
+        bound.error(text)
+    else:
+        bound.debug(text)
 
 
-def _log_pending(decision: Decision, watcher: Watcher, settings: Settings) -> None:
+def _log_pending(decision: Decision, settings: Settings) -> None:
     if decision.action is Action.HOLD:
         for gpu in decision.newly_pending:
             logger.bind(event="mig_pending", gpu=gpu.uuid, pending=_mode(gpu), hold=True).info(
@@ -365,7 +396,7 @@ def _log_pending(decision: Decision, watcher: Watcher, settings: Settings) -> No
             )
     elif decision.verdict is not Verdict.TIMED_OUT:
         for gpu in decision.newly_pending:
-            held = watcher.hold is not None
+            held = decision.holding
             logger.bind(event="mig_pending", gpu=gpu.uuid, pending=_mode(gpu), hold=held).info(
                 f"{TAG} {gpu.describe()}: MIG mode change to {_mode(gpu)} is pending a GPU reset; "
                 + ("still holding" if held else "it counts once it takes effect")

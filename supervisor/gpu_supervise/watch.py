@@ -1,8 +1,9 @@
 """The watch policy: given probe results and the time, keep going, confirm, hold, or act.
 
-Pure by design: no threads, no clock of its own, no I/O. The main loop asks `next_probe_at`,
-runs a probe when it is due, and hands the result to `observe` together with the time. That
-makes every rule here (cool-down, settle, failure threshold, hold) testable with a fake clock.
+Pure by design: no threads, no clock of its own, no I/O. The main loop asks `probe_due`, starts
+a probe with `begin_probe` when it is, sleeps until `wake_at`, and hands the result to `observe`
+(or, past its deadline, asks `overdue`) together with the time. That makes every rule here
+(cool-down, settle, failure threshold, hold) testable with a fake clock.
 
     baseline ──► steady ◄──────────────┐
        │            │ differs           │ back to baseline
@@ -34,14 +35,11 @@ stopped by the next failures.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, fields, replace
 
+from .config import Settings
 from .probe import ProbeResult
 from .topology import Change, Gpu, Topology, diff
-
-if TYPE_CHECKING:
-    from .config import Settings
 
 # While NVML fails from the start, the failure is logged loudly once, then at this period.
 REPORT_EVERY = 600.0
@@ -49,27 +47,24 @@ REPORT_EVERY = 600.0
 PendingKey = tuple[str, bool | None]  # (GPU UUID, the MIG mode waiting for a reset)
 
 
+_DEFAULTS = Settings()  # the defaults are config.SCHEMA's, and only there
+
+
 @dataclass(frozen=True)
 class WatchPolicy:
-    interval: float = 30.0
-    cooldown: float = 60.0
-    settle: float = 5.0
-    failure_threshold: int = 3
-    on_pending: str = "hold"  # "hold": stop the agent while a MIG mode change waits; "ignore"
-    pending_timeout: float = 300.0
-    probe_timeout: float = 10.0
+    """The settings the policy reads: each field is the Settings attribute of its name."""
+
+    interval: float = _DEFAULTS.interval
+    cooldown: float = _DEFAULTS.cooldown
+    settle: float = _DEFAULTS.settle
+    failure_threshold: int = _DEFAULTS.failure_threshold
+    on_pending: str = _DEFAULTS.on_pending  # "hold": stop the agent while a MIG change waits
+    pending_timeout: float = _DEFAULTS.pending_timeout
+    probe_timeout: float = _DEFAULTS.probe_timeout
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WatchPolicy:
-        return cls(
-            interval=settings.interval,
-            cooldown=settings.cooldown,
-            settle=settings.settle,
-            failure_threshold=settings.failure_threshold,
-            on_pending=settings.on_pending,
-            pending_timeout=settings.pending_timeout,
-            probe_timeout=settings.probe_timeout,
-        )
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
 
 
 class Verdict(enum.Enum):
@@ -96,6 +91,8 @@ class Action(enum.Enum):
 
 @dataclass(frozen=True)
 class Decision:
+    """What the policy decided, with what its log lines need: never the Watcher's own state."""
+
     verdict: Verdict
     next_probe_at: float
     change: Change | None = None
@@ -103,13 +100,17 @@ class Decision:
     newly_pending: tuple[Gpu, ...] = ()  # GPUs whose pending mode change is news
     action: Action = Action.NONE
     loud: bool = True  # BROKEN: whether this one is worth an ERROR line (rate-limited)
+    baseline: Topology | None = None  # what readings are compared against, after this one
+    candidate: Topology | None = None  # the reading being confirmed (SETTLING)
+    holding: bool = False  # the agent is held back after this decision
+    refused: bool = False  # NVML refused to start before any good reading (BROKEN)
 
 
 @dataclass
-class Hold:
-    """The agent is stopped so that a GPU reset can go ahead. Each pending GPU has its own
-    allowance, from the reading that first saw it pending; the hold lasts while any of those
-    pending now is within its allowance."""
+class PendingReset:
+    """The agent is stopped so that a GPU reset can go ahead (the supervisor's HOLDING). Each
+    pending GPU has its own allowance, from the reading that first saw it pending; the hold
+    lasts while any of those pending now is within its allowance."""
 
     allowances: dict[PendingKey, tuple[Gpu, float]]  # pending now: the GPU, its allowance's end
 
@@ -141,7 +142,7 @@ class Watcher:
         self.settle_by = 0.0  # when the candidate is acted on at the latest, moving or not
         self.errors: list[str] = []
         self.next_probe_at = started_at
-        self.hold: Hold | None = None
+        self.hold: PendingReset | None = None
         self._reported_at: float | None = None
         self.refused_at_start = False  # NVML refused to start before any good reading
         self._pending_seen: frozenset[PendingKey] = frozenset()
@@ -324,7 +325,7 @@ class Watcher:
     def _begin_hold(
         self, now: float, pending: tuple[Gpu, ...], verdict: Verdict = Verdict.PENDING
     ) -> Decision:
-        self.hold = Hold({})
+        self.hold = PendingReset({})
         self.hold.update(now, pending, self.policy.pending_timeout)
         self.candidate = None
         self._pending_seen = frozenset(_key(g) for g in pending)
@@ -398,7 +399,13 @@ class Watcher:
         loud: bool = True,
     ) -> Decision:
         self.next_probe_at = next_probe_at
-        return Decision(verdict, next_probe_at, change, errors, newly_pending, action, loud)
+        return Decision(
+            verdict, next_probe_at, change, errors, newly_pending, action, loud,
+            self.baseline, self.candidate, self.hold is not None, self.refused_at_start,
+        )  # fmt: skip
+
+
+Hold = PendingReset  # the name it had
 
 
 def _key(gpu: Gpu) -> PendingKey:

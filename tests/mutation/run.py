@@ -44,7 +44,7 @@ MODULES = ("watch", "topology", "config", "text", "tripwire", "events", "logs", 
 REPORTED = ("config",)
 TESTS = (
     "test_watch.py", "test_topology.py", "test_config.py", "test_events.py", "test_logs.py",
-    "test_tripwire.py", "test_holders.py", "test_termination_message.py",
+    "test_tripwire.py", "test_holders.py", "test_termination_message.py", "test_decisions.py",
 )  # fmt: skip
 # What the tests import: the folders named here, and every module of tests/ that is not a test
 # (conftest.py and the helpers it imports).

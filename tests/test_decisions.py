@@ -1,0 +1,68 @@
+"""A decision carries what its log lines need (the baseline, the reading being confirmed,
+whether the agent is held back): events.log_decision reads the decision, never the Watcher."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from gpu_supervise.probe import ProbeResult
+from gpu_supervise.topology import Gpu, MigDevice, Topology
+from gpu_supervise.watch import Action, Decision, Verdict, Watcher, WatchPolicy
+
+POLICY = WatchPolicy(interval=30, cooldown=60, settle=5, failure_threshold=3, pending_timeout=300)
+OFF = Topology((Gpu(0, "GPU-0", "A100", "bus", False, False),))
+ON_EMPTY = Topology((Gpu(0, "GPU-0", "A100", "bus", True, True),))
+MIG = MigDevice(0, "MIG-0", "GPU-0", 10, 0, 3, 20000, "3g.20gb")
+ON_ONE = Topology((Gpu(0, "GPU-0", "A100", "bus", True, True, (MIG,)),))
+PENDING_ON = Topology((replace(OFF.gpus[0], mig_pending=True),))
+
+
+def step(w: Watcher, now: float, topo: Topology | None, error: str = "") -> Decision:
+    seq = w.begin_probe(now)
+    decision = w.observe(now, ProbeResult(seq, topo, error=error or None))
+    assert decision is not None
+    return decision
+
+
+def test_a_decision_carries_its_baseline_and_the_reading_it_confirms():
+    w = Watcher(POLICY, started_at=1000.0)
+    d = step(w, 1000.0, OFF)
+    assert (d.verdict, d.baseline, d.candidate, d.holding) == (Verdict.BASELINE, OFF, None, False)
+    d = step(w, 1060.0, ON_ONE)
+    assert (d.verdict, d.baseline, d.candidate) == (Verdict.SETTLING, OFF, ON_ONE)
+    d = step(w, 1065.0, ON_ONE)
+    assert (d.verdict, d.baseline, d.holding) == (Verdict.CHANGED, OFF, False)
+
+
+def test_a_failing_decision_carries_the_baseline_it_lost():
+    w = Watcher(POLICY, started_at=1000.0)
+    step(w, 1000.0, OFF)
+    for t in (1060.0, 1090.0):
+        assert step(w, t, None, "GPU is lost").baseline is OFF
+    d = step(w, 1120.0, None, "GPU is lost")
+    assert (d.verdict, d.action, d.baseline) == (Verdict.FAILING, Action.RESTART, OFF)
+
+
+def test_a_decision_says_whether_the_agent_is_held_back():
+    w = Watcher(POLICY, started_at=1000.0)
+    step(w, 1000.0, OFF)
+    d = step(w, 1060.0, PENDING_ON)
+    assert (d.verdict, d.action, d.holding) == (Verdict.PENDING, Action.HOLD, True)
+    d = step(w, 1090.0, None, "GPU is resetting")
+    assert (d.verdict, d.holding) == (Verdict.TOLERATED, True)
+    d = step(w, 1120.0, ON_EMPTY)
+    assert (d.verdict, d.holding, d.candidate) == (Verdict.SETTLING, True, ON_EMPTY)
+    d = step(w, 1125.0, ON_EMPTY)
+    assert (d.verdict, d.action, d.holding) == (Verdict.RELEASED, Action.RESTART, False)
+
+
+def test_a_broken_decision_says_whether_nvml_refused_to_start():
+    refusing = Watcher(POLICY, started_at=1000.0)
+    seq = refusing.begin_probe(1000.0)
+    d = refusing.observe(1000.0, ProbeResult(seq, None, error="version mismatch", refused=True))
+    assert d is not None and (d.verdict, d.refused) == (Verdict.BROKEN, True)
+    slow = Watcher(POLICY, started_at=1000.0)
+    for t in (1000.0, 1030.0):
+        assert step(slow, t, None, "timed out").refused is False
+    d = step(slow, 1060.0, None, "timed out")
+    assert (d.verdict, d.refused) == (Verdict.BROKEN, False)
