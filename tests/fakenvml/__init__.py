@@ -55,6 +55,8 @@ MODELS = {
     "NVIDIA H100 80GB HBM3": H100_80GB,
     "NVIDIA H200": H200,
 }
+# Hopper and later: a MIG mode change takes effect at once, with no GPU reset.
+HOPPER = {"NVIDIA H100 80GB HBM3", "NVIDIA H200"}
 
 
 def det_uuid(*parts: object) -> str:
@@ -74,6 +76,11 @@ class Mig:
 
 @dataclass
 class FakeGpu:
+    """One GPU. The MIG mode rules follow its model (`name`): on an A100 (Ampere) a requested
+    MIG mode stays pending until a GPU reset; on an H100 or H200 (Hopper) it takes effect at
+    once, current = pending, as the driver does there with no reset. `mode_needs_reset` set
+    to True or False overrides the model's rule."""
+
     index: int
     uuid: str
     name: str
@@ -85,6 +92,15 @@ class FakeGpu:
     pstate: int = 0
     events: int = 0x100 | 0x8  # MIG config change, Xid critical error
     migs: list[Mig] = field(default_factory=list)
+    mode_needs_reset: bool | None = None  # None: as the model does
+    created: int = 0  # instances created by create_instance: each gets a fresh UUID
+
+    @property
+    def needs_reset(self) -> bool:
+        """Whether a MIG mode change waits for a GPU reset on this GPU."""
+        if self.mode_needs_reset is not None:
+            return self.mode_needs_reset
+        return self.name not in HOPPER
 
     @property
     def mig_uuids(self) -> list[str]:
@@ -119,8 +135,45 @@ class FakeGpu:
         self.mig, self.pending, self.migs = 1, None, migs
 
     def request_mig(self, on: bool) -> None:
-        """`nvidia-smi -i N -mig 1|0` on an Ampere GPU: the new mode waits for a GPU reset."""
-        self.pending = int(on)
+        """`nvidia-smi -i N -mig 1|0`: on an Ampere GPU the new mode waits for a GPU reset; on
+        Hopper it is current at once, with no instances (nothing is pending)."""
+        if self.needs_reset:
+            self.pending = int(on)
+        elif self.mig != int(on):
+            self.mig, self.pending, self.migs = int(on), None, []
+
+    def create_instance(self, profile: str) -> Mig:
+        """A GPU instance with one compute instance, as `nvidia-smi mig -cgi PROFILE -C` makes
+        it: the lowest GI id of the profile's placements that no instance holds (ids are reused
+        at once), the lowest free MIG device index, a fresh UUID. Raises ValueError when MIG is
+        off or the GPU has no room left (slices are counted, placements are not overlapped)."""
+        if self.mig != 1:
+            raise ValueError(f"GPU {self.index}: MIG is off")
+        slices, mem, gis = MODELS[self.name][profile]
+        used = {m.gi for m in self.migs}
+        free = [g for g in gis if g not in used]
+        if not free or sum(m.slices for m in self.migs) + slices > self.maxmig:
+            raise ValueError(f"GPU {self.index}: no room for {profile}")
+        index = min(set(range(self.maxmig)) - {m.index for m in self.migs})
+        self.created += 1
+        mig = Mig(
+            index=index,
+            uuid="MIG-" + det_uuid(self.uuid, free[0], 0, profile, "created", self.created),
+            gi=free[0],
+            ci=0,
+            slices=slices,
+            mem=mem,
+            name=f"{self.name} MIG {profile}",
+        )
+        self.migs.append(mig)
+        return mig
+
+    def destroy_instance(self, mig_uuid: str) -> None:
+        """`nvidia-smi mig -dci -dgi` of the instance with this UUID (KeyError if none)."""
+        mig = next((m for m in self.migs if m.uuid == mig_uuid), None)
+        if mig is None:
+            raise KeyError(mig_uuid)
+        self.migs.remove(mig)
 
     def reset(self) -> None:
         """What a successful GPU reset does: the pending mode becomes current, with no MIG
@@ -212,6 +265,29 @@ class Node:
                 tree[f"{mig}gi{m.gi}/ci{m.ci}/"] = ""
                 tree[f"{mig}gi{m.gi}/ci{m.ci}/access"] = _access(200 + m.gi * 8 + m.ci)
         return tree
+
+    def dra_prepare(self, path: Path, index: int, profile: str) -> str:
+        """What NVIDIA's DRA driver (DynamicMIG) does when a claim for a MIG device of GPU
+        `index` is prepared: MIG on if it is off (at once on Hopper; on an A100 the mode would
+        wait for a reset, so ValueError), then one instance of `profile`; the node file and its
+        procfs tree are written in the same step. Returns the new instance's UUID."""
+        gpu = self.gpu(index)
+        if gpu.mig != 1:
+            if gpu.needs_reset:
+                raise ValueError(f"GPU {index}: MIG mode on needs a GPU reset on {gpu.name}")
+            gpu.request_mig(True)
+        mig = gpu.create_instance(profile)
+        self.write(path)
+        return mig.uuid
+
+    def dra_release(self, path: Path, index: int, mig_uuid: str) -> None:
+        """The claim released: its instance destroyed and, on Hopper, MIG off once the last
+        instance is gone (an A100 stays in MIG mode: turning it off would need a reset)."""
+        gpu = self.gpu(index)
+        gpu.destroy_instance(mig_uuid)
+        if not gpu.migs and not gpu.needs_reset:
+            gpu.request_mig(False)
+        self.write(path)
 
     def copy(self) -> Node:
         return Node(
