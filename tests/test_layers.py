@@ -90,3 +90,22 @@ def test_the_path_to_the_agents_start_loads_little():
                          env={"PATH": "/usr/bin:/bin"})  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == []
+
+
+def test_the_run_reads_in_its_order_on_one_screen():
+    """cli._supervise is the whole run, in order: config, spawn, load, begin, the baseline,
+    the loop's turns (watch, decide, stop), the exit. A newcomer reads it on one screen."""
+    tree = ast.parse((PACKAGE / "cli.py").read_text())
+    (flow,) = (n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_supervise")
+    assert flow.end_lineno is not None and flow.end_lineno - flow.lineno < 60
+    used = [
+        node
+        for node in ast.walk(flow)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+        and node.value.id in ("child", "supervisor")
+    ]  # fmt: skip
+    steps = [node.attr for node in sorted(used, key=lambda n: (n.lineno, n.col_offset))]
+    assert steps == [
+        *("child_environment", "become_subreaper", "start_retrying", "SpawnError"),
+        *("begin", "take_baseline", "exiting", "turn", "finish", "last_resort"),
+    ]

@@ -231,11 +231,9 @@ class Watcher:
         if self.hold is not None:
             return self._holding(now, topo, pending)
         if self.baseline is None:
-            # NVML refused to start so far: the agent started without a working NVML, so a
-            # working one now is a change (the same topology as "no usable NVML").
-            self.baseline = Topology.absent() if self.refused_at_start else topo
-            if topo.same_as(self.baseline):
-                return self._maybe_hold(now, Verdict.BASELINE, self._after_interval(now), pending)
+            taken = self._take_baseline(now, topo, pending)
+            if taken is not None:
+                return taken
         if pending and self.policy.on_pending == "hold":
             return self._begin_hold(now, pending)
         newly = self._newly_pending(pending)
@@ -249,6 +247,17 @@ class Watcher:
         # A first sighting, or a reconfiguration still moving: look again after `settle`.
         self._settle(now, topo)
         return self._decide(Verdict.SETTLING, self.settled_at, change=change, newly_pending=newly)
+
+    def _take_baseline(
+        self, now: float, topo: Topology, pending: tuple[Gpu, ...]
+    ) -> Decision | None:
+        """The first good reading is the baseline, the phase every run starts in. But NVML
+        refused to start so far: the agent started without a working NVML, so a working one
+        now is a change (the baseline is "no usable NVML"), judged as any other: None."""
+        self.baseline = Topology.absent() if self.refused_at_start else topo
+        if not topo.same_as(self.baseline):
+            return None
+        return self._maybe_hold(now, Verdict.BASELINE, self._after_interval(now), pending)
 
     def _confirms(self, now: float, topo: Topology) -> bool:
         """The candidate seen again, `settle` after it was first seen (or last moved); or, with
