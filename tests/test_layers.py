@@ -109,3 +109,15 @@ def test_the_run_reads_in_its_order_on_one_screen():
         *("child_environment", "become_subreaper", "start_retrying", "SpawnError"),
         *("begin", "take_baseline", "exiting", "turn", "finish", "last_resort"),
     ]
+
+
+def test_no_function_is_longer_than_a_screen():
+    """A function of more than 60 lines hides its steps: split it into named ones."""
+    long = []
+    for path in sorted(PACKAGE.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                assert node.end_lineno is not None
+                if node.end_lineno - node.lineno + 1 > 60:
+                    long.append(f"{path.stem}.{node.name}")
+    assert long == []

@@ -151,39 +151,23 @@ class PendingReset:
         }
 
 
-class Watcher:
+class ProbeSchedule:
+    """When to probe: the next probe's time, the probe running and its deadline, the cool-down
+    from start, and a trip of the tripwire while a probe ran. It keeps time; the Watcher judges.
+    """
+
     def __init__(self, policy: WatchPolicy, started_at: float) -> None:
         self.policy = policy
         self.started_at = started_at
-        self.baseline: Topology | None = None
-        self.candidate: Topology | None = None
-        self.settled_at = 0.0  # when a reading the same as the candidate confirms it
-        self.settle_by = 0.0  # when the candidate is acted on at the latest, moving or not
-        self.errors: list[str] = []
         self.next_probe_at = started_at
-        self.hold: PendingReset | None = None
-        self._reported_at: float | None = None
-        self.refused_at_start = False  # NVML refused to start before any good reading
-        self._pending_seen: frozenset[PendingKey] = frozenset()
-        self._held_out: frozenset[PendingKey] = frozenset()  # timed out: never held again
         self._seq = 0
         self.in_flight: tuple[int, float] | None = None  # (seq, deadline) of the running probe
-        self._tripped = False  # the tripwire fired while a probe was running
+        self.tripped = False  # the tripwire fired while a probe was running
 
-    @property
-    def phase(self) -> Phase:
-        if self.hold is not None:
-            return Phase.HOLDING
-        if self.baseline is None:
-            return Phase.BASELINE
-        return Phase.SETTLING if self.candidate is not None else Phase.STEADY
-
-    # -- the probe's life: start it, take its result, or give up on it --------------------------
-
-    def probe_due(self, now: float) -> bool:
+    def due(self, now: float) -> bool:
         return self.in_flight is None and now >= self.next_probe_at
 
-    def begin_probe(self, now: float) -> int:
+    def begin(self, now: float) -> int:
         """A probe starts now: its number, to match its result against."""
         self._seq += 1
         self.in_flight = (self._seq, now + self.policy.probe_timeout)
@@ -193,12 +177,98 @@ class Watcher:
         """When the loop must look again: the running probe's deadline, or the next probe."""
         return self.in_flight[1] if self.in_flight is not None else self.next_probe_at
 
+    def answered(self, seq: int) -> bool:
+        """The running probe's result came (then none runs); False for any other's."""
+        if self.in_flight is None or seq != self.in_flight[0]:
+            return False
+        self.in_flight = None
+        return True
+
+    def missed(self, now: float) -> bool:
+        """The running probe is past its deadline: it is given up (then none runs)."""
+        if self.in_flight is None or now < self.in_flight[1]:
+            return False
+        self.in_flight = None
+        return True
+
+    def after_interval(self, now: float) -> float:
+        """Comparisons start only once the cool-down from start has passed."""
+        return max(now + self.policy.interval, self.started_at + self.policy.cooldown)
+
+    def trip(self, now: float, holding: bool) -> None:
+        """The tripwire fired: the next probe at once, but not in the cool-down (unless
+        holding); while a probe runs (it may have read before the change), one more after it."""
+        if self.in_flight is not None:
+            self.tripped = True
+        else:
+            self.next_probe_at = min(self.next_probe_at, self._trip_due(now, holding))
+
+    def after_trip(self, now: float, holding: bool, quiet: bool) -> bool:
+        """A probe ended that was running when the tripwire fired: the next one comes at once
+        if the reading was `quiet` (no settle begun, nothing to act on). True if it was."""
+        tripped, self.tripped = self.tripped, False
+        if not tripped or not quiet:
+            return False
+        self.next_probe_at = min(self.next_probe_at, self._trip_due(now, holding))
+        return True
+
+    def _trip_due(self, now: float, holding: bool) -> float:
+        return now if holding else max(now, self.started_at + self.policy.cooldown)
+
+
+class Watcher:
+    """The policy's judgement of readings, by the rules above; its ProbeSchedule says when."""
+
+    def __init__(self, policy: WatchPolicy, started_at: float) -> None:
+        self.policy = policy
+        self.schedule = ProbeSchedule(policy, started_at)
+        self.baseline: Topology | None = None
+        self.candidate: Topology | None = None
+        self.settled_at = 0.0  # when a reading the same as the candidate confirms it
+        self.settle_by = 0.0  # when the candidate is acted on at the latest, moving or not
+        self.errors: list[str] = []
+        self.hold: PendingReset | None = None
+        self._reported_at: float | None = None
+        self.refused_at_start = False  # NVML refused to start before any good reading
+        self._pending_seen: frozenset[PendingKey] = frozenset()
+        self._held_out: frozenset[PendingKey] = frozenset()  # timed out: never held again
+
+    @property
+    def phase(self) -> Phase:
+        if self.hold is not None:
+            return Phase.HOLDING
+        if self.baseline is None:
+            return Phase.BASELINE
+        return Phase.SETTLING if self.candidate is not None else Phase.STEADY
+
+    @property
+    def next_probe_at(self) -> float:
+        return self.schedule.next_probe_at
+
+    @next_probe_at.setter
+    def next_probe_at(self, at: float) -> None:
+        self.schedule.next_probe_at = at
+
+    @property
+    def in_flight(self) -> tuple[int, float] | None:
+        return self.schedule.in_flight
+
+    # -- the probe's life: start it, take its result, or give up on it --------------------------
+
+    def probe_due(self, now: float) -> bool:
+        return self.schedule.due(now)
+
+    def begin_probe(self, now: float) -> int:
+        return self.schedule.begin(now)
+
+    def wake_at(self) -> float:
+        return self.schedule.wake_at()
+
     def observe(self, now: float, result: ProbeResult) -> Decision | None:
         """A probe's result. Only the running probe's counts: a late answer from one that
         already missed its deadline (and was counted failed) is ignored, and so None."""
-        if self.in_flight is None or result.seq != self.in_flight[0]:
+        if not self.schedule.answered(result.seq):
             return None
-        self.in_flight = None
         return self._after_trip(now, self.judge(now, result))
 
     def overdue(self, now: float) -> Decision | None:
@@ -206,9 +276,8 @@ class Watcher:
         comes, will not count). While holding it is more: the probe's thread is stuck inside
         NVML with NVML open, so gpu-supervise itself is now the client that blocks the reset it
         waits for, and only its exit releases the handle."""
-        if self.in_flight is None or now < self.in_flight[1]:
+        if not self.schedule.missed(now):
             return None
-        self.in_flight = None
         error = f"probe did not finish within {self.policy.probe_timeout:g} s"
         if self.hold is not None:
             self.errors.append(error)
@@ -226,24 +295,17 @@ class Watcher:
           (never past the candidate's `settle_by`).
         - During the cool-down the probe waits for its end; while holding it is not held back.
         - While a probe runs (it may have read before the change), one more follows it."""
-        if self.candidate is not None:
-            self.settled_at = min(now + self.policy.settle, self.settle_by)
-            self.next_probe_at = max(self.next_probe_at, self.settled_at)
-        elif self.in_flight is not None:
-            self._tripped = True
-        else:
-            self.next_probe_at = min(self.next_probe_at, self._trip_due(now))
-
-    def _trip_due(self, now: float) -> float:
-        return now if self.hold is not None else max(now, self.started_at + self.policy.cooldown)
+        if self.candidate is None:
+            return self.schedule.trip(now, self.hold is not None)
+        self.settled_at = min(now + self.policy.settle, self.settle_by)
+        self.next_probe_at = max(self.next_probe_at, self.settled_at)
+        return None
 
     def _after_trip(self, now: float, decision: Decision) -> Decision:
-        """A probe ended that was running when the tripwire fired: the next one comes at once
-        (unless this reading began a settle, or the decision acts)."""
-        tripped, self._tripped = self._tripped, False
-        if not tripped or self.candidate is not None or decision.action is not Action.NONE:
+        """A probe ended: if the tripwire fired meanwhile, the next one may come at once."""
+        quiet = self.candidate is None and decision.action is Action.NONE
+        if not self.schedule.after_trip(now, self.hold is not None, quiet):
             return decision
-        self.next_probe_at = min(self.next_probe_at, self._trip_due(now))
         return replace(decision, next_probe_at=self.next_probe_at)
 
     # -- judging a reading -----------------------------------------------------------------------
@@ -419,8 +481,7 @@ class Watcher:
     # -- helpers -----------------------------------------------------------------------------
 
     def _after_interval(self, now: float) -> float:
-        """Comparisons start only once the cool-down from start has passed."""
-        return max(now + self.policy.interval, self.started_at + self.policy.cooldown)
+        return self.schedule.after_interval(now)
 
     def _decide(
         self,

@@ -76,16 +76,16 @@ STRICT = re.compile(
 
 # Survivors that change nothing observable: (function, a piece of the mutated line) -> why.
 EQUIVALENT = {
-    ("Watcher.__init__", "self._seq = 1"): "probe numbers only need to be distinct",
-    ("Watcher.begin_probe", "self._seq -= 1"): "probe numbers only need to be distinct",
-    ("Watcher.begin_probe", "self._seq += 2"): "probe numbers only need to be distinct",
+    ("ProbeSchedule.__init__", "self._seq = 1"): "probe numbers only need to be distinct",
+    ("ProbeSchedule.begin", "self._seq -= 1"): "probe numbers only need to be distinct",
+    ("ProbeSchedule.begin", "self._seq += 2"): "probe numbers only need to be distinct",
     ("Watcher._holding", "assert self.hold is not None or self.baseline is not None"): (
         "an assertion of an invariant (a hold always has a baseline): never false"
     ),
     ("Watcher._decide", "loud: bool = False"): (
         "`loud` is read only for BROKEN decisions, which always pass it"
     ),
-    ("Watcher.__init__", "self._tripped = None"): (
+    ("ProbeSchedule.__init__", "self.tripped = None"): (
         "read once, as `not tripped`: None and False are the same there"
     ),
     ("Watcher.__init__", "self.settled_at = None"): (
