@@ -8,8 +8,8 @@ from __future__ import annotations
 from gpu_supervise import events
 from gpu_supervise.config import Settings
 from gpu_supervise.holders import Holder, Scan
-from gpu_supervise.topology import Gpu, MigDevice, Topology, diff
-from gpu_supervise.watch import Action, Decision, Event, Hold
+from gpu_supervise.topology import Gpu, MigDevice, Topology, diff, onoff
+from gpu_supervise.watch import Action, Decision, Event, PendingReset
 
 
 def mig(parent: str, gi: int, uuid: str) -> MigDevice:
@@ -35,9 +35,9 @@ def decision(event: Event, change=None, errors: tuple[str, ...] = ()) -> Decisio
     return Decision(event, 0.0, change=change, errors=errors, action=Action.RESTART)
 
 
-def hold(*gpus: Gpu) -> Hold:
+def hold(*gpus: Gpu) -> PendingReset:
     """A hold for these pending GPUs, in this order."""
-    return Hold({(g.uuid, g.mig_pending): (g, 0.0) for g in gpus})
+    return PendingReset({(g.uuid, g.mig_pending): (g, 0.0) for g in gpus})
 
 
 # -- the change line -------------------------------------------------------------------------------
@@ -113,9 +113,9 @@ def test_a_mode_change_with_no_instance_says_what_changed_below_identical_lists(
 
 
 def test_the_mode_a_pending_change_goes_to():
-    assert events._mode(gpu(0, "GPU-a", pending=True)) == "on"
-    assert events._mode(gpu(0, "GPU-a", pending=False)) == "off"
-    assert events._mode(gpu(0, "GPU-a", pending=None)) == "off"  # no MIG support: not "on"
+    assert onoff(gpu(0, "GPU-a", pending=True).mig_pending) == "on"
+    assert onoff(gpu(0, "GPU-a", pending=False).mig_pending) == "off"
+    assert onoff(gpu(0, "GPU-a", pending=None).mig_pending) == "off"  # no MIG support: not "on"
 
 
 def test_the_status_while_holding():

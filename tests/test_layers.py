@@ -121,3 +121,21 @@ def test_no_function_is_longer_than_a_screen():
                 if node.end_lineno - node.lineno + 1 > 60:
                     long.append(f"{path.stem}.{node.name}")
     assert long == []
+
+
+def test_the_package_never_imports_psutil():
+    """The process table is read from /proc (procs.py): psutil is a test dependency only, and
+    neither the Python package nor the binary needs it."""
+    users = [path.stem for path in sorted(PACKAGE.glob("*.py"))
+             if any(name.split(".")[0] == "psutil" for name in _imported_names(path))]  # fmt: skip
+    assert users == []
+
+
+def _imported_names(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names

@@ -15,9 +15,10 @@ import argparse
 import os
 import shlex
 import sys
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import version_text
-from .args import EXIT_INTERNAL, EXIT_USAGE, PROG, Parser, describe_failure
+from .args import PROG, Parser
 from .config import (
     DEFAULT_CONFIG,
     ENV_CONFIG,
@@ -29,12 +30,10 @@ from .config import (
     load_traced,
     render,
 )
+from .exits import EXIT_INTERNAL, EXIT_USAGE, describe_failure
 from .text import clip
 
-TYPE_CHECKING = False  # typing costs the agent's start milliseconds: only for type checkers
-if TYPE_CHECKING:
-    from typing import Any, NoReturn
-
+if TYPE_CHECKING:  # not before the spawn: the agent never waits for the loop's imports
     from .supervise import Supervisor
 
 # Flags that set a configuration key (all but watch.enabled, which is --no-watch).

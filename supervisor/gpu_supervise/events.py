@@ -18,7 +18,7 @@ from .config import Settings
 from .holders import Scan
 from .probe import ProbeResult
 from .text import clip
-from .topology import Change, Gpu, Topology
+from .topology import Change, Gpu, Topology, onoff
 from .watch import Action, Decision, Event, PendingReset
 
 TAG = "[GPU-Watcher]"
@@ -42,12 +42,8 @@ def change_line(change: Change) -> str:
     )
 
 
-def _mode(gpu: Gpu) -> str:
-    return "on" if gpu.mig_pending else "off"
-
-
 def _pending_gpus(gpus: tuple[Gpu, ...]) -> str:
-    return ", ".join(f"GPU {g.index} ({g.uuid}: MIG {_mode(g)})" for g in gpus)
+    return ", ".join(f"GPU {g.index} ({g.uuid}: MIG {onoff(g.mig_pending)})" for g in gpus)
 
 
 def source_name(settings: Settings) -> str:
@@ -389,15 +385,16 @@ def _log_failing(decision: Decision, settings: Settings) -> None:
 def _log_pending(decision: Decision, settings: Settings) -> None:
     if decision.action is Action.HOLD:
         for gpu in decision.newly_pending:
-            logger.bind(event="mig_pending", gpu=gpu.uuid, pending=_mode(gpu), hold=True).info(
-                f"{TAG} {gpu.describe()}: MIG mode change to {_mode(gpu)} is pending a GPU reset; "
+            mode = onoff(gpu.mig_pending)
+            logger.bind(event="mig_pending", gpu=gpu.uuid, pending=mode, hold=True).info(
+                f"{TAG} {gpu.describe()}: MIG mode change to {mode} is pending a GPU reset; "
                 "stopping the agent so the reset can go ahead "
                 f"(holding up to {settings.pending_timeout:g} s)"
             )
     elif decision.event is not Event.TIMED_OUT:
         for gpu in decision.newly_pending:
-            held = decision.holding
-            logger.bind(event="mig_pending", gpu=gpu.uuid, pending=_mode(gpu), hold=held).info(
-                f"{TAG} {gpu.describe()}: MIG mode change to {_mode(gpu)} is pending a GPU reset; "
+            held, mode = decision.holding, onoff(gpu.mig_pending)
+            logger.bind(event="mig_pending", gpu=gpu.uuid, pending=mode, hold=held).info(
+                f"{TAG} {gpu.describe()}: MIG mode change to {mode} is pending a GPU reset; "
                 + ("still holding" if held else "it counts once it takes effect")
             )

@@ -50,8 +50,6 @@ def load_what_a_stop_needs() -> None:
     import ctypes  # noqa: F401  (child: the parent-death signal of an agent started again)
     import socket  # noqa: F401  (report: systemd's notify socket)
 
-    import psutil  # noqa: F401  (child: the tree walk of every stop)
-
     "".encode("unicode_escape")  # text.printable's codec, a module of its own
 
 

@@ -500,8 +500,5 @@ class Watcher:
         )  # fmt: skip
 
 
-Hold = PendingReset  # the name it had
-
-
 def _key(gpu: Gpu) -> PendingKey:
     return (gpu.uuid, gpu.mig_pending)

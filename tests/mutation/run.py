@@ -56,7 +56,7 @@ SUPPORT = ("fakenvml", "agents")
 # files hold a GPU, a container's id, who a holder is (the scan itself reads /proc).
 ONLY = {
     "events": (
-        "_uuid_list", "change_line", "_mode", "_pending_gpus", "source_name", "_failed",
+        "_uuid_list", "change_line", "_pending_gpus", "source_name", "_failed",
         "restart_reason", "termination_message", "holding_status", "running_status",
         "holders_line",
     ),
@@ -70,7 +70,7 @@ STRICT = re.compile(
     r"gpu_supervise\.watch\."
     r"|gpu_supervise\.topology\.x(ǁTopologyǁ(identity|same_as|absent|pending_mig_changes)"
     r"|ǁMigDeviceǁ(key|describe)|ǁGpuǁ(mig_enabled|mig_change_pending|describe)"
-    r"|ǁChangeǁ|_diff|__diff_lines|__gpu_diff|__mig_suffix|__profile_counts|__slot|__onoff)"
+    r"|ǁChangeǁ|_diff|__diff_lines|__gpu_diff|__mig_suffix|__profile_counts|__slot|_onoff)"
     r"|gpu_supervise\.(text|tripwire|events|logs|holders)\."
 )
 
