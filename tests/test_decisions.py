@@ -83,3 +83,15 @@ def test_a_run_starts_in_the_baseline_phase_and_each_decision_says_the_phase_aft
         (Event.DIFFERS, Phase.HOLDING),
     ]  # fmt: skip
     assert w.phase is Phase.HOLDING
+
+
+def test_a_trip_during_a_probe_while_holding_in_the_cool_down_probes_at_once():
+    """Holding, the tripwire is never held back by the cool-down, also when it fired while a
+    probe ran: the next probe follows that probe at once, not at the cool-down's end."""
+    w = Watcher(POLICY, started_at=1000.0)
+    assert step(w, 1000.0, PENDING_ON).action is Action.HOLD  # cool-down until 1060
+    seq = w.begin_probe(1010.0)
+    w.trip(1011.0)  # the probe runs: one more follows it
+    d = w.observe(1012.0, ProbeResult(seq, PENDING_ON))
+    assert d is not None and (d.event, d.next_probe_at) == (Event.AWAITS_RESET, 1012.0)
+    assert w.next_probe_at == 1012.0

@@ -201,18 +201,14 @@ class ProbeSchedule:
         if self.in_flight is not None:
             self.tripped = True
         else:
-            self.next_probe_at = min(self.next_probe_at, self._trip_due(now, holding))
+            self.next_probe_at = min(self.next_probe_at, self.trip_due(now, holding))
 
-    def after_trip(self, now: float, holding: bool, quiet: bool) -> bool:
-        """A probe ended that was running when the tripwire fired: the next one comes at once
-        if the reading was `quiet` (no settle begun, nothing to act on). True if it was."""
+    def take_trip(self) -> bool:
+        """Whether the tripwire fired while the probe that just ended ran; forgotten now."""
         tripped, self.tripped = self.tripped, False
-        if not tripped or not quiet:
-            return False
-        self.next_probe_at = min(self.next_probe_at, self._trip_due(now, holding))
-        return True
+        return tripped
 
-    def _trip_due(self, now: float, holding: bool) -> float:
+    def trip_due(self, now: float, holding: bool) -> float:
         return now if holding else max(now, self.started_at + self.policy.cooldown)
 
 
@@ -302,10 +298,14 @@ class Watcher:
         return None
 
     def _after_trip(self, now: float, decision: Decision) -> Decision:
-        """A probe ended: if the tripwire fired meanwhile, the next one may come at once."""
-        quiet = self.candidate is None and decision.action is Action.NONE
-        if not self.schedule.after_trip(now, self.hold is not None, quiet):
+        """A probe ended that was running when the tripwire fired: the next one comes at once
+        (unless this reading began a settle, or the decision acts)."""
+        tripped = self.schedule.take_trip()
+        if not tripped or self.candidate is not None or decision.action is not Action.NONE:
             return decision
+        self.next_probe_at = min(
+            self.next_probe_at, self.schedule.trip_due(now, self.hold is not None)
+        )
         return replace(decision, next_probe_at=self.next_probe_at)
 
     # -- judging a reading -----------------------------------------------------------------------
