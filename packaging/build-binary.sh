@@ -32,7 +32,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$root"
 python=${PYTHON:-python3}
-if ! "$python" -c 'import PyInstaller, pynvml, psutil, loguru' 2>/dev/null; then
+if ! "$python" -c 'import PyInstaller, pynvml, loguru' 2>/dev/null; then
     echo "build-binary.sh: $python lacks PyInstaller or gpu-supervise's dependencies:" \
         "pip install . pyinstaller (in a venv), then PYTHON=.venv/bin/python $0" >&2
     exit 2

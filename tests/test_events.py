@@ -8,8 +8,8 @@ from __future__ import annotations
 from gpu_supervise import events
 from gpu_supervise.config import Settings
 from gpu_supervise.holders import Holder, Scan
-from gpu_supervise.topology import Gpu, MigDevice, Topology, diff
-from gpu_supervise.watch import Action, Decision, Hold, Verdict
+from gpu_supervise.topology import Gpu, MigDevice, Topology, diff, onoff
+from gpu_supervise.watch import Action, Decision, Event, PendingReset
 
 
 def mig(parent: str, gi: int, uuid: str) -> MigDevice:
@@ -31,13 +31,13 @@ NVML = Settings()
 FILE = Settings(source="file:/srv/node.json")
 
 
-def decision(verdict: Verdict, change=None, errors: tuple[str, ...] = ()) -> Decision:
-    return Decision(verdict, 0.0, change=change, errors=errors, action=Action.RESTART)
+def decision(event: Event, change=None, errors: tuple[str, ...] = ()) -> Decision:
+    return Decision(event, 0.0, change=change, errors=errors, action=Action.RESTART)
 
 
-def hold(*gpus: Gpu) -> Hold:
+def hold(*gpus: Gpu) -> PendingReset:
     """A hold for these pending GPUs, in this order."""
-    return Hold({(g.uuid, g.mig_pending): (g, 0.0) for g in gpus})
+    return PendingReset({(g.uuid, g.mig_pending): (g, 0.0) for g in gpus})
 
 
 # -- the change line -------------------------------------------------------------------------------
@@ -69,22 +69,22 @@ def test_where_the_probes_read_from():
 
 
 def test_the_restart_reason_of_every_restart():
-    failing = decision(Verdict.FAILING, errors=("GPU is lost",) * 3)
+    failing = decision(Event.FAILING, errors=("GPU is lost",) * 3)
     assert events.restart_reason(failing, NVML) == "restart me (NVML failed 3 consecutive probes)"
     assert events.restart_reason(failing, FILE) == (
         "restart me (the topology source (file:/srv/node.json) failed 3 consecutive probes)"
     )
-    stuck = decision(Verdict.STUCK, errors=("probe 9 timed out",))
+    stuck = decision(Event.STUCK, errors=("probe 9 timed out",))
     assert events.restart_reason(stuck, NVML) == (
         "restart me (a probe is stuck in NVML while holding: it would block the reset)"
     )
-    assert events.restart_reason(decision(Verdict.RELEASED), NVML) == (
+    assert events.restart_reason(decision(Event.RELEASED), NVML) == (
         "restart me (the pending MIG mode change was withdrawn)"
     )
-    assert events.restart_reason(decision(Verdict.RELEASED, MIG_CHANGE), NVML) == (
+    assert events.restart_reason(decision(Event.RELEASED, MIG_CHANGE), NVML) == (
         "restart me (the MIG mode change took effect)"
     )
-    assert events.restart_reason(decision(Verdict.CHANGED, MIG_CHANGE), NVML) == (
+    assert events.restart_reason(decision(Event.CHANGED, MIG_CHANGE), NVML) == (
         "restart me (GPU topology changed)"
     )
 
@@ -100,7 +100,7 @@ def test_a_mode_change_with_no_instance_says_what_changed_below_identical_lists(
         "New UUIDs: [GPU-a, GPU-b]). Initiating self-restart."
     )
     assert change.gpu_lines == (("GPU-a", "GPU 0 GPU-a (NVIDIA A100): MIG mode off -> on"),)
-    assert events.termination_message(decision(Verdict.RELEASED, change), NVML).endswith(
+    assert events.termination_message(decision(Event.RELEASED, change), NVML).endswith(
         "old: GPU 0: MIG off; GPU 1: MIG off\n"
         "new: GPU 0: MIG on, no devices; GPU 1: MIG off\n"
         "GPU 0 GPU-a (NVIDIA A100): MIG mode off -> on"
@@ -113,9 +113,9 @@ def test_a_mode_change_with_no_instance_says_what_changed_below_identical_lists(
 
 
 def test_the_mode_a_pending_change_goes_to():
-    assert events._mode(gpu(0, "GPU-a", pending=True)) == "on"
-    assert events._mode(gpu(0, "GPU-a", pending=False)) == "off"
-    assert events._mode(gpu(0, "GPU-a", pending=None)) == "off"  # no MIG support: not "on"
+    assert onoff(gpu(0, "GPU-a", pending=True).mig_pending) == "on"
+    assert onoff(gpu(0, "GPU-a", pending=False).mig_pending) == "off"
+    assert onoff(gpu(0, "GPU-a", pending=None).mig_pending) == "off"  # no MIG support: not "on"
 
 
 def test_the_status_while_holding():

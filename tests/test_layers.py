@@ -90,3 +90,52 @@ def test_the_path_to_the_agents_start_loads_little():
                          env={"PATH": "/usr/bin:/bin"})  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == []
+
+
+def test_the_run_reads_in_its_order_on_one_screen():
+    """cli._supervise is the whole run, in order: config, spawn, load, begin, the baseline,
+    the loop's turns (watch, decide, stop), the exit. A newcomer reads it on one screen."""
+    tree = ast.parse((PACKAGE / "cli.py").read_text())
+    (flow,) = (n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_supervise")
+    assert flow.end_lineno is not None and flow.end_lineno - flow.lineno < 60
+    used = [
+        node
+        for node in ast.walk(flow)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+        and node.value.id in ("child", "supervisor")
+    ]  # fmt: skip
+    steps = [node.attr for node in sorted(used, key=lambda n: (n.lineno, n.col_offset))]
+    assert steps == [
+        *("child_environment", "become_subreaper", "start_retrying", "SpawnError"),
+        *("begin", "take_baseline", "exiting", "turn", "finish", "last_resort"),
+    ]
+
+
+def test_no_function_is_longer_than_a_screen():
+    """A function of more than 60 lines hides its steps: split it into named ones."""
+    long = []
+    for path in sorted(PACKAGE.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                assert node.end_lineno is not None
+                if node.end_lineno - node.lineno + 1 > 60:
+                    long.append(f"{path.stem}.{node.name}")
+    assert long == []
+
+
+def test_the_package_never_imports_psutil():
+    """The process table is read from /proc (procs.py): psutil is a test dependency only, and
+    neither the Python package nor the binary needs it."""
+    users = [path.stem for path in sorted(PACKAGE.glob("*.py"))
+             if any(name.split(".")[0] == "psutil" for name in _imported_names(path))]  # fmt: skip
+    assert users == []
+
+
+def _imported_names(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names

@@ -132,7 +132,7 @@ SITE = f"{SHARE}/py"
 PACKAGE = Form(
     "package", f"{PYTHON} -m gpu_supervise", [PYTHON, f"{SHARE}/agent.py"], {"PYTHONPATH": SITE}
 )
-RUNTIME = ("gpu_supervise", "psutil", "loguru", "pynvml")
+RUNTIME = ("gpu_supervise", "loguru", "pynvml")
 
 
 def _install_package(site: Path) -> None:
@@ -508,7 +508,7 @@ REJECTED = {
 @pytest.mark.parametrize("setting", REJECTED)
 def test_rejected_hardening_takes_what_gpus_need(box: Box, gpu_agent: Install, setting: str):
     """Why the unit leaves these out: the GPU's device nodes vanish (PrivateDevices), or the
-    /proc files NVML and psutil read (ProcSubset=pid)."""
+    /proc files NVML reads (ProcSubset=pid)."""
     unit = gpu_agent(agent=[f"{SHARE}/probe.sh"], extra=[setting])
     facts = _probe(box, unit, box.container.cursor())
     assert facts == SANDBOX | REJECTED[setting]

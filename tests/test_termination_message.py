@@ -19,7 +19,7 @@ from conftest import AGENT, FakeNode, Proc, stalled_collector
 from fakenvml import GPU_IS_LOST, dgx_a100
 from gpu_supervise import events
 from gpu_supervise.report import TERMINATION_LOG_LIMIT, write_termination_message
-from gpu_supervise.watch import Verdict
+from gpu_supervise.watch import Event
 
 Start = Callable[..., Proc]
 FAST = ["--interval", "0.2", "--cooldown", "0", "--settle", "0"]
@@ -29,14 +29,14 @@ FAST = ["--interval", "0.2", "--cooldown", "0", "--settle", "0"]
 
 
 def test_the_termination_message_of_nvml_failures():
-    failing = decision(Verdict.FAILING, errors=("GPU is lost", "Unknown Error", "GPU is lost"))
+    failing = decision(Event.FAILING, errors=("GPU is lost", "Unknown Error", "GPU is lost"))
     assert events.termination_message(failing, NVML) == (
         "gpu-supervise: NVML failed 3 consecutive probes:\nGPU is lost\nUnknown Error\nGPU is lost"
     )
 
 
 def test_the_termination_message_of_a_probe_stuck_while_holding():
-    stuck = decision(Verdict.STUCK, errors=("probe 9 timed out",))
+    stuck = decision(Event.STUCK, errors=("probe 9 timed out",))
     assert events.termination_message(stuck, NVML) == (
         "gpu-supervise: a probe is stuck in NVML while holding for a GPU reset: gpu-supervise "
         "itself now holds the GPU and would block the reset it waits for. Exiting 1 to release "
@@ -45,13 +45,13 @@ def test_the_termination_message_of_a_probe_stuck_while_holding():
 
 
 def test_the_termination_message_of_a_change():
-    assert events.termination_message(decision(Verdict.CHANGED, MIG_CHANGE), NVML) == (
+    assert events.termination_message(decision(Event.CHANGED, MIG_CHANGE), NVML) == (
         "gpu-supervise: GPU topology changed; restarting the agent.\n"
         "old: GPU 0: MIG 2x1g.5gb; GPU 1: MIG off\n"
         "new: GPU 0: MIG 1x1g.5gb; GPU 1: MIG off\n" + MIG_CHANGE.lines[0]
     )
     assert len(GPU_LOST.lines) == 1
-    assert events.termination_message(decision(Verdict.CHANGED, GPU_LOST), NVML) == (
+    assert events.termination_message(decision(Event.CHANGED, GPU_LOST), NVML) == (
         "gpu-supervise: GPU topology changed; restarting the agent.\n"
         "old: GPU 0: MIG 2x1g.5gb; GPU 1: MIG off\n"
         "new: GPU 0: MIG 2x1g.5gb\n"
@@ -64,10 +64,10 @@ def test_the_termination_message_after_a_hold():
         "gpu-supervise: the agent was stopped because a MIG mode change was pending a GPU reset; "
         "no GPU is pending any more."
     )
-    assert events.termination_message(decision(Verdict.RELEASED), NVML) == (
+    assert events.termination_message(decision(Event.RELEASED), NVML) == (
         stopped + "\nThe pending change was withdrawn: the topology is as before."
     )
-    took_effect = events.termination_message(decision(Verdict.RELEASED, GPU_LOST), NVML)
+    took_effect = events.termination_message(decision(Event.RELEASED, GPU_LOST), NVML)
     assert took_effect == (
         stopped + "\ngpu-supervise: GPU topology changed; restarting the agent.\n"
         "old: GPU 0: MIG 2x1g.5gb; GPU 1: MIG off\n"

@@ -4,14 +4,16 @@
 The modules form layers; each uses only those below it (tests/test_layers.py keeps it so):
 
     entry, __main__    the console script: hold signals, then hand over to cli
-    cli                parse the command line, start the agent, hand over to the loop
+    cli                parse the command line; the run on one screen (_supervise): config,
+                       spawn, then the loop's steps: baseline, watch, decide, stop, exit
     demo, install      the other commands
-    supervise          the main loop: the run's steps, the states and their edges, decisions
-                       carried out (stop, hold, start again)
+    supervise          the loop's steps (begin, take_baseline, turn, finish), the states and
+                       their edges, decisions carried out (stop, hold, start again)
     watching           the watch glue: probes when due, the tripwire, the heartbeat, who
                        blocks a reset while holding
     events             what decisions look like: log lines, status texts, termination message
-    watch              the policy: pure, given readings and the time
+    watch              the policy: pure, given readings and the time; when to probe
+                       (ProbeSchedule), the watch's phases and a decision's events
     probe              readings in a thread of their own, each under a deadline
     sources, nvml      where readings come from: NVML, or a file
     tripwire           the driver's MIG tree in procfs: a change hurries the next probe
@@ -20,8 +22,8 @@ The modules form layers; each uses only those below it (tests/test_layers.py kee
     stopping           a stop in progress, the last lines, the last resort
     agent              the agent as the loop sees it: pid, status, start again, forward
     inbox, notifier    what wakes the loop (signals, a self-pipe); systemd's notify socket
-    child, report      the agent's processes and the one stop of their tree; systemd's notify
-                       socket, the termination log
+    child, report      the agent's processes and the one stop of their tree; the termination
+                       log, systemd's notify socket
     args, config       command-line parsing; settings from file, environment and flags
     exits              gpu-supervise's own exit codes; an unexpected failure in one line
     logs, topology     the log sink; the topology model and its diff

@@ -6,7 +6,6 @@ import argparse
 from typing import Any, NoReturn
 
 from .config import ConfigError
-from .exits import EXIT_INTERNAL, EXIT_USAGE, describe_failure  # noqa: F401 (cli, supervise)
 from .text import clip
 
 PROG = "gpu-supervise"

@@ -339,8 +339,7 @@ def signame(sig: int) -> str:
 
 
 class Reaped:
-    """A child collected by waitpid (a plain class: `dataclasses` is not loaded before the
-    agent starts)."""
+    """A child collected by waitpid."""
 
     __slots__ = ("pid", "status")
 
@@ -415,7 +414,7 @@ def signal_tree(pgid: int | None, sig: int, leader_ours: bool = False) -> int:
     for pid in tree:
         if ids[pid][0] not in done:
             for each in sigs:
-                _kill(pid, each)
+                send(pid, each)
     return len(tree)
 
 
@@ -434,9 +433,9 @@ def _ids(pid: int) -> tuple[int | None, int | None]:
         return None, None
 
 
-def _kill(pid: int, sig: int) -> str | None:
-    """kill(2) that never raises: a refused or a late signal is a fact to report, never a reason
-    to leave the main loop (and the agent unsupervised)."""
+def send(pid: int, sig: int) -> str | None:
+    """kill(2) that never raises: a refused or a late signal is a fact to report (the reason is
+    returned), never a reason to leave the main loop (and the agent unsupervised)."""
     try:
         os.kill(pid, sig)
     except ProcessLookupError:
@@ -444,11 +443,6 @@ def _kill(pid: int, sig: int) -> str | None:
     except OSError as exc:  # EPERM: a setuid agent, or gpu-supervise not root
         return exc.strerror or str(exc)
     return None
-
-
-def send(pid: int, sig: int) -> str | None:
-    """Forward one signal to the child; the reason when the kernel refused it."""
-    return _kill(pid, sig)
 
 
 # After SIGKILL a process needs a moment to die and be reaped, even with a stop_timeout of 0.

@@ -15,9 +15,10 @@ import argparse
 import os
 import shlex
 import sys
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import version_text
-from .args import EXIT_INTERNAL, EXIT_USAGE, PROG, Parser, describe_failure
+from .args import PROG, Parser
 from .config import (
     DEFAULT_CONFIG,
     ENV_CONFIG,
@@ -29,11 +30,11 @@ from .config import (
     load_traced,
     render,
 )
+from .exits import EXIT_INTERNAL, EXIT_USAGE, describe_failure
 from .text import clip
 
-TYPE_CHECKING = False  # typing costs the agent's start milliseconds: only for type checkers
-if TYPE_CHECKING:
-    from typing import Any, NoReturn
+if TYPE_CHECKING:  # not before the spawn: the agent never waits for the loop's imports
+    from .supervise import Supervisor
 
 # Flags that set a configuration key (all but watch.enabled, which is --no-watch).
 FLAGS: dict[str, tuple[str, str]] = {
@@ -186,14 +187,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _supervise(settings: Settings, command: list[str]) -> int:
-    """Start the child first, then load the rest: the agent never waits for our imports.
+    """One run: config, spawn, baseline, then watch, decide and stop until the exit.
 
-    Signals are held from before the spawn until the supervisor's handlers are in place, and we
-    are a subreaper before the child can fork anything. With a parent-death signal, our
-    parent's death sends it to us too (before the spawn: the agent is never left alone).
+    The agent is started first and the rest loaded after: it never waits for our imports.
+    Signals are held from before the spawn until the loop's handlers are in place, and we are a
+    subreaper before the agent can fork anything. With a parent-death signal, our parent's
+    death sends it to us too (before the spawn: the agent is never left alone).
     """
     from . import child, report, signals
 
+    # config: the settings are in (main); the agent's environment is ours less our own
     env = child.child_environment(os.environ)
     notify_socket = report.take_notify_socket(env)
     signals.record_caller()  # done already by the entry point, unless started otherwise
@@ -201,24 +204,45 @@ def _supervise(settings: Settings, command: list[str]) -> int:
     if settings.parent_death_signal:
         signals.follow_parent(settings.parent_death_signal)
     reaper = child.become_subreaper()
+    # spawn: the agent, before anything heavy is imported
     try:
         pid = child.start_retrying(command, env, settings.parent_death_signal, _wait_to_retry)
     except child.SpawnError as exc:
         print(f"{PROG}: {clip(str(exc), 1000)}", file=sys.stderr)  # one line, no escapes
         return exc.code
+    # load: the log, the loop, and all a stop needs, while the agent starts
+    supervisor = _load(settings, command, pid, env, notify_socket, reaper)
+    if supervisor is None:
+        return EXIT_INTERNAL
+    try:
+        supervisor.begin()  # signals handled from here on; the start logged
+        supervisor.take_baseline()  # baseline: the first probe runs while the agent starts
+        while not supervisor.exiting:  # watch, decide, stop (or hold, start again)
+            supervisor.turn()
+        return supervisor.finish()  # exit: the agent's code, or 1 to be restarted
+    except Exception as exc:  # a bug, or a resource gone: never leave the agent unsupervised
+        return supervisor.last_resort(exc)
+
+
+def _load(
+    settings: Settings, command: list[str], pid: int, env: dict[str, str],
+    notify_socket: str | None, reaper: bool,
+) -> Supervisor | None:  # fmt: skip
+    """The supervisor, its modules imported now; None if that failed (the agent is stopped)."""
     try:
         from . import logs
         from .supervise import Supervisor
 
         logs.setup(settings.log_level, settings.log_format)
-        supervisor = Supervisor(settings, command, pid, env, notify_socket, reaper)
+        return Supervisor(settings, command, pid, env, notify_socket, reaper)
     except Exception as exc:  # the agent runs: it must not outlive a supervisor that failed
+        from . import child
+
         code = child.stop_group_now(pid, settings.stop_timeout)
         print(f"{PROG}: internal error after starting the agent ({describe_failure(exc)}); "
               f"stopped the agent (pid {pid}, exit code {code}); exiting {EXIT_INTERNAL}",
               file=sys.stderr)  # fmt: skip
-        return EXIT_INTERNAL
-    return supervisor.run()
+        return None
 
 
 def _wait_to_retry(exc: Exception, seconds: float) -> bool:

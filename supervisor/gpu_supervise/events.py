@@ -18,8 +18,8 @@ from .config import Settings
 from .holders import Scan
 from .probe import ProbeResult
 from .text import clip
-from .topology import Change, Gpu, Topology
-from .watch import Action, Decision, PendingReset, Verdict
+from .topology import Change, Gpu, Topology, onoff
+from .watch import Action, Decision, Event, PendingReset
 
 TAG = "[GPU-Watcher]"
 STUCK = (
@@ -42,12 +42,8 @@ def change_line(change: Change) -> str:
     )
 
 
-def _mode(gpu: Gpu) -> str:
-    return "on" if gpu.mig_pending else "off"
-
-
 def _pending_gpus(gpus: tuple[Gpu, ...]) -> str:
-    return ", ".join(f"GPU {g.index} ({g.uuid}: MIG {_mode(g)})" for g in gpus)
+    return ", ".join(f"GPU {g.index} ({g.uuid}: MIG {onoff(g.mig_pending)})" for g in gpus)
 
 
 def source_name(settings: Settings) -> str:
@@ -62,24 +58,24 @@ def _failed(decision: Decision, settings: Settings) -> str:
 
 def restart_reason(decision: Decision, settings: Settings) -> str:
     """Why we exit 1, for the last line of the log."""
-    if decision.verdict is Verdict.FAILING:
+    if decision.event is Event.FAILING:
         return f"restart me ({_failed(decision, settings)})"
-    if decision.verdict is Verdict.STUCK:
+    if decision.event is Event.STUCK:
         return "restart me (a probe is stuck in NVML while holding: it would block the reset)"
-    if decision.verdict is Verdict.RELEASED and decision.change is None:
+    if decision.event is Event.RELEASED and decision.change is None:
         return "restart me (the pending MIG mode change was withdrawn)"
-    if decision.verdict is Verdict.RELEASED:
+    if decision.event is Event.RELEASED:
         return "restart me (the MIG mode change took effect)"
     return "restart me (GPU topology changed)"
 
 
 def termination_message(decision: Decision, settings: Settings) -> str:
-    if decision.verdict is Verdict.FAILING:
+    if decision.event is Event.FAILING:
         return "\n".join([f"gpu-supervise: {_failed(decision, settings)}:", *decision.errors])
-    if decision.verdict is Verdict.STUCK:
+    if decision.event is Event.STUCK:
         return f"gpu-supervise: {STUCK}"
     lines = []
-    if decision.verdict is Verdict.RELEASED:
+    if decision.event is Event.RELEASED:
         lines.append(
             "gpu-supervise: the agent was stopped because a MIG mode change was pending a GPU "
             "reset; no GPU is pending any more."
@@ -260,24 +256,24 @@ def _gpu_uuids(topo: Topology, gpu_uuid: str) -> list[str]:
 def log_decision(decision: Decision, result: ProbeResult | None, settings: Settings) -> None:
     """The decision's lines, from what it carries. `result` is None when the decision is about
     a probe that never answered."""
-    v = decision.verdict
-    if v is Verdict.BASELINE:
+    v = decision.event
+    if v is Event.BASELINE:
         assert result is not None
         _log_baseline(result)
-    elif v in (Verdict.STEADY, Verdict.PENDING):
+    elif v in (Event.UNCHANGED, Event.AWAITS_RESET):
         _log_quiet(decision, result)
-    elif v is Verdict.SETTLING:
+    elif v is Event.DIFFERS:
         _log_settling(decision, settings)
-    elif v is Verdict.REVERTED:
+    elif v is Event.REVERTED:
         logger.info(f"{TAG} topology is back to the baseline; no restart")
-    elif v is Verdict.CHANGED:
+    elif v is Event.CHANGED:
         assert decision.change is not None
         _log_change(decision.change)
-    elif v in (Verdict.RELEASED, Verdict.TIMED_OUT, Verdict.STUCK):
+    elif v in (Event.RELEASED, Event.TIMED_OUT, Event.STUCK):
         _log_hold_end(decision, settings)
-    elif v is Verdict.TOLERATED:
+    elif v is Event.TOLERATED:
         _log_tolerated(decision, settings)
-    elif v in (Verdict.FAILING, Verdict.BROKEN):
+    elif v in (Event.FAILING, Event.BROKEN):
         _log_failing(decision, settings)
     _log_pending(decision, settings)
 
@@ -298,9 +294,9 @@ def _log_baseline(result: ProbeResult) -> None:
 
 
 def _log_quiet(decision: Decision, result: ProbeResult | None) -> None:
-    """STEADY and PENDING: nothing new, at DEBUG."""
+    """UNCHANGED and AWAITS_RESET: nothing new, at DEBUG."""
     seq = result.seq if result is not None else "?"
-    if decision.verdict is Verdict.STEADY:
+    if decision.event is Event.UNCHANGED:
         seconds = result.seconds if result is not None else 0.0
         logger.debug(f"{TAG} probe {seq}: topology unchanged ({seconds:.3f} s)")
     else:
@@ -324,19 +320,19 @@ def _log_settling(decision: Decision, settings: Settings) -> None:
 
 def _log_hold_end(decision: Decision, settings: Settings) -> None:
     """RELEASED, TIMED_OUT, STUCK: how a hold ends."""
-    v = decision.verdict
-    if v is Verdict.RELEASED and decision.change is None:
+    v = decision.event
+    if v is Event.RELEASED and decision.change is None:
         logs.decision(event="hold_released", withdrawn=True).info(
             f"{TAG} the pending MIG mode change was withdrawn: no GPU waits for a reset and "
             "the topology is as before. Initiating self-restart."
         )
-    elif v is Verdict.RELEASED:
+    elif v is Event.RELEASED:
         assert decision.change is not None
         logs.decision(event="hold_released", withdrawn=False).info(
             f"{TAG} the MIG mode change took effect: no GPU waits for a reset any more"
         )
         _log_change(decision.change)
-    elif v is Verdict.TIMED_OUT:
+    elif v is Event.TIMED_OUT:
         gpus = _pending_gpus(decision.newly_pending)
         logger.bind(event="hold_timed_out", gpus=[g.uuid for g in decision.newly_pending]).warning(
             f"{TAG} MIG mode change on {gpus} still pending after {settings.pending_timeout:g} s "
@@ -359,7 +355,7 @@ def _log_tolerated(decision: Decision, settings: Settings) -> None:
 
 def _log_failing(decision: Decision, settings: Settings) -> None:
     """FAILING (a restart) and BROKEN (failing since start: no restart could help)."""
-    if decision.verdict is Verdict.FAILING:
+    if decision.event is Event.FAILING:
         old = decision.baseline.uuids() if decision.baseline else []
         logs.decision(
             event="nvml_failing", errors=list(decision.errors), old_uuids=old, restarting=True
@@ -389,15 +385,16 @@ def _log_failing(decision: Decision, settings: Settings) -> None:
 def _log_pending(decision: Decision, settings: Settings) -> None:
     if decision.action is Action.HOLD:
         for gpu in decision.newly_pending:
-            logger.bind(event="mig_pending", gpu=gpu.uuid, pending=_mode(gpu), hold=True).info(
-                f"{TAG} {gpu.describe()}: MIG mode change to {_mode(gpu)} is pending a GPU reset; "
+            mode = onoff(gpu.mig_pending)
+            logger.bind(event="mig_pending", gpu=gpu.uuid, pending=mode, hold=True).info(
+                f"{TAG} {gpu.describe()}: MIG mode change to {mode} is pending a GPU reset; "
                 "stopping the agent so the reset can go ahead "
                 f"(holding up to {settings.pending_timeout:g} s)"
             )
-    elif decision.verdict is not Verdict.TIMED_OUT:
+    elif decision.event is not Event.TIMED_OUT:
         for gpu in decision.newly_pending:
-            held = decision.holding
-            logger.bind(event="mig_pending", gpu=gpu.uuid, pending=_mode(gpu), hold=held).info(
-                f"{TAG} {gpu.describe()}: MIG mode change to {_mode(gpu)} is pending a GPU reset; "
+            held, mode = decision.holding, onoff(gpu.mig_pending)
+            logger.bind(event="mig_pending", gpu=gpu.uuid, pending=mode, hold=held).info(
+                f"{TAG} {gpu.describe()}: MIG mode change to {mode} is pending a GPU reset; "
                 + ("still holding" if held else "it counts once it takes effect")
             )

@@ -11,8 +11,9 @@ from loguru import logger
 
 from . import child, logs, report
 from .agent import Agent
-from .args import EXIT_INTERNAL, PROG, describe_failure
+from .args import PROG
 from .config import Settings
+from .exits import EXIT_INTERNAL, describe_failure
 from .notifier import Notifier
 
 

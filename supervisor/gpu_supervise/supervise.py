@@ -50,8 +50,6 @@ def load_what_a_stop_needs() -> None:
     import ctypes  # noqa: F401  (child: the parent-death signal of an agent started again)
     import socket  # noqa: F401  (report: systemd's notify socket)
 
-    import psutil  # noqa: F401  (child: the tree walk of every stop)
-
     "".encode("unicode_escape")  # text.printable's codec, a module of its own
 
 
@@ -101,30 +99,64 @@ class Supervisor:
         self.termination_text: str | None = None  # what the termination log says, once written
         load_what_a_stop_needs()
 
-    def run(self) -> int:
-        try:
-            return self._run()
-        except Exception as exc:  # a bug, or a resource gone: never leave the agent unsupervised
-            return last_resort(exc, self.agent, self.settings, self.systemd,
-                               self.termination_text)  # fmt: skip
+    # -- the run's steps, in the order cli._supervise takes them --------------------------------
 
-    def _run(self) -> int:
-        agent, settings = self.agent, self.settings
+    def begin(self) -> None:
+        """The agent runs: leave its workdir, handle the signals held since the spawn, log."""
+        agent = self.agent
         agent.leave_workdir()  # hold only /: a volume can be unmounted under us
         self.inbox.install()  # signals are recorded, and wake the loop
         signals.unblock_signals(keep_faults=True)  # what arrived since the spawn is handled now
-        events.log_start(settings, self.reaper)
+        events.log_start(self.settings, self.reaper)
         logger.info(f"started {events.command(agent.argv)} as pid {agent.pid}")
-        self.watching = Watching(settings, self.inbox.wake, time.monotonic())
-        self._watch(time.monotonic())  # the baseline probe starts while the agent does
+        self.watching = Watching(self.settings, self.inbox.wake, time.monotonic())
+
+    def take_baseline(self) -> None:
+        """Start the baseline probe while the agent starts; then the tripwire, and READY."""
+        assert self.watching is not None
+        stuck = self.watching.take_baseline(time.monotonic())
+        if stuck is not None:
+            self._decide(*stuck)
         self.watching.set_tripwire()
-        status = events.running_status(agent.argv, agent.pid, settings)
+        status = events.running_status(self.agent.argv, self.agent.pid, self.settings)
         self.systemd.notify(READY="1", STATUS=status, MAINPID=str(os.getpid()))
-        code, why = self._loop()  # watch, decide, stop, hold: until EXITING
+
+    @property
+    def exiting(self) -> bool:
+        return self.state is State.EXITING
+
+    def turn(self) -> None:
+        """One turn of the loop: signals, reaping, the watch and its decisions, the stop."""
+        assert self.watching is not None
+        self._handle_signals()
+        self.agent.reap()
+        now = time.monotonic()
+        self.systemd.keep_alive(now)
+        if self.state in (State.RUNNING, State.HOLDING):
+            self.watching.check_tripwire(now)
+            self._watch(now)
+            self._report_blockers()
+        if self.state is State.RUNNING and self.agent.status is not None:
+            self._agent_exited(now)
+        if self.state is not State.EXITING:
+            self.watching.beat(now, self.state.value)
+        if self.state is State.STOPPING:
+            self._advance_stop(now)
+        if self.state is not State.EXITING:
+            self.inbox.sleep(self._next_wake(now) - time.monotonic())
+
+    def finish(self) -> int:
+        """EXITING: the exit logged, the log flushed; the code to exit with."""
+        assert self.outcome is not None
+        code, why = self.outcome
         self.systemd.keep_alive(self.systemd.watchdog_at)  # the flush gets a whole period
         logs.decision(event="exit", code=code, reason=why).info(f"exiting {code}: {why}")
-        flush_log(settings, self.termination_text)
+        flush_log(self.settings, self.termination_text)
         return code
+
+    def last_resort(self, exc: Exception) -> int:
+        """A bug, or a resource gone: never leave the agent unsupervised."""
+        return last_resort(exc, self.agent, self.settings, self.systemd, self.termination_text)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -137,28 +169,6 @@ class Supervisor:
     def _exit(self, code: int, why: str) -> None:
         self._change_state(State.EXITING)
         self.outcome = (code, why)
-
-    def _loop(self) -> tuple[int, str]:
-        assert self.watching is not None
-        while self.state is not State.EXITING:
-            self._handle_signals()
-            self.agent.reap()
-            now = time.monotonic()
-            self.systemd.keep_alive(now)
-            if self.state in (State.RUNNING, State.HOLDING):
-                self.watching.check_tripwire(now)
-                self._watch(now)
-                self._report_blockers()
-            if self.state is State.RUNNING and self.agent.status is not None:
-                self._agent_exited(now)
-            if self.state is not State.EXITING:
-                self.watching.beat(now, self.state.value)
-            if self.state is State.STOPPING:
-                self._advance_stop(now)
-            if self.state is not State.EXITING:
-                self.inbox.sleep(self._next_wake(now) - time.monotonic())
-        assert self.outcome is not None
-        return self.outcome
 
     def _next_wake(self, now: float) -> float:
         assert self.watching is not None

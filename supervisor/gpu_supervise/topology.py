@@ -295,7 +295,7 @@ def _gpu_diff(old: Gpu, new: Gpu) -> list[str]:
     """One line for a GPU whose MIG mode or devices changed; none when only state did."""
     parts: list[str] = []
     if old.mig_enabled != new.mig_enabled:
-        parts.append(f"MIG mode {_onoff(old.mig_enabled)} -> {_onoff(new.mig_enabled)}")
+        parts.append(f"MIG mode {onoff(old.mig_enabled)} -> {onoff(new.mig_enabled)}")
     old_keys = {m.key(): m for m in old.mig_devices}
     new_keys = {m.key(): m for m in new.mig_devices}
     removed = sorted((old_keys[k] for k in old_keys.keys() - new_keys.keys()), key=_mig_order)
@@ -326,7 +326,7 @@ def _slot(m: MigDevice) -> tuple[int, int]:
     return (m.gpu_instance_id, m.compute_instance_id)
 
 
-def _onoff(flag: bool) -> str:
+def onoff(flag: bool | None) -> str:
     return "on" if flag else "off"
 
 
@@ -342,9 +342,9 @@ def render_table(topo: Topology) -> str:
         if gpu.mig_current is None:
             mig = "n/a"
         else:
-            mig = _onoff(gpu.mig_enabled)
+            mig = onoff(gpu.mig_enabled)
             if gpu.mig_change_pending:
-                mig += f" (pending {_onoff(bool(gpu.mig_pending))}: needs GPU reset)"
+                mig += f" (pending {onoff(bool(gpu.mig_pending))}: needs GPU reset)"
         rows.append((str(gpu.index), gpu.name, gpu.uuid, gpu.pci_bus_id, mig))
         for m in sorted(gpu.mig_devices, key=_mig_order):
             rows.append(

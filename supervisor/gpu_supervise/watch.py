@@ -11,12 +11,15 @@ a probe with `begin_probe` when it is, sleeps until `wake_at`, and hands the res
        │         settling ──(same again after `settle`)──► CHANGED (restart)
        │           │ ▲ differs again: restart the settle     (and, however the layout moves,
        │           └─┘                 CHANGED `interval + settle` after the first sighting)
-       └─ a MIG mode change pending a GPU reset (any reading) ──► hold: the agent is stopped
-            hold ──(no GPU pending, same again after `settle`)──► RELEASED (restart)
-            hold ──(every pending GPU past its `pending_timeout`)──► TIMED_OUT: the agent
+       └─ a MIG mode change pending a GPU reset (any reading) ──► holding: the agent stops
+            holding ──(no GPU pending, same again after `settle`)──► RELEASED (restart)
+            holding ──(every pending GPU past its `pending_timeout`)──► TIMED_OUT: the agent
                    starts again in place; but if a mode change took effect on another GPU
                    meanwhile, CHANGED (restart) once confirmed, like a release
-            hold ──(a probe stuck in NVML: we hold the GPU ourselves)──► STUCK (restart)
+            holding ──(a probe stuck in NVML: we hold the GPU ourselves)──► STUCK (restart)
+
+The lowercase names are the watch's phases (Phase: baseline, steady, settling, holding); the
+uppercase ones, events a decision reports (Event).
 
 Each GPU that goes pending gets its own allowance of `pending_timeout` from the probe that first
 saw it: the agent stays stopped while any pending GPU is within its allowance.
@@ -67,16 +70,27 @@ class WatchPolicy:
         return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
 
 
-class Verdict(enum.Enum):
-    BASELINE = "baseline"  # first usable reading: from now on compare against it
-    STEADY = "steady"  # same topology as the baseline
-    SETTLING = "settling"  # differs from the baseline: look again after `settle`
+class Phase(enum.Enum):
+    """Where the watch is, between two readings (Watcher.phase)."""
+
+    BASELINE = "baseline"  # no good reading yet: the phase every run starts in
+    STEADY = "steady"  # the readings are the baseline's topology
+    SETTLING = "settling"  # a reading differs from the baseline: it is being confirmed
+    HOLDING = "holding"  # the agent is stopped: a MIG mode change waits for a GPU reset
+
+
+class Event(enum.Enum):
+    """What a decision reports about the reading (or the failure) it was made on."""
+
+    BASELINE = "baseline"  # the first usable reading: from now on compare against it
+    UNCHANGED = "unchanged"  # the same topology as the baseline
+    DIFFERS = "differs"  # differs from the baseline: look again after `settle`
     REVERTED = "reverted"  # was settling, and is back to the baseline
     TOLERATED = "tolerated"  # a failed probe below the threshold (or while holding)
     CHANGED = "changed"  # confirmed topology change
     FAILING = "failing"  # too many consecutive failures after a baseline
     BROKEN = "broken"  # every probe since start failed: no restart could help
-    PENDING = "pending"  # a MIG mode change waits for a GPU reset
+    AWAITS_RESET = "awaits_reset"  # a MIG mode change waits for a GPU reset
     RELEASED = "released"  # no GPU waits for a reset any more (the reset happened, or not)
     TIMED_OUT = "timed_out"  # still pending after `pending_timeout`: give the agent back
     STUCK = "stuck"  # a probe hangs in NVML while holding: we hold the GPU ourselves
@@ -93,7 +107,7 @@ class Action(enum.Enum):
 class Decision:
     """What the policy decided, with what its log lines need: never the Watcher's own state."""
 
-    verdict: Verdict
+    event: Event
     next_probe_at: float
     change: Change | None = None
     errors: tuple[str, ...] = ()
@@ -102,8 +116,13 @@ class Decision:
     loud: bool = True  # BROKEN: whether this one is worth an ERROR line (rate-limited)
     baseline: Topology | None = None  # what readings are compared against, after this one
     candidate: Topology | None = None  # the reading being confirmed (SETTLING)
-    holding: bool = False  # the agent is held back after this decision
+    phase: Phase = Phase.STEADY  # the watch's phase after this decision
     refused: bool = False  # NVML refused to start before any good reading (BROKEN)
+
+    @property
+    def holding(self) -> bool:
+        """The agent is held back after this decision."""
+        return self.phase is Phase.HOLDING
 
 
 @dataclass
@@ -132,31 +151,23 @@ class PendingReset:
         }
 
 
-class Watcher:
+class ProbeSchedule:
+    """When to probe: the next probe's time, the probe running and its deadline, the cool-down
+    from start, and a trip of the tripwire while a probe ran. It keeps time; the Watcher judges.
+    """
+
     def __init__(self, policy: WatchPolicy, started_at: float) -> None:
         self.policy = policy
         self.started_at = started_at
-        self.baseline: Topology | None = None
-        self.candidate: Topology | None = None
-        self.settled_at = 0.0  # when a reading the same as the candidate confirms it
-        self.settle_by = 0.0  # when the candidate is acted on at the latest, moving or not
-        self.errors: list[str] = []
         self.next_probe_at = started_at
-        self.hold: PendingReset | None = None
-        self._reported_at: float | None = None
-        self.refused_at_start = False  # NVML refused to start before any good reading
-        self._pending_seen: frozenset[PendingKey] = frozenset()
-        self._held_out: frozenset[PendingKey] = frozenset()  # timed out: never held again
         self._seq = 0
         self.in_flight: tuple[int, float] | None = None  # (seq, deadline) of the running probe
-        self._tripped = False  # the tripwire fired while a probe was running
+        self.tripped = False  # the tripwire fired while a probe was running
 
-    # -- the probe's life: start it, take its result, or give up on it --------------------------
-
-    def probe_due(self, now: float) -> bool:
+    def due(self, now: float) -> bool:
         return self.in_flight is None and now >= self.next_probe_at
 
-    def begin_probe(self, now: float) -> int:
+    def begin(self, now: float) -> int:
         """A probe starts now: its number, to match its result against."""
         self._seq += 1
         self.in_flight = (self._seq, now + self.policy.probe_timeout)
@@ -166,12 +177,94 @@ class Watcher:
         """When the loop must look again: the running probe's deadline, or the next probe."""
         return self.in_flight[1] if self.in_flight is not None else self.next_probe_at
 
+    def answered(self, seq: int) -> bool:
+        """The running probe's result came (then none runs); False for any other's."""
+        if self.in_flight is None or seq != self.in_flight[0]:
+            return False
+        self.in_flight = None
+        return True
+
+    def missed(self, now: float) -> bool:
+        """The running probe is past its deadline: it is given up (then none runs)."""
+        if self.in_flight is None or now < self.in_flight[1]:
+            return False
+        self.in_flight = None
+        return True
+
+    def after_interval(self, now: float) -> float:
+        """Comparisons start only once the cool-down from start has passed."""
+        return max(now + self.policy.interval, self.started_at + self.policy.cooldown)
+
+    def trip(self, now: float, holding: bool) -> None:
+        """The tripwire fired: the next probe at once, but not in the cool-down (unless
+        holding); while a probe runs (it may have read before the change), one more after it."""
+        if self.in_flight is not None:
+            self.tripped = True
+        else:
+            self.next_probe_at = min(self.next_probe_at, self.trip_due(now, holding))
+
+    def take_trip(self) -> bool:
+        """Whether the tripwire fired while the probe that just ended ran; forgotten now."""
+        tripped, self.tripped = self.tripped, False
+        return tripped
+
+    def trip_due(self, now: float, holding: bool) -> float:
+        return now if holding else max(now, self.started_at + self.policy.cooldown)
+
+
+class Watcher:
+    """The policy's judgement of readings, by the rules above; its ProbeSchedule says when."""
+
+    def __init__(self, policy: WatchPolicy, started_at: float) -> None:
+        self.policy = policy
+        self.schedule = ProbeSchedule(policy, started_at)
+        self.baseline: Topology | None = None
+        self.candidate: Topology | None = None
+        self.settled_at = 0.0  # when a reading the same as the candidate confirms it
+        self.settle_by = 0.0  # when the candidate is acted on at the latest, moving or not
+        self.errors: list[str] = []
+        self.hold: PendingReset | None = None
+        self._reported_at: float | None = None
+        self.refused_at_start = False  # NVML refused to start before any good reading
+        self._pending_seen: frozenset[PendingKey] = frozenset()
+        self._held_out: frozenset[PendingKey] = frozenset()  # timed out: never held again
+
+    @property
+    def phase(self) -> Phase:
+        if self.hold is not None:
+            return Phase.HOLDING
+        if self.baseline is None:
+            return Phase.BASELINE
+        return Phase.SETTLING if self.candidate is not None else Phase.STEADY
+
+    @property
+    def next_probe_at(self) -> float:
+        return self.schedule.next_probe_at
+
+    @next_probe_at.setter
+    def next_probe_at(self, at: float) -> None:
+        self.schedule.next_probe_at = at
+
+    @property
+    def in_flight(self) -> tuple[int, float] | None:
+        return self.schedule.in_flight
+
+    # -- the probe's life: start it, take its result, or give up on it --------------------------
+
+    def probe_due(self, now: float) -> bool:
+        return self.schedule.due(now)
+
+    def begin_probe(self, now: float) -> int:
+        return self.schedule.begin(now)
+
+    def wake_at(self) -> float:
+        return self.schedule.wake_at()
+
     def observe(self, now: float, result: ProbeResult) -> Decision | None:
         """A probe's result. Only the running probe's counts: a late answer from one that
         already missed its deadline (and was counted failed) is ignored, and so None."""
-        if self.in_flight is None or result.seq != self.in_flight[0]:
+        if not self.schedule.answered(result.seq):
             return None
-        self.in_flight = None
         return self._after_trip(now, self.judge(now, result))
 
     def overdue(self, now: float) -> Decision | None:
@@ -179,13 +272,12 @@ class Watcher:
         comes, will not count). While holding it is more: the probe's thread is stuck inside
         NVML with NVML open, so gpu-supervise itself is now the client that blocks the reset it
         waits for, and only its exit releases the handle."""
-        if self.in_flight is None or now < self.in_flight[1]:
+        if not self.schedule.missed(now):
             return None
-        self.in_flight = None
         error = f"probe did not finish within {self.policy.probe_timeout:g} s"
         if self.hold is not None:
             self.errors.append(error)
-            return self._decide(Verdict.STUCK, now, errors=tuple(self.errors),
+            return self._decide(Event.STUCK, now, errors=tuple(self.errors),
                                 action=Action.RESTART)  # fmt: skip
         return self._after_trip(now, self._failure(now, error))
 
@@ -199,24 +291,21 @@ class Watcher:
           (never past the candidate's `settle_by`).
         - During the cool-down the probe waits for its end; while holding it is not held back.
         - While a probe runs (it may have read before the change), one more follows it."""
-        if self.candidate is not None:
-            self.settled_at = min(now + self.policy.settle, self.settle_by)
-            self.next_probe_at = max(self.next_probe_at, self.settled_at)
-        elif self.in_flight is not None:
-            self._tripped = True
-        else:
-            self.next_probe_at = min(self.next_probe_at, self._trip_due(now))
-
-    def _trip_due(self, now: float) -> float:
-        return now if self.hold is not None else max(now, self.started_at + self.policy.cooldown)
+        if self.candidate is None:
+            return self.schedule.trip(now, self.hold is not None)
+        self.settled_at = min(now + self.policy.settle, self.settle_by)
+        self.next_probe_at = max(self.next_probe_at, self.settled_at)
+        return None
 
     def _after_trip(self, now: float, decision: Decision) -> Decision:
         """A probe ended that was running when the tripwire fired: the next one comes at once
         (unless this reading began a settle, or the decision acts)."""
-        tripped, self._tripped = self._tripped, False
+        tripped = self.schedule.take_trip()
         if not tripped or self.candidate is not None or decision.action is not Action.NONE:
             return decision
-        self.next_probe_at = min(self.next_probe_at, self._trip_due(now))
+        self.next_probe_at = min(
+            self.next_probe_at, self.schedule.trip_due(now, self.hold is not None)
+        )
         return replace(decision, next_probe_at=self.next_probe_at)
 
     # -- judging a reading -----------------------------------------------------------------------
@@ -230,25 +319,34 @@ class Watcher:
         pending = self._pending(topo)
         if self.hold is not None:
             return self._holding(now, topo, pending)
-        if self.baseline is None:
-            # NVML refused to start so far: the agent started without a working NVML, so a
-            # working one now is a change (the same topology as "no usable NVML").
-            self.baseline = Topology.absent() if self.refused_at_start else topo
-            if topo.same_as(self.baseline):
-                return self._maybe_hold(now, Verdict.BASELINE, self._after_interval(now), pending)
+        if self.phase is Phase.BASELINE:
+            taken = self._take_baseline(now, topo, pending)
+            if taken is not None:
+                return taken
         if pending and self.policy.on_pending == "hold":
             return self._begin_hold(now, pending)
         newly = self._newly_pending(pending)
         if topo.same_as(self.baseline):
-            verdict = Verdict.REVERTED if self.candidate is not None else Verdict.STEADY
+            event = Event.REVERTED if self.candidate is not None else Event.UNCHANGED
             self.candidate = None
-            return self._decide(verdict, self._after_interval(now), newly_pending=newly)
+            return self._decide(event, self._after_interval(now), newly_pending=newly)
         change = diff(self.baseline, topo)
         if self.policy.settle <= 0 or self._confirms(now, topo):
-            return self._decide(Verdict.CHANGED, now, change=change, action=Action.RESTART)
+            return self._decide(Event.CHANGED, now, change=change, action=Action.RESTART)
         # A first sighting, or a reconfiguration still moving: look again after `settle`.
         self._settle(now, topo)
-        return self._decide(Verdict.SETTLING, self.settled_at, change=change, newly_pending=newly)
+        return self._decide(Event.DIFFERS, self.settled_at, change=change, newly_pending=newly)
+
+    def _take_baseline(
+        self, now: float, topo: Topology, pending: tuple[Gpu, ...]
+    ) -> Decision | None:
+        """The first good reading is the baseline, the phase every run starts in. But NVML
+        refused to start so far: the agent started without a working NVML, so a working one
+        now is a change (the baseline is "no usable NVML"), judged as any other: None."""
+        self.baseline = Topology.absent() if self.refused_at_start else topo
+        if not topo.same_as(self.baseline):
+            return None
+        return self._maybe_hold(now, Event.BASELINE, self._after_interval(now), pending)
 
     def _confirms(self, now: float, topo: Topology) -> bool:
         """The candidate seen again, `settle` after it was first seen (or last moved); or, with
@@ -279,31 +377,31 @@ class Watcher:
         errors = tuple(self.errors)
         if self.hold is not None and now < self.hold.until:
             # No agent is running, and NVML fails while a GPU resets: wait for the hold to end.
-            return self._decide(Verdict.TOLERATED, self._hold_next(now), errors=errors)
+            return self._decide(Event.TOLERATED, self._hold_next(now), errors=errors)
         if self.hold is not None:
             # Past the deadline and NVML fails: the failure rule decides before the agent is
             # started again (an agent started now would be stopped by the next failures).
             if len(self.errors) >= self.policy.failure_threshold:
                 self.hold = None
-                return self._decide(Verdict.FAILING, now, errors=errors, action=Action.RESTART)
-            return self._decide(Verdict.TOLERATED, now + self.policy.interval, errors=errors)
+                return self._decide(Event.FAILING, now, errors=errors, action=Action.RESTART)
+            return self._decide(Event.TOLERATED, now + self.policy.interval, errors=errors)
         if self.baseline is None:
             return self._failing_from_start(now, errors, refused)
         if len(self.errors) >= self.policy.failure_threshold:
-            return self._decide(Verdict.FAILING, now, errors=errors, action=Action.RESTART)
+            return self._decide(Event.FAILING, now, errors=errors, action=Action.RESTART)
         retry = now + (self.policy.settle if self.candidate is not None else self.policy.interval)
-        return self._decide(Verdict.TOLERATED, retry, errors=errors)
+        return self._decide(Event.TOLERATED, retry, errors=errors)
 
     def _failing_from_start(self, now: float, errors: tuple[str, ...], refused: bool) -> Decision:
         """No good reading yet: never a restart. NVML refusing to start is reported at once;
         other failures (a slow first probe) count as ever until the threshold."""
         self.refused_at_start = self.refused_at_start or refused
         if not self.refused_at_start and len(errors) < self.policy.failure_threshold:
-            return self._decide(Verdict.TOLERATED, now + self.policy.interval, errors=errors)
+            return self._decide(Event.TOLERATED, now + self.policy.interval, errors=errors)
         loud = self._reported_at is None or now - self._reported_at >= REPORT_EVERY
         if loud:
             self._reported_at = now
-        return self._decide(Verdict.BROKEN, now + self.policy.interval, errors=errors, loud=loud)
+        return self._decide(Event.BROKEN, now + self.policy.interval, errors=errors, loud=loud)
 
     # -- holds -------------------------------------------------------------------------------
 
@@ -316,22 +414,20 @@ class Watcher:
         return tuple(g for g in gpus if _key(g) not in self._held_out)
 
     def _maybe_hold(
-        self, now: float, verdict: Verdict, next_probe_at: float, pending: tuple[Gpu, ...]
+        self, now: float, event: Event, next_probe_at: float, pending: tuple[Gpu, ...]
     ) -> Decision:
         if pending and self.policy.on_pending == "hold":
-            return self._begin_hold(now, pending, verdict)
-        return self._decide(verdict, next_probe_at, newly_pending=self._newly_pending(pending))
+            return self._begin_hold(now, pending, event)
+        return self._decide(event, next_probe_at, newly_pending=self._newly_pending(pending))
 
     def _begin_hold(
-        self, now: float, pending: tuple[Gpu, ...], verdict: Verdict = Verdict.PENDING
+        self, now: float, pending: tuple[Gpu, ...], event: Event = Event.AWAITS_RESET
     ) -> Decision:
         self.hold = PendingReset({})
         self.hold.update(now, pending, self.policy.pending_timeout)
         self.candidate = None
         self._pending_seen = frozenset(_key(g) for g in pending)
-        return self._decide(
-            verdict, self._hold_next(now), newly_pending=pending, action=Action.HOLD
-        )
+        return self._decide(event, self._hold_next(now), newly_pending=pending, action=Action.HOLD)
 
     def _holding(self, now: float, topo: Topology, pending: tuple[Gpu, ...]) -> Decision:
         assert self.hold is not None and self.baseline is not None
@@ -340,7 +436,7 @@ class Watcher:
             if now < self.hold.until:
                 self.candidate = None
                 newly = self._newly_pending(pending)
-                return self._decide(Verdict.PENDING, self._hold_next(now), newly_pending=newly)
+                return self._decide(Event.AWAITS_RESET, self._hold_next(now), newly_pending=newly)
             if topo.same_as(self.baseline):
                 return self._time_out(now, topo)
         # No GPU waits for a reset any more; or those still waiting are past their allowance
@@ -350,11 +446,11 @@ class Watcher:
         if self.policy.settle > 0 and not self._confirms(now, topo):
             # A reset is often followed at once by instances being created: one restart for both.
             self._settle(now, topo)
-            return self._decide(Verdict.SETTLING, self.settled_at, change=change)
+            return self._decide(Event.DIFFERS, self.settled_at, change=change)
         self.hold = None
         self.candidate = None
-        verdict = Verdict.CHANGED if pending else Verdict.RELEASED
-        return self._decide(verdict, now, change=change, action=Action.RESTART)
+        event = Event.CHANGED if pending else Event.RELEASED
+        return self._decide(event, now, change=change, action=Action.RESTART)
 
     def _time_out(self, now: float, topo: Topology) -> Decision:
         """The reset did not happen within any pending GPU's allowance: give the agent back, and
@@ -367,7 +463,7 @@ class Watcher:
         self.candidate = None
         self.errors.clear()
         return self._decide(
-            Verdict.TIMED_OUT, now + self.policy.interval, newly_pending=gpus, action=Action.RESUME
+            Event.TIMED_OUT, now + self.policy.interval, newly_pending=gpus, action=Action.RESUME
         )
 
     def _hold_next(self, now: float) -> float:
@@ -385,12 +481,11 @@ class Watcher:
     # -- helpers -----------------------------------------------------------------------------
 
     def _after_interval(self, now: float) -> float:
-        """Comparisons start only once the cool-down from start has passed."""
-        return max(now + self.policy.interval, self.started_at + self.policy.cooldown)
+        return self.schedule.after_interval(now)
 
     def _decide(
         self,
-        verdict: Verdict,
+        event: Event,
         next_probe_at: float,
         change: Change | None = None,
         errors: tuple[str, ...] = (),
@@ -400,12 +495,9 @@ class Watcher:
     ) -> Decision:
         self.next_probe_at = next_probe_at
         return Decision(
-            verdict, next_probe_at, change, errors, newly_pending, action, loud,
-            self.baseline, self.candidate, self.hold is not None, self.refused_at_start,
+            event, next_probe_at, change, errors, newly_pending, action, loud,
+            self.baseline, self.candidate, self.phase, self.refused_at_start,
         )  # fmt: skip
-
-
-Hold = PendingReset  # the name it had
 
 
 def _key(gpu: Gpu) -> PendingKey:

@@ -85,6 +85,10 @@ class Watching:
             decided.append((None, lost))
         return decided
 
+    def take_baseline(self, now: float) -> Decided | None:
+        """The run's first probe, started while the agent starts: its reading is the baseline."""
+        return self.probe(now)
+
     def probe(self, now: float) -> Decided | None:
         """Start the next probe if it is due; the decision on it if the last one still hangs."""
         if self.prober is None or self.watcher is None or not self.watcher.probe_due(now):

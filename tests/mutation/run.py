@@ -56,7 +56,7 @@ SUPPORT = ("fakenvml", "agents")
 # files hold a GPU, a container's id, who a holder is (the scan itself reads /proc).
 ONLY = {
     "events": (
-        "_uuid_list", "change_line", "_mode", "_pending_gpus", "source_name", "_failed",
+        "_uuid_list", "change_line", "_pending_gpus", "source_name", "_failed",
         "restart_reason", "termination_message", "holding_status", "running_status",
         "holders_line",
     ),
@@ -70,22 +70,22 @@ STRICT = re.compile(
     r"gpu_supervise\.watch\."
     r"|gpu_supervise\.topology\.x(ǁTopologyǁ(identity|same_as|absent|pending_mig_changes)"
     r"|ǁMigDeviceǁ(key|describe)|ǁGpuǁ(mig_enabled|mig_change_pending|describe)"
-    r"|ǁChangeǁ|_diff|__diff_lines|__gpu_diff|__mig_suffix|__profile_counts|__slot|__onoff)"
+    r"|ǁChangeǁ|_diff|__diff_lines|__gpu_diff|__mig_suffix|__profile_counts|__slot|_onoff)"
     r"|gpu_supervise\.(text|tripwire|events|logs|holders)\."
 )
 
 # Survivors that change nothing observable: (function, a piece of the mutated line) -> why.
 EQUIVALENT = {
-    ("Watcher.__init__", "self._seq = 1"): "probe numbers only need to be distinct",
-    ("Watcher.begin_probe", "self._seq -= 1"): "probe numbers only need to be distinct",
-    ("Watcher.begin_probe", "self._seq += 2"): "probe numbers only need to be distinct",
+    ("ProbeSchedule.__init__", "self._seq = 1"): "probe numbers only need to be distinct",
+    ("ProbeSchedule.begin", "self._seq -= 1"): "probe numbers only need to be distinct",
+    ("ProbeSchedule.begin", "self._seq += 2"): "probe numbers only need to be distinct",
     ("Watcher._holding", "assert self.hold is not None or self.baseline is not None"): (
         "an assertion of an invariant (a hold always has a baseline): never false"
     ),
     ("Watcher._decide", "loud: bool = False"): (
         "`loud` is read only for BROKEN decisions, which always pass it"
     ),
-    ("Watcher.__init__", "self._tripped = None"): (
+    ("ProbeSchedule.__init__", "self.tripped = None"): (
         "read once, as `not tripped`: None and False are the same there"
     ),
     ("Watcher.__init__", "self.settled_at = None"): (
