@@ -224,18 +224,13 @@ class NodeWatcher:
         self._node = node_name
         self._node_from_pod = node_name is None
         self._pod = env.get("HOSTNAME") or socket.gethostname()
-        self._namespace = "?"
         self._dir = account_dir
-        self._notify = notify
         self._rng = rng or random.Random()
         self._watch_seconds = max(1, watch_seconds)
-        self._request_seconds = request_seconds
         self._backoff = Backoff(backoff[0], backoff[1], self._rng)
         self._stopping = threading.Event()
-        self._lock = threading.Lock()
-        self._sock: socket.socket | None = None  # the connection now open, for _cut
-        self._reported: NodeLabels | str | None = None  # the last labels, or a problem's kind
-        self._labels: NodeLabels | None = None  # the last labels seen
+        self._client = _Client(self._server, account_dir, request_seconds, self._stopping)
+        self._reports = _Reports(notify)
         self._version: str | None = None  # where the watch resumes; None: list first
         self._thread = threading.Thread(target=self._run, name="kube-watch", daemon=True)
 
@@ -248,7 +243,7 @@ class NodeWatcher:
     def stop(self, timeout: float = 5.0) -> bool:
         """End the thread: wake its wait, cut its connection. False if it outlived `timeout`."""
         self._stopping.set()
-        self._cut(None)
+        self._client.cut(None)
         if self._thread.is_alive():
             self._thread.join(timeout)
         return not self._thread.is_alive()
@@ -270,9 +265,9 @@ class NodeWatcher:
                 if self._stopping.is_set():
                     return
                 if not failure.quiet:
-                    self._problem(failure.kind, failure.message)
+                    self._reports.problem(failure.kind, failure.message)
             except Exception as exc:  # a bug must not end the watch, nor print a traceback
-                self._problem(
+                self._reports.problem(
                     "protocol", f"the watch on {self._server} failed: {type(exc).__name__}"
                 )
             self._stopping.wait(self._backoff.next())
@@ -304,9 +299,9 @@ class NodeWatcher:
                 "set NODE_NAME (env valueFrom fieldRef spec.nodeName): "
                 "the pod's name or namespace is not a name",
             )
-        self._namespace = namespace
+        self._client.namespace = namespace
         what = f"pod {namespace}/{self._pod}"
-        doc = self._get(
+        doc = self._client.get(
             f"/api/v1/namespaces/{namespace}/pods/{self._pod}", "application/json", what
         )
         spec = doc.get("spec") if isinstance(doc, dict) else None
@@ -317,7 +312,7 @@ class NodeWatcher:
 
     def _list(self) -> str:
         """List the node; report its labels; return the list's resourceVersion."""
-        doc = self._get(self._nodes_path(), LIST_ACCEPT, f"node {self._node}")
+        doc = self._client.get(self._nodes_path(), LIST_ACCEPT, f"node {self._node}")
         rv = resource_version_of(doc)
         items = doc.get("items") if isinstance(doc, dict) else None
         if rv is None or not isinstance(items, list):
@@ -331,7 +326,7 @@ class NodeWatcher:
                 "no-node", f"no node named {self._node!r} in the API: " + self._node_hint()
             )
         self._backoff.reset()
-        self._report(labels_of(mine[0], resource_version_of(mine[0]) or rv))
+        self._reports.report(labels_of(mine[0], resource_version_of(mine[0]) or rv))
         return rv
 
     def _node_hint(self) -> str:
@@ -348,45 +343,22 @@ class NodeWatcher:
         query = f"&watch=1&resourceVersion={rv}&allowWatchBookmarks=true&timeoutSeconds={timeout}"
         life = 2.0 * timeout  # the server ends it at `timeout`: past twice that it is dead
         started = time.monotonic()
-        exchange = self._open(
+        exchange = self._client.open(
             self._nodes_path() + query, WATCH_ACCEPT, life, min(life, 300.0), f"node {self._node}"
         )
         lines = 0
         try:
-            if not isinstance(self._reported, NodeLabels) and self._labels is not None:
-                self._report(self._labels)  # watching again: the problem has cleared
+            self._reports.resume()  # watching again: the problem has cleared
             while not self._stopping.is_set():
-                line = self._read_line(exchange.response)
+                line = self._client.read_line(exchange.response)
                 if not line:
                     break
                 lines += 1
                 self._backoff.reset()
                 self._version = self._event(line, self._version or resource_version)
         finally:
-            self._close(exchange)
+            self._client.close(exchange)
         return lines > 0 or time.monotonic() - started >= 1.0
-
-    def _read_line(self, resp: http.client.HTTPResponse) -> bytes:
-        """One event's line; b"" at the stream's clean end (its last chunk). A line past
-        MAX_LINE is a _Failure; so, quietly (the watch resumes), is a connection cut within a
-        line or between chunks, a silent server, or one that drips past the connection's life.
-        (http.client's readline hands back what it had when the stream broke: an API server
-        ends every event with a newline, and the last chunk sets chunk_left to None.)"""
-        try:
-            line = resp.readline(MAX_LINE + 1)
-        except (OSError, http.client.HTTPException) as exc:
-            raise self._broke(type(exc).__name__) from None
-        if len(line) > MAX_LINE:
-            raise _Failure(
-                "protocol",
-                f"{self._server} sent a watch event longer than {MAX_LINE} bytes; reconnecting",
-            )
-        if line.endswith(b"\n") or (not line and resp.chunk_left is None):
-            return line
-        raise self._broke("cut within an event" if line else "cut between events")
-
-    def _broke(self, how: str) -> _Failure:
-        return _Failure("connect", f"the watch on {self._server} broke off ({how})", quiet=True)
 
     def _event(self, line: bytes, resource_version: str) -> str:
         """Act on one watch event; return the resourceVersion to resume from."""
@@ -408,24 +380,92 @@ class NodeWatcher:
             raise _Failure("http", f"the watch on {self._server} failed: " + _status_text(obj))
         rv = resource_version_of(obj) or resource_version
         if kind in ("ADDED", "MODIFIED") and _name_of(obj) == self._node:
-            self._report(labels_of(obj, rv))
+            self._reports.report(labels_of(obj, rv))
         elif kind == "DELETED" and _name_of(obj) == self._node:
-            self._problem(
+            self._reports.problem(
                 "node-deleted",
                 f"node {self._node!r} was deleted from the API; watching for its return",
             )
         return rv
 
-    # Requests
-
     def _nodes_path(self) -> str:
         selector = urllib.parse.quote(f"metadata.name={self._node}", safe="")
         return f"/api/v1/nodes?fieldSelector={selector}"
 
-    def _get(self, path: str, accept: str, what: str) -> Any:
+
+class _Reports:
+    """What the caller is told: labels when their values change, a problem once per change of
+    kind, and the labels again once a problem has cleared."""
+
+    def __init__(self, notify: Callable[[Event], None]) -> None:
+        self._notify = notify
+        self._reported: NodeLabels | str | None = None  # the last labels, or a problem's kind
+        self._labels: NodeLabels | None = None  # the last labels seen
+
+    def resume(self) -> None:
+        """Watching again: report the last labels seen if a problem was reported since."""
+        if not isinstance(self._reported, NodeLabels) and self._labels is not None:
+            self.report(self._labels)
+
+    def report(self, labels: NodeLabels) -> None:
+        """Tell the caller the labels when their values changed, or a problem was reported."""
+        self._labels = labels
+        last = self._reported
+        if isinstance(last, NodeLabels) and _values(last) == _values(labels):
+            return
+        self._reported = labels
+        self._notify(labels)
+
+    def problem(self, kind: str, message: str) -> None:
+        """Tell the caller a problem, once per change of kind."""
+        if self._reported == kind:
+            return
+        self._reported = kind
+        self._notify(KubeProblem(kind, message))
+
+
+class _Client:
+    """The HTTP layer: one GET at a time to the API server, with a freshly read token and a
+    verified TLS context, a bound on every read and on each connection's life; `cut` shuts the
+    open connection down from any thread."""
+
+    def __init__(
+        self, server: Server, account_dir: str, request_seconds: float, stopping: threading.Event
+    ) -> None:
+        self._server = server
+        self._account = _Account(account_dir)
+        self._request_seconds = request_seconds
+        self._stopping = stopping
+        self.namespace = "?"  # the pod's, once read: named in the fix for a 403 on it
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None  # the connection now open, for cut
+
+    def read_line(self, resp: http.client.HTTPResponse) -> bytes:
+        """One event's line; b"" at the stream's clean end (its last chunk). A line past
+        MAX_LINE is a _Failure; so, quietly (the watch resumes), is a connection cut within a
+        line or between chunks, a silent server, or one that drips past the connection's life.
+        (http.client's readline hands back what it had when the stream broke: an API server
+        ends every event with a newline, and the last chunk sets chunk_left to None.)"""
+        try:
+            line = resp.readline(MAX_LINE + 1)
+        except (OSError, http.client.HTTPException) as exc:
+            raise self._broke(type(exc).__name__) from None
+        if len(line) > MAX_LINE:
+            raise _Failure(
+                "protocol",
+                f"{self._server} sent a watch event longer than {MAX_LINE} bytes; reconnecting",
+            )
+        if line.endswith(b"\n") or (not line and resp.chunk_left is None):
+            return line
+        raise self._broke("cut within an event" if line else "cut between events")
+
+    def _broke(self, how: str) -> _Failure:
+        return _Failure("connect", f"the watch on {self._server} broke off ({how})", quiet=True)
+
+    def get(self, path: str, accept: str, what: str) -> Any:
         """The JSON document at `path`, at most MAX_RESPONSE bytes, within request_seconds."""
         seconds = self._request_seconds
-        exchange = self._open(path, accept, seconds, seconds, what)
+        exchange = self.open(path, accept, seconds, seconds, what)
         try:
             body = exchange.response.read(MAX_RESPONSE + 1)
         except (OSError, http.client.HTTPException) as exc:
@@ -433,7 +473,7 @@ class NodeWatcher:
                 "connect", f"reading {what} from {self._server} failed ({type(exc).__name__})"
             ) from None
         finally:
-            self._close(exchange)
+            self.close(exchange)
         if len(body) > MAX_RESPONSE:
             raise _Failure(
                 "protocol", f"{self._server} sent more than {MAX_RESPONSE} bytes for {what}"
@@ -443,12 +483,12 @@ class NodeWatcher:
         except ValueError:
             raise _Failure("protocol", f"{self._server} sent {what} that is not JSON") from None
 
-    def _open(self, path: str, accept: str, life: float, idle: float, what: str) -> _Exchange:
+    def open(self, path: str, accept: str, life: float, idle: float, what: str) -> _Exchange:
         """Connect, send the GET with a freshly read token, and return its 200 response. The
         connection is cut `life` seconds after it is made; a read waits `idle` seconds."""
-        token = self._token()
+        token = self._account.token()
         exchange = _Exchange(self._server)
-        exchange.timer = threading.Timer(life, self._cut, (exchange,))
+        exchange.timer = threading.Timer(life, self.cut, (exchange,))
         exchange.timer.daemon = True
         try:
             exchange.conn.sock = self._connect(exchange)
@@ -466,29 +506,29 @@ class NodeWatcher:
             if exchange.response.status != 200:
                 raise self._refusal(exchange.response, what, token)
         except ssl.SSLCertVerificationError as exc:
-            self._close(exchange)
+            self.close(exchange)
             raise _Failure(
                 "tls",
                 f"{self._server}'s certificate did not verify against "
-                f"{self._ca_path()}: {exc.verify_message}",
+                f"{self._account.ca_path()}: {exc.verify_message}",
             ) from None
         except (OSError, http.client.HTTPException) as exc:
-            self._close(exchange)
+            self.close(exchange)
             if self._stopping.is_set():
                 raise _Failure("connect", "stopping", quiet=True) from None
             raise _Failure(
                 "connect", f"cannot reach the API server at {self._server}: {_os_text(exc)}"
             ) from None
         except BaseException:
-            self._close(exchange)
+            self.close(exchange)
             raise
         return exchange
 
     def _connect(self, exchange: _Exchange) -> socket.socket:
-        """A connected socket (TLS-wrapped for https), made so that _cut can reach it at every
+        """A connected socket (TLS-wrapped for https), made so that cut can reach it at every
         step: connect, handshake and every read after."""
         server = self._server
-        context = self._tls_context() if server.scheme == "https" else None
+        context = self._account.tls_context() if server.scheme == "https" else None
         sock = socket.create_connection((server.host, server.port), timeout=CONNECT_SECONDS)
         if context is not None:
             try:
@@ -508,46 +548,6 @@ class NodeWatcher:
             sock.do_handshake()  # type: ignore[attr-defined]
         return sock
 
-    def _tls_context(self) -> ssl.SSLContext:
-        """Verify against the service account's CA only, host name included; read afresh."""
-        try:
-            ca = read_regular_file(self._ca_path(), MAX_FILE).decode("ascii")
-            context = ssl.create_default_context(cadata=ca)
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise _Failure(
-                "config",
-                f"no usable CA certificate at {self._ca_path()} "
-                f"({_os_text(exc)}): the pod must mount its service "
-                "account (automountServiceAccountToken)",
-            ) from None
-        context.check_hostname = True
-        context.verify_mode = ssl.CERT_REQUIRED
-        return context
-
-    def _ca_path(self) -> str:
-        return os.path.join(self._dir, "ca.crt")
-
-    def _token(self) -> str:
-        """The service account token, read afresh: the kubelet rewrites it before it expires."""
-        path = os.path.join(self._dir, "token")
-        try:
-            raw = read_regular_file(path, MAX_FILE)
-        except OSError as exc:
-            raise _Failure(
-                "token",
-                f"cannot read the service account token at {path} "
-                f"({_os_text(exc)}): the pod must mount its service "
-                "account (automountServiceAccountToken)",
-            ) from None
-        token = raw.strip()
-        if not token or any(b < 0x21 or b > 0x7E for b in token):
-            raise _Failure(
-                "token",
-                f"the file {path} holds no token ({len(raw)} bytes; "
-                "expected one line of printable ASCII)",
-            )
-        return token.decode("ascii")
-
     def _refusal(self, resp: http.client.HTTPResponse, what: str, token: str) -> Exception:
         """The failure a non-200 answer means, with what to fix. The server's own words are
         shown (clipped), never the token, should a server echo it."""
@@ -564,11 +564,11 @@ class NodeWatcher:
             return _Failure(
                 "unauthorized",
                 f"the API server refused the service account "
-                f"token ({detail}): the token at {os.path.join(self._dir, 'token')} "
+                f"token ({detail}): the token at {os.path.join(self._account.dir, 'token')} "
                 "must be the pod's current one",
             )
         if code == 403:
-            fix = RBAC_NODES if what.startswith("node") else RBAC_PODS.format(ns=self._namespace)
+            fix = RBAC_NODES if what.startswith("node") else RBAC_PODS.format(ns=self.namespace)
             return _Failure(
                 "forbidden", f"the service account may not read {what} ({detail}): add {fix}"
             )
@@ -589,7 +589,7 @@ class NodeWatcher:
             )
         return _Failure("http", f"{self._server} answered {code} for {what} ({detail})")
 
-    def _cut(self, exchange: _Exchange | None) -> None:
+    def cut(self, exchange: _Exchange | None) -> None:
         """Shut the open connection down (only `exchange`'s, if given), from any thread: a
         blocked TLS handshake or read returns at once, and fails. (A TCP connect still under
         way has no socket here yet: it ends within CONNECT_SECONDS.)"""
@@ -602,7 +602,7 @@ class NodeWatcher:
             except OSError:
                 pass
 
-    def _close(self, exchange: _Exchange) -> None:
+    def close(self, exchange: _Exchange) -> None:
         exchange.timer.cancel()
         with self._lock:
             if exchange.sock is not None and self._sock is exchange.sock:
@@ -611,23 +611,53 @@ class NodeWatcher:
         if exchange.sock is not None:
             exchange.sock.close()
 
-    # Reports
 
-    def _report(self, labels: NodeLabels) -> None:
-        """Tell the caller the labels when their values changed, or a problem was reported."""
-        self._labels = labels
-        last = self._reported
-        if isinstance(last, NodeLabels) and _values(last) == _values(labels):
-            return
-        self._reported = labels
-        self._notify(labels)
+class _Account:
+    """The service account's folder as the kubelet mounts it: its token and CA, each read afresh
+    (the kubelet rewrites them)."""
 
-    def _problem(self, kind: str, message: str) -> None:
-        """Tell the caller a problem, once per change of kind."""
-        if self._reported == kind:
-            return
-        self._reported = kind
-        self._notify(KubeProblem(kind, message))
+    def __init__(self, folder: str) -> None:
+        self.dir = folder
+
+    def tls_context(self) -> ssl.SSLContext:
+        """Verify against the service account's CA only, host name included; read afresh."""
+        try:
+            ca = read_regular_file(self.ca_path(), MAX_FILE).decode("ascii")
+            context = ssl.create_default_context(cadata=ca)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise _Failure(
+                "config",
+                f"no usable CA certificate at {self.ca_path()} "
+                f"({_os_text(exc)}): the pod must mount its service "
+                "account (automountServiceAccountToken)",
+            ) from None
+        context.check_hostname = True
+        context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    def ca_path(self) -> str:
+        return os.path.join(self.dir, "ca.crt")
+
+    def token(self) -> str:
+        """The service account token, read afresh: the kubelet rewrites it before it expires."""
+        path = os.path.join(self.dir, "token")
+        try:
+            raw = read_regular_file(path, MAX_FILE)
+        except OSError as exc:
+            raise _Failure(
+                "token",
+                f"cannot read the service account token at {path} "
+                f"({_os_text(exc)}): the pod must mount its service "
+                "account (automountServiceAccountToken)",
+            ) from None
+        token = raw.strip()
+        if not token or any(b < 0x21 or b > 0x7E for b in token):
+            raise _Failure(
+                "token",
+                f"the file {path} holds no token ({len(raw)} bytes; "
+                "expected one line of printable ASCII)",
+            )
+        return token.decode("ascii")
 
 
 class _Exchange:
