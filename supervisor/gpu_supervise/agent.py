@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Callable
 
 from loguru import logger
 
 from . import child
+from .inbox import Inbox
 
 
 class Agent:
@@ -48,6 +50,26 @@ class Agent:
         finally:
             os.chdir("/")
         self.status = None
+
+    def start_again(self, inbox: Inbox) -> None:
+        """After a timed-out hold: spawn_again, tried again while the cause passes until a
+        SIGTERM or SIGINT waits in `inbox`. child.SpawnError if it cannot be."""
+
+        def wait_to_retry(exc: Exception, seconds: float) -> bool:
+            logger.warning(f"cannot start the agent again: {exc}; trying again in {seconds:.1f} s")
+            deadline = time.monotonic() + seconds
+            while not inbox.stop_asked() and (left := deadline - time.monotonic()) > 0:
+                inbox.sleep(left)
+            return not inbox.stop_asked()
+
+        self.spawn_again(wait_to_retry)
+        logger.info(f"started {self.argv[0]} again as pid {self.pid}")
+
+    def exited(self) -> tuple[int, str]:
+        """The agent exited by itself: its exit code, and why, for the stop that follows."""
+        status = self.status
+        assert status is not None
+        return child.exit_code(status), f"the agent {child.describe_status(status)}"
 
     def reaped(self, reaped: child.Reaped) -> bool:
         """Take note of a child collected: whether it is the agent."""

@@ -9,8 +9,9 @@ import select
 import signal
 import threading
 from collections import deque
+from collections.abc import Iterator
 
-from . import signals
+from . import child, signals
 
 
 class Inbox:
@@ -65,6 +66,16 @@ class Inbox:
                 pass
         except BlockingIOError:
             pass
+
+    def take_signals(self) -> Iterator[tuple[int, str, bool]]:
+        """Each signal that arrived, in order, and one that arrives meanwhile: (signal, name,
+        whether it asks for a stop: SIGTERM or SIGINT the caller did not ignore). SIGCHLD is
+        left out: reaping follows in the loop."""
+        while self.signals:
+            sig = self.signals.popleft()
+            if sig != signal.SIGCHLD:
+                stop = sig in (signal.SIGTERM, signal.SIGINT) and sig not in signals.caller.ignored
+                yield sig, child.signame(sig), stop
 
     def stop_asked(self) -> bool:
         """Whether a SIGTERM or SIGINT waits to be handled."""

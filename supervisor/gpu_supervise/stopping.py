@@ -21,9 +21,11 @@ class Stop:
     """A stop in progress: the tree's (child.TreeStop), begun at once, and what follows it."""
 
     def __init__(
-        self, agent: Agent, settings: Settings, now: float, exit_code: int | None, reason: str,
-        sig: int = signal.SIGTERM, hold: bool = False,
+        self, agent: Agent, settings: Settings, systemd: Notifier, now: float,
+        exit_code: int | None, reason: str, sig: int = signal.SIGTERM, hold: bool = False,
     ) -> None:  # fmt: skip
+        stopping = {} if hold else {"STOPPING": "1"}  # a hold is no stop for systemd
+        systemd.notify(STATUS="stopping the agent: " + reason, **stopping)
         self.exit_code = exit_code  # None: exit with the child's own code
         self.reason = reason
         self.hold = hold  # once the tree is gone, hold instead of exiting

@@ -33,8 +33,8 @@ from .inbox import Inbox
 from .notifier import Notifier
 from .probe import ProbeResult
 from .stopping import Stop, flush_log, last_resort
-from .watch import Action, Decision, PendingReset
-from .watching import Blockers, Watching
+from .watch import Action, Decision
+from .watching import Watching
 
 EXIT_RESTART = 1
 
@@ -95,7 +95,6 @@ class Supervisor:
         self.systemd = Notifier(notify_socket)
         self.inbox = Inbox()
         self.watching: Watching | None = None  # from the run's start
-        self.blockers = Blockers(settings.device_dir, self.inbox.wake)
         self.termination_text: str | None = None  # what the termination log says, once written
         load_what_a_stop_needs()
 
@@ -175,23 +174,13 @@ class Supervisor:
         times = [now + 3600.0, *self.systemd.wake_at()]
         if self.stop is not None:
             times.append(self.stop.tree.next_look(now))
-        beat_at = self.watching.beat_at()
-        if beat_at is not None:
-            times.append(beat_at)
-        if self.state is not State.STOPPING:
-            times += self.watching.wake_at()
-        return min(times)
+        return min(times + self.watching.wake_at(stopping=self.state is State.STOPPING))
 
     # -- signals and children -------------------------------------------------------------------
 
     def _handle_signals(self) -> None:
-        signals_ = self.inbox.signals
-        while signals_:
-            sig = signals_.popleft()
-            if sig == signal.SIGCHLD:
-                continue  # reaping follows in the loop
-            name = child.signame(sig)
-            if sig in (signal.SIGTERM, signal.SIGINT) and sig not in signals.caller.ignored:
+        for sig, name, stop in self.inbox.take_signals():
+            if stop:
                 self._stop_requested(sig, name)
             elif self.state is State.HOLDING or self.agent.status is not None:
                 logger.debug(f"received {name}: no agent is running to forward it to")
@@ -214,10 +203,8 @@ class Supervisor:
 
     def _agent_exited(self, now: float) -> None:
         """The agent exited by itself: clear what it left behind, exit with its code."""
-        status = self.agent.status
-        assert status is not None
         events.log_left_behind(child.survivors())
-        self._begin_stop(now, child.exit_code(status), f"the agent {child.describe_status(status)}")
+        self._begin_stop(now, *self.agent.exited())
 
     # -- stopping, holding, resuming -------------------------------------------------------------
 
@@ -226,12 +213,7 @@ class Supervisor:
         hold: bool = False,
     ) -> None:  # fmt: skip
         self._change_state(State.STOPPING)
-        status = "stopping the agent: " + reason
-        if hold:
-            self.systemd.notify(STATUS=status)
-        else:
-            self.systemd.notify(STATUS=status, STOPPING="1")
-        self.stop = Stop(self.agent, self.settings, now, exit_code, reason, sig, hold)
+        self.stop = Stop(self.agent, self.settings, self.systemd, now, exit_code, reason, sig, hold)
 
     def _advance_stop(self, now: float) -> None:
         stop = self.stop
@@ -242,8 +224,8 @@ class Supervisor:
         if not stop.hold:
             return self._exit(*stop.outcome(self.agent))
         self._change_state(State.HOLDING)
-        self.blockers.begin()
-        hold = self._hold()
+        assert self.watching is not None
+        hold = self.watching.begin_hold()
         if hold is not None:  # the count follows
             self.systemd.notify(STATUS=events.holding_status(hold, self.settings))
         return None
@@ -252,37 +234,23 @@ class Supervisor:
         """The hold timed out: start the agent again, in this process."""
         agent = self.agent
         try:
-            agent.spawn_again(self._wait_to_retry)
+            agent.start_again(self.inbox)
         except child.SpawnError as exc:
             logger.error(f"cannot start the agent again: {exc}")
             if not self.inbox.stop_asked():  # else the loop ends the hold by the SIGTERM rule
                 self._exit(exc.code, str(exc))
             return
         self._change_state(State.RUNNING)
-        logger.info(f"started {agent.argv[0]} again as pid {agent.pid}")
         self.systemd.notify(STATUS=events.running_status(agent.argv, agent.pid, self.settings))
-
-    def _wait_to_retry(self, exc: Exception, seconds: float) -> bool:
-        """Between two tries to start the agent again; a SIGTERM or SIGINT ends the tries."""
-        logger.warning(f"cannot start the agent again: {exc}; trying again in {seconds:.1f} s")
-        deadline = time.monotonic() + seconds
-        while not self.inbox.stop_asked() and (left := deadline - time.monotonic()) > 0:
-            self.inbox.sleep(left)
-        return not self.inbox.stop_asked()
 
     # -- watching ------------------------------------------------------------------------------
 
-    def _hold(self) -> PendingReset | None:
-        """The policy's hold, while there is one: what systemd's status says while holding."""
-        watcher = self.watching.watcher if self.watching is not None else None
-        return watcher.hold if watcher is not None else None
-
     def _report_blockers(self) -> None:
         """A finished scan of who blocks the reset: its count in systemd's status."""
-        hold = self._hold()
-        found = self.blockers.take(self.state is State.HOLDING and hold is not None)
-        if found is not None and hold is not None:
-            self.systemd.notify(STATUS=events.holding_status(hold, self.settings, found))
+        assert self.watching is not None
+        status = self.watching.blockers_status(self.state is State.HOLDING)
+        if status is not None:
+            self.systemd.notify(STATUS=status)
 
     def _watch(self, now: float) -> None:
         """Hand results to the policy, give up on an overdue probe, start the next one."""
@@ -290,7 +258,7 @@ class Supervisor:
         for result, decision in self.watching.results(now):
             self._decide(result, decision)
             if result is not None and self.state is State.HOLDING:
-                self.blockers.look()
+                self.watching.blockers.look()
         if self.state in (State.RUNNING, State.HOLDING):
             stuck = self.watching.probe(now)
             if stuck is not None:

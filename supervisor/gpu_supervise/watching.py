@@ -14,7 +14,7 @@ from .config import Settings
 from .probe import Prober, ProbeResult, failed
 from .sources import open_source
 from .tripwire import Tripwire
-from .watch import Decision, Watcher, WatchPolicy
+from .watch import Decision, PendingReset, Watcher, WatchPolicy
 
 # A reading and the policy's decision on it (None: a late reading), or an overdue probe's.
 Decided = tuple[ProbeResult | None, Decision | None]
@@ -40,6 +40,7 @@ class Watching:
 
     def __init__(self, settings: Settings, wake: Callable[[], None], now: float) -> None:
         self.settings = settings
+        self.blockers = Blockers(settings.device_dir, wake)
         self.heartbeat = Heartbeat(now)
         self.watcher: Watcher | None = None
         self.prober: Prober | None = None
@@ -99,14 +100,34 @@ class Watching:
         stuck = failed(seq, "previous probe is still hanging in NVML")
         return stuck, self.watcher.observe(now, stuck)
 
-    def wake_at(self) -> list[float]:
-        """When the loop must look again for the watch: the probe's, the tripwire's times."""
-        if self.watcher is None:
-            return []
-        times = [self.watcher.wake_at()]
+    def wake_at(self, stopping: bool) -> list[float]:
+        """When the loop must look again: the heartbeat's time and, unless `stopping`, the
+        probe's and the tripwire's."""
+        beat_at = self.beat_at()
+        times = [] if beat_at is None else [beat_at]
+        if self.watcher is None or stopping:
+            return times
+        times.append(self.watcher.wake_at())
         if self.tripwire is not None:
             times.append(self.tripwire_at)
         return times
+
+    def hold(self) -> PendingReset | None:
+        """The policy's hold, while there is one: what systemd's status says while holding."""
+        return self.watcher.hold if self.watcher is not None else None
+
+    def begin_hold(self) -> PendingReset | None:
+        """The agent's tree is gone and a reset waits: look for who blocks it; the hold."""
+        self.blockers.begin()
+        return self.hold()
+
+    def blockers_status(self, holding: bool) -> str | None:
+        """A finished scan of who blocks the reset, as systemd's status while `holding`."""
+        hold = self.hold()
+        found = self.blockers.take(holding and hold is not None)
+        if found is None or hold is None:
+            return None
+        return events.holding_status(hold, self.settings, found)
 
     def beat_at(self) -> float | None:
         every = self.settings.log_heartbeat
