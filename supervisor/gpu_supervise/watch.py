@@ -212,6 +212,38 @@ class ProbeSchedule:
         return now if holding else max(now, self.started_at + self.policy.cooldown)
 
 
+class PendingGpus:
+    """The GPUs with a MIG mode change waiting for a reset: each reported once, and those whose
+    hold timed out never held again (until their pending change clears)."""
+
+    def __init__(self) -> None:
+        self._seen: frozenset[PendingKey] = frozenset()
+        self._held_out: frozenset[PendingKey] = frozenset()  # timed out: never held again
+
+    def of(self, topo: Topology) -> tuple[Gpu, ...]:
+        """GPUs with a MIG mode change waiting for a reset, less those whose hold timed out (a
+        GPU whose pending change cleared may hold again)."""
+        gpus = topo.pending_mig_changes()
+        keys = frozenset(_key(g) for g in gpus)
+        self._held_out &= keys
+        return tuple(g for g in gpus if _key(g) not in self._held_out)
+
+    def newly(self, pending: tuple[Gpu, ...]) -> tuple[Gpu, ...]:
+        """Those of `pending` not reported yet; each is reported once."""
+        now_pending = frozenset(_key(g) for g in pending)
+        fresh = tuple(g for g in pending if _key(g) not in self._seen)
+        self._seen = now_pending
+        return fresh
+
+    def seen(self, pending: tuple[Gpu, ...]) -> None:
+        """A hold begins: these are reported with it."""
+        self._seen = frozenset(_key(g) for g in pending)
+
+    def hold_out(self, topo: Topology) -> None:
+        """The hold timed out: no GPU pending now is held again."""
+        self._held_out = frozenset(_key(g) for g in topo.pending_mig_changes())
+
+
 class Watcher:
     """The policy's judgement of readings, by the rules above; its ProbeSchedule says when."""
 
@@ -226,8 +258,7 @@ class Watcher:
         self.hold: PendingReset | None = None
         self._reported_at: float | None = None
         self.refused_at_start = False  # NVML refused to start before any good reading
-        self._pending_seen: frozenset[PendingKey] = frozenset()
-        self._held_out: frozenset[PendingKey] = frozenset()  # timed out: never held again
+        self.pending = PendingGpus()
 
     @property
     def phase(self) -> Phase:
@@ -316,7 +347,7 @@ class Watcher:
         topo = result.topology
         assert topo is not None
         self.errors.clear()
-        pending = self._pending(topo)
+        pending = self.pending.of(topo)
         if self.hold is not None:
             return self._holding(now, topo, pending)
         if self.phase is Phase.BASELINE:
@@ -325,7 +356,7 @@ class Watcher:
                 return taken
         if pending and self.policy.on_pending == "hold":
             return self._begin_hold(now, pending)
-        newly = self._newly_pending(pending)
+        newly = self.pending.newly(pending)
         if topo.same_as(self.baseline):
             event = Event.REVERTED if self.candidate is not None else Event.UNCHANGED
             self.candidate = None
@@ -405,20 +436,12 @@ class Watcher:
 
     # -- holds -------------------------------------------------------------------------------
 
-    def _pending(self, topo: Topology) -> tuple[Gpu, ...]:
-        """GPUs with a MIG mode change waiting for a reset, less those whose hold timed out (a
-        GPU whose pending change cleared may hold again)."""
-        gpus = topo.pending_mig_changes()
-        keys = frozenset(_key(g) for g in gpus)
-        self._held_out &= keys
-        return tuple(g for g in gpus if _key(g) not in self._held_out)
-
     def _maybe_hold(
         self, now: float, event: Event, next_probe_at: float, pending: tuple[Gpu, ...]
     ) -> Decision:
         if pending and self.policy.on_pending == "hold":
             return self._begin_hold(now, pending, event)
-        return self._decide(event, next_probe_at, newly_pending=self._newly_pending(pending))
+        return self._decide(event, next_probe_at, newly_pending=self.pending.newly(pending))
 
     def _begin_hold(
         self, now: float, pending: tuple[Gpu, ...], event: Event = Event.AWAITS_RESET
@@ -426,7 +449,7 @@ class Watcher:
         self.hold = PendingReset({})
         self.hold.update(now, pending, self.policy.pending_timeout)
         self.candidate = None
-        self._pending_seen = frozenset(_key(g) for g in pending)
+        self.pending.seen(pending)
         return self._decide(event, self._hold_next(now), newly_pending=pending, action=Action.HOLD)
 
     def _holding(self, now: float, topo: Topology, pending: tuple[Gpu, ...]) -> Decision:
@@ -435,7 +458,7 @@ class Watcher:
             self.hold.update(now, pending, self.policy.pending_timeout)
             if now < self.hold.until:
                 self.candidate = None
-                newly = self._newly_pending(pending)
+                newly = self.pending.newly(pending)
                 return self._decide(Event.AWAITS_RESET, self._hold_next(now), newly_pending=newly)
             if topo.same_as(self.baseline):
                 return self._time_out(now, topo)
@@ -457,7 +480,7 @@ class Watcher:
         never hold for these pending changes again."""
         assert self.hold is not None
         gpus = self.hold.gpus  # every GPU pending now: each is past its allowance
-        self._held_out = frozenset(_key(g) for g in topo.pending_mig_changes())
+        self.pending.hold_out(topo)
         self.baseline = topo  # the agent starting now gets handles on this topology
         self.hold = None
         self.candidate = None
@@ -470,13 +493,6 @@ class Watcher:
         """While pending: every `interval`, and at the deadline (never an interval past it)."""
         assert self.hold is not None
         return min(now + self.policy.interval, self.hold.until)
-
-    def _newly_pending(self, pending: tuple[Gpu, ...]) -> tuple[Gpu, ...]:
-        """GPUs with a MIG mode change waiting for a reset, each reported once."""
-        now_pending = frozenset(_key(g) for g in pending)
-        fresh = tuple(g for g in pending if _key(g) not in self._pending_seen)
-        self._pending_seen = now_pending
-        return fresh
 
     # -- helpers -----------------------------------------------------------------------------
 
