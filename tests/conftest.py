@@ -166,6 +166,21 @@ class FakeNode:
 
 
 @pytest.fixture
+def node_path(tmp_path: Path, fake_lib_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A node file for the fake library, loaded by the real nvidia-ml-py in this process (set
+    before nvmlInit)."""
+    import ctypes
+
+    import pynvml
+
+    path = tmp_path / "node.txt"
+    monkeypatch.setenv("FAKE_NVML_NODE", str(path))
+    monkeypatch.setattr(pynvml, "nvmlLib", ctypes.CDLL(str(fake_lib_dir / "libnvidia-ml.so.1")))
+    monkeypatch.setattr(pynvml, "_nvmlGetFunctionPointer_cache", {})
+    return path
+
+
+@pytest.fixture
 def fake_node(tmp_path: Path, fake_lib_dir: Path) -> FakeNode:
     path = tmp_path / "node.txt"
     path.write_text("")

@@ -6,7 +6,6 @@ change waits for a reset, and gpu-supervise holds (the contrast)."""
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,16 +20,6 @@ Start = Callable[..., Proc]
 FAST = ["--interval", "0.2", "--cooldown", "0", "--settle", "0.3", "--stop-timeout", "2"]
 PENDING = "pending a GPU reset"
 HOLDING = "stopping the agent so the reset can go ahead"
-
-
-@pytest.fixture
-def node_path(tmp_path: Path, fake_lib_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Point the real nvidia-ml-py at the fake library."""
-    path = tmp_path / "node.txt"
-    monkeypatch.setenv("FAKE_NVML_NODE", str(path))
-    monkeypatch.setattr(pynvml, "nvmlLib", ctypes.CDLL(str(fake_lib_dir / "libnvidia-ml.so.1")))
-    monkeypatch.setattr(pynvml, "_nvmlGetFunctionPointer_cache", {})
-    return path
 
 
 def mig_mode(index: int) -> tuple[int, int]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import pynvml
@@ -13,16 +12,6 @@ from fakenvml import dgx_a100, h100_node
 from gpu_supervise.nvml import NvmlSource
 from gpu_supervise.probe import probe_once, run_probe
 from gpu_supervise.topology import ProbeError, SourceUnavailable
-
-
-@pytest.fixture
-def node_path(tmp_path: Path, fake_lib_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Point the real binding at the fake library (set before init, as the issue allows)."""
-    path = tmp_path / "node.txt"
-    monkeypatch.setenv("FAKE_NVML_NODE", str(path))
-    monkeypatch.setattr(pynvml, "nvmlLib", ctypes.CDLL(str(fake_lib_dir / "libnvidia-ml.so.1")))
-    monkeypatch.setattr(pynvml, "_nvmlGetFunctionPointer_cache", {})
-    return path
 
 
 def test_reads_every_gpu_and_mig_device(node_path: Path):
